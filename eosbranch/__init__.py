@@ -1,0 +1,16 @@
+"""eosbranch: causal studies of the edge of stability.
+
+Train a network, save its exact state, fork it into branches that differ in one controlled way,
+and compare per group of examples how learning differs.
+"""
+
+__version__ = "0.1.0"
+
+# The API functions share their names with their modules (DESIGN §3); importing them here binds
+# the package attribute to the function.
+from .errors import EosbranchError, SpecError  # noqa: E402
+from .run import Run, load  # noqa: E402
+from .spec import Spec, load_spec  # noqa: E402
+from .train import resume, train  # noqa: E402
+
+__all__ = ["EosbranchError", "Run", "Spec", "SpecError", "load", "load_spec", "resume", "train"]

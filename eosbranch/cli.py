@@ -1,0 +1,132 @@
+"""The command line: a thin skin over the API (typer + rich).
+
+Results go to stdout (the run directory on the last line); progress and one-line errors go to
+stderr. User mistakes exit with code 2 and no traceback; set ``EOSBRANCH_DEBUG=1`` to see it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EosbranchError
+
+app = typer.Typer(
+    name="eosbranch",
+    help="Causal studies of the edge of stability: train, fork, compare.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _user_errors(fn):
+    """Turn an EosbranchError into one line on stderr and exit code 2 (inside the app, so
+    CliRunner tests see the same path as a user)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EosbranchError as e:
+            if os.environ.get("EOSBRANCH_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130 if type(e).__name__ == "Interrupted" else 2)
+
+    return wrapper
+
+
+def _warn(msg: str) -> None:
+    err.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@_user_errors
+def train(
+    spec: Optional[Path] = typer.Argument(None, help="Spec YAML file."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory that holds run directories."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total number of steps (overrides the spec)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (overrides the spec)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run from its last checkpoint."),
+) -> None:
+    """Train SPEC into a new run directory (or continue one) and print its path."""
+    from .train import resume as resume_run, train as train_run
+
+    if resume is not None:
+        if spec is not None or seed is not None:
+            raise EosbranchError("--resume takes the run's own spec; pass only --steps to extend it")
+        run = resume_run(resume, steps=steps, progress=True, warn=_warn)
+    elif spec is None:
+        raise EosbranchError("give a SPEC.yaml to train, or --resume RUN")
+    else:
+        run = train_run(spec, out_dir, steps=steps, seed=seed, progress=True, warn=_warn)
+    _summary(run)
+    print(run.path)
+
+
+@app.command()
+@_user_errors
+def demo(
+    out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory that holds run directories."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total number of steps (overrides the default)."),
+) -> None:
+    """Run the embedded default (digits 3 vs 5, MLP, GD, MSE) end to end, offline."""
+    from .catalog import example_path
+    from .train import train as train_run
+
+    run = train_run(example_path("quick"), out_dir, steps=steps, progress=True, warn=_warn)
+    _summary(run)
+    print(run.path)
+
+
+@app.command()
+@_user_errors
+def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory that holds run directories.")) -> None:
+    """List the runs under --out with their lineage and progress."""
+    from .run import Run
+
+    table = Table("run", "branch", "parent", "fork step", "steps", "complete")
+    for path in sorted(p for p in out_dir.glob("*") if (p / "spec.yaml").is_file()):
+        r = Run(path)
+        lin = r.lineage
+        ck = r.checkpoints
+        table.add_row(r.name, str(lin.get("branch")), str(lin.get("parent") or "-"), str(lin.get("fork_step") or "-"),
+                      f"{max(ck) if ck else 0}/{r.spec.steps}", "yes" if r.complete else "no")
+    out.print(table)
+
+
+def _summary(run) -> None:
+    """A short rich table on stderr: what ran and how it ended (stdout stays machine-readable)."""
+    m = run.metrics
+    spec = run.spec
+    table = Table(title=f"{run.name}", show_header=False)
+    table.add_row("data", spec.data["kind"])
+    table.add_row("model / loss / optimizer", f"{spec.model['kind']} / {spec.loss['kind']} / "
+                  f"{spec.optimizer['kind']} lr={spec.optimizer['lr']}")
+    table.add_row("steps", str(spec.steps))
+    for metric in ("loss", "accuracy", "sharpness", "threshold"):
+        s = m[(m.metric == metric) & (m.group == "all")]
+        if len(s):
+            table.add_row(f"final {metric}", f"{s.value.iloc[-1]:.6g} (step {s.step.iloc[-1]})")
+    ev = run.events
+    for _, e in ev.iterrows():
+        table.add_row(f"event {e.event}", f"step {e.step}, t_eff {e.t_eff:.4g}")
+    err.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Models: a registry from name to a builder ``(params, input_shape, num_outputs) -> nn.Module``.
+
+Initialisation follows the 2026 study: Kaiming-normal weights times ``init_scale``, zero biases.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from .registry import Params, Registry
+
+MODELS = Registry("model")
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU}
+Activation = Literal["relu", "tanh", "elu", "gelu"]
+
+
+def scaled_kaiming_(module: nn.Module, init_scale: float) -> nn.Module:
+    """Kaiming-normal weights x ``init_scale`` and zero biases on every linear/conv layer."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            with torch.no_grad():
+                m.weight.mul_(init_scale)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    # Conv nets need (C, H, W); flat square inputs (digits: 64 = 8x8) are read as one channel.
+    if len(input_shape) == 3:
+        return tuple(input_shape)
+    n = math.prod(input_shape)
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"a conv model needs image inputs (C,H,W) or a square flat input; got {input_shape}")
+    return (1, side, side)
+
+
+class MLPParams(Params):
+    width: int = Field(512, gt=0)
+    depth: int = Field(2, ge=0, description="number of hidden layers")
+    activation: Activation = "relu"
+    init_scale: float = Field(1.0, gt=0)
+    bias: bool = True
+
+
+@MODELS.register("mlp", MLPParams)
+def mlp(p: MLPParams, input_shape, num_outputs) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    fan_in = math.prod(input_shape)
+    for _ in range(p.depth):
+        layers += [nn.Linear(fan_in, p.width, bias=p.bias), ACTIVATIONS[p.activation]()]
+        fan_in = p.width
+    layers.append(nn.Linear(fan_in, num_outputs, bias=p.bias))
+    return scaled_kaiming_(nn.Sequential(*layers), p.init_scale)
+
+
+class CNNParams(Params):
+    channels: list[int] = Field(default_factory=lambda: [32, 32], min_length=1)
+    activation: Activation = "relu"
+    init_scale: float = Field(1.0, gt=0)
+    pool: bool = True
+
+
+@MODELS.register("cnn", CNNParams)
+def cnn(p: CNNParams, input_shape, num_outputs) -> nn.Module:
+    c, h, w = _image_shape(input_shape)
+    layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))] if len(input_shape) != 3 else []
+    for out in p.channels:
+        layers += [nn.Conv2d(c, out, 3, padding=1), ACTIVATIONS[p.activation]()]
+        if p.pool and min(h, w) >= 2:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        c = out
+    layers += [nn.Flatten(), nn.Linear(c * h * w, num_outputs)]
+    return scaled_kaiming_(nn.Sequential(*layers), p.init_scale)
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, batchnorm: bool, act: type[nn.Module]):
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=not batchnorm)
+        self.bn1 = norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=not batchnorm)
+        self.bn2 = norm(cout)
+        self.act = act()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=not batchnorm), norm(cout))
+
+    def forward(self, x):
+        out = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetParams(Params):
+    widths: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
+    blocks_per_stage: int = Field(1, ge=1)
+    batchnorm: bool = False
+    activation: Activation = "relu"
+    init_scale: float = Field(1.0, gt=0)
+
+
+@MODELS.register("resnet", ResNetParams)
+def resnet(p: ResNetParams, input_shape, num_outputs) -> nn.Module:
+    """CIFAR-style ResNet (3x3 stem, stages with stride 2 after the first); BatchNorm off by default."""
+    c, h, w = _image_shape(input_shape)
+    act = ACTIVATIONS[p.activation]
+    layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))] if len(input_shape) != 3 else []
+    layers += [nn.Conv2d(c, p.widths[0], 3, 1, 1, bias=not p.batchnorm)]
+    layers += [nn.BatchNorm2d(p.widths[0]) if p.batchnorm else nn.Identity(), act()]
+    cin = p.widths[0]
+    for i, width in enumerate(p.widths):
+        for j in range(p.blocks_per_stage):
+            stride = 2 if (i > 0 and j == 0) else 1
+            layers.append(_Block(cin, width, stride, p.batchnorm, act))
+            cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_outputs)]
+    return scaled_kaiming_(nn.Sequential(*layers), p.init_scale)
+
+
+class VGGParams(Params):
+    batchnorm: bool = False
+    init_scale: float = Field(1.0, gt=0)
+
+
+@MODELS.register("vgg11", VGGParams)
+def vgg11(p: VGGParams, input_shape, num_outputs) -> nn.Module:
+    """torchvision's VGG-11 feature stack with a CIFAR head (global pool + one linear layer)."""
+    from torchvision.models import vgg11 as tv_vgg11, vgg11_bn
+
+    c, h, w = _image_shape(input_shape)
+    if c != 3:
+        raise ValueError(f"vgg11 expects 3-channel images; got input shape {input_shape}")
+    net = (vgg11_bn if p.batchnorm else tv_vgg11)(weights=None)
+    model = nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_outputs))
+    return scaled_kaiming_(model, p.init_scale)
+
+
+class Linear2(nn.Module):
+    """f(x) = c * (b^T x + b_o^T x_o): the two-layer linear model of the opposing-signal theorem.
+
+    The input is the concatenation [x, x_o]; ``c`` is a trainable scalar (the second layer).
+    """
+
+    def __init__(self, dim: int, c: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
+        self.c = nn.Parameter(torch.tensor(float(c)))
+
+    def forward(self, x):
+        return (self.c * (x.flatten(1) @ self.w)).unsqueeze(1)
+
+
+class Linear2Params(Params):
+    c: float = 1.0
+
+
+@MODELS.register("linear2", Linear2Params)
+def linear2(p: Linear2Params, input_shape, num_outputs) -> nn.Module:
+    if num_outputs != 1:
+        raise ValueError(f"linear2 has one output; the data has {num_outputs}")
+    return Linear2(math.prod(input_shape), p.c)
+
+
+def build_model(section, input_shape, num_outputs, source: str = "") -> nn.Module:
+    entry, params = MODELS.parse(section, "model", source)
+    return entry.fn(params, tuple(input_shape), int(num_outputs))

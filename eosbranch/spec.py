@@ -1,0 +1,146 @@
+"""The experiment spec: one YAML file, validated with pydantic, fully resolved before a run.
+
+Registry sections (``data``, ``model``, ``loss``, ``optimizer``) are ``{kind: name, ...params}``
+mappings checked against the registered parameter model, then stored with every default filled
+in, so a run directory's ``spec.yaml`` says exactly what ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError, format_validation_error
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MeasureSpec(_Section):
+    """When to measure: every k steps, plus dense windows ``[start, stop, every]``."""
+
+    every: Optional[int] = Field(32, gt=0)
+    windows: list[tuple[int, int, int]] = Field(default_factory=list)
+    warmup: int = Field(50, ge=0, description="t* is the first measurement after this step with S >= threshold")
+    sharpness: bool = True
+    top_k: int = Field(1, ge=1, le=64)
+    tol: float = Field(1e-3, gt=0, lt=1)
+    max_matvecs: int = Field(500, gt=0)
+    subset: Optional[int] = Field(None, gt=0, description="size of a fixed, seeded subset for curvature")
+    chunk_size: Optional[int] = Field(None, gt=0)
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, v):
+        for start, stop, every in v:
+            if not (0 <= start < stop and every > 0):
+                raise ValueError(f"window [{start}, {stop}, {every}] needs 0 <= start < stop and every > 0")
+        return v
+
+    def due(self, step: int) -> bool:
+        if self.every and step % self.every == 0:
+            return True
+        return any(a <= step < b and (step - a) % e == 0 for a, b, e in self.windows)
+
+
+class CheckpointSpec(_Section):
+    """Checkpoints every k steps and at listed steps; step 0 and the last step are always saved."""
+
+    every: Optional[int] = Field(100, gt=0)
+    at: list[int] = Field(default_factory=list)
+
+    @field_validator("at")
+    @classmethod
+    def _nonneg(cls, v):
+        if any(s < 0 for s in v):
+            raise ValueError("checkpoint steps must be >= 0")
+        return sorted(set(v))
+
+    def due(self, step: int, last: int) -> bool:
+        return step == 0 or step == last or step in self.at or bool(self.every and step % self.every == 0)
+
+
+class Spec(_Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float64"] = "float32"
+    data: dict[str, Any]
+    groups: Union[None, str, dict[str, Any], list[Any]] = None
+    model: dict[str, Any]
+    loss: Union[str, dict[str, Any]] = "mse"
+    optimizer: dict[str, Any]
+    steps: int = Field(ge=0)
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_strings(cls, v):
+        # `data: digits` is shorthand for `data: {kind: digits}`.
+        if isinstance(v, dict):
+            for key in ("data", "model", "optimizer"):
+                if isinstance(v.get(key), str):
+                    v = {**v, key: {"kind": v[key]}}
+        return v
+
+    def digest(self) -> str:
+        """Short hash of everything but ``steps``: a run extended to more steps keeps its name."""
+        body = self.model_dump(mode="json", exclude={"steps"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _resolve_sections(spec: Spec, source: str) -> Spec:
+    """Check each registry section and fill in its defaults."""
+    from .data import DATASETS
+    from .loss import LOSSES
+    from .models import MODELS
+    from .optimizer import OPTIMIZERS
+
+    resolved = {}
+    for key, registry in (("data", DATASETS), ("model", MODELS), ("loss", LOSSES), ("optimizer", OPTIMIZERS)):
+        entry, params = registry.parse(getattr(spec, key), key, source)
+        resolved[key] = {"kind": entry.name, **params.model_dump(mode="json")}
+    return spec.model_copy(update=resolved)
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
+    """Validate a spec mapping; any problem raises a one-line :class:`SpecError`."""
+    if isinstance(raw, Spec):
+        return raw
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping of spec sections, got {type(raw).__name__}")
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source, model=Spec)) from None
+    return _resolve_sections(spec, source)
+
+
+def read_yaml(path: Union[str, Path]) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def load_spec(path: Union[str, Path], **overrides) -> Spec:
+    """Read, override (e.g. ``steps``, ``seed``) and validate a spec file."""
+    raw = read_yaml(path)
+    if isinstance(raw, dict):
+        raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    return parse_spec(raw, str(path))

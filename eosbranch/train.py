@@ -1,0 +1,404 @@
+"""The trainer: one deterministic loop for every optimizer, resumable bit for bit.
+
+Per iteration t (the state holds theta_t after t steps):
+  1. checkpoint if due (state theta_t; tables flushed with every row of steps < t),
+  2. measure if due (rows for step t),
+  3. forward/backward: the loss at theta_t (rows for step t); stop cleanly on NaN/inf,
+  4. optimizer update -> theta_{t+1}; t_eff += eta.
+Resuming from a checkpoint at step s keeps the table rows of steps < s and re-runs iteration s,
+so an interrupted run ends with exactly the rows and parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import Dataset, load_data
+from .errors import DivergenceError, EosbranchError
+from .loss import get_loss
+from .measure import measure
+from .models import build_model
+from .optimizer import Optimizer, build_optimizer
+from .run import Run
+from .spec import Spec, load_spec, parse_spec
+from .store import SPEC, LINEAGE, RunStore
+from . import tables
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EosbranchError("device: cuda requested but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+@dataclass
+class Experiment:
+    """Everything built from a spec: data on the device, model, loss, optimizer (not state)."""
+
+    spec: Spec
+    device: torch.device
+    dtype: torch.dtype
+    data: Dataset
+    model: torch.nn.Module
+    loss_fn: Callable
+    optimizer: Optimizer
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def build(spec: Spec) -> Experiment:
+    device, dtype = resolve_device(spec.device), DTYPES[spec.dtype]
+    if device.type == "cuda":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    data = _place(load_data(spec.data), device, dtype)
+    torch.manual_seed(spec.seed)  # the model's initialisation depends on the seed only
+    model = build_model(spec.model, data.input_shape, data.num_outputs).to(device=device, dtype=dtype)
+    return Experiment(spec, device, dtype, data, model, get_loss(spec.loss), build_optimizer(spec.optimizer))
+
+
+def _place(data: Dataset, device: torch.device, dtype: torch.dtype) -> Dataset:
+    """Move a data set to the run's device; inputs (and regression targets) to the run's dtype."""
+    def move(t):
+        if t is None:
+            return None
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+    data.X, data.y, data.X_test, data.y_test = (move(t) for t in (data.X, data.y, data.X_test, data.y_test))
+    return data
+
+
+@dataclass
+class TrainState:
+    """The mutable state besides the model's parameters: all of it goes into a checkpoint."""
+
+    step: int = 0
+    t_eff: float = 0.0
+    lr: float = 0.0
+    opt_state: dict = field(default_factory=dict)
+    cursor: dict = field(default_factory=lambda: {"epoch": 0, "pos": 0})
+    eig_vectors: Optional[torch.Tensor] = None
+    measured: dict = field(default_factory=dict)  # e.g. last sharpness, t_star
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # weights_only refuses object arrays: keep NumPy's legacy state as plain values.
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(tuple(state["python"]) if not isinstance(state["python"], tuple) else state["python"])
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_state(exp: Experiment, st: TrainState) -> dict:
+    return {
+        "step": st.step, "t_eff": st.t_eff, "lr": st.lr,
+        "model": {k: v.detach().cpu().clone() for k, v in exp.model.state_dict().items()},
+        "optimizer": _to_cpu(st.opt_state), "cursor": dict(st.cursor), "rng": _rng_state(),
+        "eig_vectors": None if st.eig_vectors is None else st.eig_vectors.cpu(),
+        "measured": dict(st.measured),
+    }
+
+
+def restore_state(exp: Experiment, ckpt: dict) -> TrainState:
+    exp.model.load_state_dict(ckpt["model"])
+    _set_rng_state(ckpt["rng"])
+    ev = ckpt.get("eig_vectors")
+    return TrainState(
+        step=int(ckpt["step"]), t_eff=float(ckpt["t_eff"]), lr=float(ckpt["lr"]),
+        opt_state=_to_device(ckpt["optimizer"], exp.device), cursor=dict(ckpt["cursor"]),
+        eig_vectors=None if ev is None else ev.to(exp.device), measured=dict(ckpt.get("measured", {})),
+    )
+
+
+def _to_cpu(obj):
+    return _map_tensors(obj, lambda t: t.detach().cpu().clone())
+
+
+def _to_device(obj, device):
+    return _map_tensors(obj, lambda t: t.to(device))
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def batch_indices(exp: Experiment, cursor: dict) -> Optional[torch.Tensor]:
+    """The next minibatch for SGD-type optimizers (None = full batch), advancing the cursor.
+
+    Each epoch's order is a permutation drawn from a generator seeded by (seed, epoch), so the
+    order is a pure function of the cursor: nothing else needs saving to resume it.
+    """
+    bs = exp.optimizer.batch_size
+    n = exp.data.X.shape[0]
+    if bs is None or bs >= n:
+        return None
+    if cursor["pos"] + bs > n:  # drop the short tail: every step sees a full batch
+        cursor["epoch"], cursor["pos"] = cursor["epoch"] + 1, 0
+    g = torch.Generator().manual_seed(exp.spec.seed * 1_000_003 + cursor["epoch"])
+    perm = torch.randperm(n, generator=g)
+    idx = perm[cursor["pos"] : cursor["pos"] + bs]
+    cursor["pos"] += bs
+    return idx.to(exp.device)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.stop = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.stop:  # a second Ctrl-C means now
+                signal.default_int_handler(signum, frame)
+            self.stop = True
+
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+class Interrupted(EosbranchError):
+    """Training was stopped by a signal after saving a checkpoint."""
+
+
+class Trainer:
+    """Runs one run directory forward to ``steps``, from scratch or from its last checkpoint."""
+
+    def __init__(self, exp: Experiment, store: RunStore, branch: str = "trunk",
+                 warn: Callable[[str], None] = lambda m: None):
+        self.exp, self.store, self.branch, self.warn = exp, store, branch, warn
+        self.run_name = store.path.name
+        self.metrics: list[tuple] = []
+        self.events: list[tuple] = []
+        self.st = TrainState(lr=exp.spec.optimizer["lr"])
+
+    # -- state -------------------------------------------------------------------------------
+    def start_fresh(self) -> None:
+        self.st = TrainState(lr=self.exp.spec.optimizer["lr"], opt_state=self.exp.optimizer.init(self.exp.params))
+
+    def resume(self) -> None:
+        ckpt = self.store.load_checkpoint(warn=self.warn)
+        self.st = restore_state(self.exp, ckpt)
+        s = self.st.step
+        # Rows of steps >= s are recomputed: dropping them avoids duplicates after a kill.
+        m, e = self.store.read_table("metrics"), self.store.read_table("events")
+        self.metrics = list(m.loc[m.step < s, tables.METRICS_COLUMNS[3:]].itertuples(index=False, name=None))
+        self.events = list(e.loc[e.step < s, tables.EVENTS_COLUMNS[3:]].itertuples(index=False, name=None))
+
+    def save(self) -> None:
+        s = self.st.step
+        self.flush(before=s)
+        self.store.save_checkpoint(s, checkpoint_state(self.exp, self.st))
+
+    def flush(self, before: Optional[int] = None) -> None:
+        seed = self.exp.spec.seed
+        for name, rows, step_at in (("metrics", self.metrics, 0), ("events", self.events, 1)):
+            keep = rows if before is None else [r for r in rows if r[step_at] < before]
+            self.store.write_table(name, tables.frame(name, keep, self.run_name, self.branch, seed))
+
+    # -- the loop ------------------------------------------------------------------------------
+    def record(self, group: str, metric: str, value: float, step: Optional[int] = None) -> None:
+        st = self.st
+        self.metrics.append((st.step if step is None else step, st.t_eff, st.lr, group, metric, float(value)))
+
+    def event(self, name: str, value: float = float("nan"), detail: str = "") -> None:
+        self.events.append((name, self.st.step, self.st.t_eff, float(value), detail))
+
+    def loss_and_grads(self, idx: Optional[torch.Tensor]):
+        exp = self.exp
+        X, y = (exp.data.X, exp.data.y) if idx is None else (exp.data.X[idx], exp.data.y[idx])
+        loss = exp.loss_fn(exp.model(X), y)
+        return loss, list(torch.autograd.grad(loss, exp.params))
+
+    def run(self, steps: int, on_step: Callable[["Trainer", float], None] = lambda tr, loss: None) -> None:
+        exp, st, spec = self.exp, self.st, self.exp.spec
+        loss_name = "loss" if exp.optimizer.batch_size is None else "batch_loss"
+        stop = _StopFlag()
+        with stop.installed():
+            while True:
+                t = st.step
+                if spec.checkpoint.due(t, steps) or stop.stop:
+                    self.save()
+                    if stop.stop:
+                        raise Interrupted(f"interrupted at step {t}; checkpoint saved, resume with "
+                                          f"`eosbranch train --resume {self.store.path}`")
+                if spec.measure.due(t):
+                    measure(self)
+                if t == steps:
+                    with torch.no_grad():
+                        final = exp.loss_fn(exp.model(exp.data.X), exp.data.y)
+                    self.record("all", "loss", final.item())
+                    break
+                idx = batch_indices(exp, st.cursor)
+                loss, grads = self.loss_and_grads(idx)
+                value = loss.item()
+                if not np.isfinite(value):
+                    self.diverged(value)
+                self.record("all", loss_name, value)
+                exp.optimizer.update(exp.params, grads, st.opt_state, st.lr)
+                st.step += 1
+                st.t_eff += st.lr
+                on_step(self, value)
+        self.flush()
+        self.store.mark_complete(steps)
+
+    def diverged(self, value: float) -> None:
+        t = self.st.step
+        self.event("diverged", value, f"loss became {value} at step {t}")
+        self.flush()
+        last = max(s for s in self.store.checkpoint_steps() if s <= t)
+        raise DivergenceError(
+            f"loss became {value} at step {t} (lr={self.st.lr}); stopped. Last good checkpoint: "
+            f"step {last} in {self.store.path}"
+        )
+
+
+def run_dir_for(spec: Spec, out: Union[str, Path]) -> Path:
+    return Path(out) / f"{spec.name}-s{spec.seed}-{spec.digest()}"
+
+
+def open_run(spec: Spec, path: Path, lineage: Optional[dict] = None) -> RunStore:
+    """Create a run directory, or check that an existing one holds the same spec."""
+    store = RunStore(path)
+    if (path / SPEC).exists():
+        old = load_spec(path / SPEC)
+        if old.digest() != spec.digest():
+            raise EosbranchError(f"{path}: exists with a different spec; choose another --out or name")
+    else:
+        store.path.mkdir(parents=True, exist_ok=True)
+        store.write_text(SPEC, spec.to_yaml())
+        store.write_json(LINEAGE, lineage or {
+            "parent": None, "fork_step": None, "branch": "trunk", "branch_spec": None,
+            "branch_hash": None, "code_version": __version__,
+        })
+    return store
+
+
+def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *, steps: Optional[int] = None,
+          seed: Optional[int] = None, run_dir: Optional[Union[str, Path]] = None, progress: bool = False,
+          warn: Callable[[str], None] = lambda m: None) -> Run:
+    """Train a spec into a run directory (resuming it if it already exists) and return the Run."""
+    if isinstance(spec, (str, Path)):
+        spec = load_spec(spec, steps=steps, seed=seed)
+    else:
+        raw = spec.model_dump() if isinstance(spec, Spec) else dict(spec)
+        spec = parse_spec({**raw, **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}})
+    path = Path(run_dir) if run_dir else run_dir_for(spec, out)
+    store = open_run(spec, path)
+    if (path / SPEC).exists() and load_spec(path / SPEC).steps != spec.steps:
+        store.write_text(SPEC, spec.to_yaml())  # an extension: the same run, more steps
+    return _drive(spec, store, progress, warn)
+
+
+def resume(run_dir: Union[str, Path], steps: Optional[int] = None, progress: bool = False,
+           warn: Callable[[str], None] = lambda m: None) -> Run:
+    """Continue a run from its last valid checkpoint; ``steps`` is the new total."""
+    path = Path(run_dir)
+    if not (path / SPEC).exists():
+        raise EosbranchError(f"{path}: not a run directory (no {SPEC})")
+    spec = load_spec(path / SPEC, steps=steps)
+    store = RunStore(path)
+    if steps is not None:
+        store.write_text(SPEC, spec.to_yaml())
+    return _drive(spec, store, progress, warn)
+
+
+def _drive(spec: Spec, store: RunStore, progress: bool, warn) -> Run:
+    store.lock()
+    try:
+        done = store.completed_steps()
+        if done is not None and done == spec.steps:
+            return Run(store.path)
+        exp = build(spec)
+        trainer = Trainer(exp, store, branch=_branch_name(store), warn=warn)
+        if store.checkpoint_steps():
+            if spec.steps < max(store.checkpoint_steps()):
+                raise EosbranchError(f"{store.path}: has checkpoints past step {spec.steps}; "
+                                     "a run can be extended, not shortened")
+            trainer.resume()
+        else:
+            trainer.start_fresh()
+        with _progress(progress, spec.steps, trainer.st.step) as on_step:
+            trainer.run(spec.steps, on_step)
+    finally:
+        store.unlock()
+    return Run(store.path)
+
+
+def _branch_name(store: RunStore) -> str:
+    try:
+        return store.read_json(LINEAGE).get("branch") or "trunk"
+    except FileNotFoundError:
+        return "trunk"
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, start: int):
+    """A rich progress bar on stderr: step, loss, last sharpness, ETA."""
+    if not enabled:
+        yield lambda tr, loss: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cols = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4g}  sharpness {task.fields[sharp]}"), TimeRemainingColumn()]
+    with Progress(*cols, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("train", total=total, completed=start, loss=float("nan"), sharp="-")
+        last = [0.0]
+
+        def on_step(tr: Trainer, loss: float) -> None:
+            now = time.monotonic()
+            if now - last[0] > 0.1 or tr.st.step == total:  # keep the hot loop cheap
+                s = tr.st.measured.get("sharpness")
+                bar.update(task, completed=tr.st.step, loss=loss, sharp="-" if s is None else f"{s:.4g}")
+                last[0] = now
+
+        yield on_step
