@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny specs that train in well under a second."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+# Bit-exact comparisons need the same thread count in every process of a test.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "device": "cpu",
+    "dtype": "float32",
+    "data": {"kind": "digits", "classes": [3, 5], "n_per_class": 40},
+    "model": {"kind": "mlp", "width": 16, "depth": 1},
+    "loss": "mse",
+    "optimizer": {"kind": "gd", "lr": 0.05},
+    "steps": 30,
+    "measure": {"every": 10, "sharpness": False},
+    "checkpoint": {"every": 10},
+}
+
+
+@pytest.fixture
+def tiny_spec():
+    """A fresh copy of a tiny spec dict (digits 3 vs 5, 80 points, a 16-wide MLP)."""
+    return copy.deepcopy(TINY)
+
+
+def write_spec(path, spec: dict):
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
