@@ -1,0 +1,52 @@
+"""The real CLI end to end on tiny specs (typer's CliRunner)."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+import eosbranch
+from conftest import write_spec
+from eosbranch.cli import app
+
+runner = CliRunner()
+
+
+def test_train_prints_run_dir_last_and_load_reads_it(tmp_path, tiny_spec):
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec)
+    res = runner.invoke(app, ["train", str(spec), "--out", str(tmp_path / "runs"), "--steps", "12", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    run_dir = Path(res.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "runs"
+    run = eosbranch.load(run_dir)
+    assert run.spec.steps == 12 and run.spec.seed == 3
+    assert run.metric("loss").index.max() == 12
+
+
+def test_resume_extends_a_run(tmp_path, tiny_spec):
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec)
+    res = runner.invoke(app, ["train", str(spec), "--out", str(tmp_path / "runs"), "--steps", "10"])
+    run_dir = res.stdout.strip().splitlines()[-1]
+    res = runner.invoke(app, ["train", "--resume", run_dir, "--steps", "20"])
+    assert res.exit_code == 0, res.output
+    assert eosbranch.load(run_dir).metric("loss").index.max() == 20
+
+
+def test_usage_errors_are_one_line_exit_2(tmp_path):
+    res = runner.invoke(app, ["train"])
+    assert res.exit_code == 2 and "give a SPEC.yaml" in res.output
+    res = runner.invoke(app, ["train", "--resume", str(tmp_path)])
+    assert res.exit_code == 2 and "not a run directory" in res.output and "Traceback" not in res.output
+
+
+def test_demo_runs_the_embedded_default(tmp_path):
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path), "--steps", "20"])
+    assert res.exit_code == 0, res.output
+    run = eosbranch.load(res.stdout.strip().splitlines()[-1])
+    assert run.spec.name == "quick" and run.spec.data["classes"] == [3, 5]
+    assert run.complete
+
+
+def test_runs_lists_runs(tmp_path, tiny_spec):
+    eosbranch.train(tiny_spec, tmp_path)
+    res = runner.invoke(app, ["runs", "--out", str(tmp_path)])
+    assert res.exit_code == 0 and "tiny-s0-" in res.stdout and "30/30" in res.stdout

@@ -1,0 +1,107 @@
+"""A real subprocess killed with SIGKILL at random moments, then resumed, ends bit-identical."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import eosbranch
+from conftest import write_spec
+
+CLI = [sys.executable, "-m", "eosbranch.cli"]
+
+
+def _spec(tiny_spec):
+    # Long enough (a few seconds) that the kill lands mid-run, with frequent checkpoints.
+    tiny_spec.update(steps=1500, checkpoint={"every": 100}, measure={"every": 50, "sharpness": False})
+    tiny_spec["data"]["n_per_class"] = 150
+    tiny_spec["model"]["width"] = 64
+    return tiny_spec
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "2"}
+
+
+def _run_dir(out):
+    dirs = [p for p in out.iterdir() if p.is_dir()] if out.exists() else []
+    return dirs[0] if dirs else None
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run of the spec, in its own process."""
+    from conftest import TINY
+    import copy
+
+    tmp = tmp_path_factory.mktemp("ref")
+    spec = write_spec(tmp / "spec.yaml", _spec(copy.deepcopy(TINY)))
+    ref = subprocess.run(CLI + ["train", str(spec), "--out", str(tmp / "ref")], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    return spec, eosbranch.load(ref.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kill_seed", [0, 1, 2])
+def test_sigkill_then_resume_bit_identical(tmp_path, reference, kill_seed):
+    spec, ref_run = reference
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(CLI + ["train", str(spec), "--out", str(out)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Wait until the first checkpoint after step 0 exists, then kill at a seeded random moment.
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        d = _run_dir(out)
+        if d is not None and (d / "checkpoints" / "step_00000100.pt").exists():
+            break
+        time.sleep(0.01)
+    time.sleep(random.Random(kill_seed).uniform(0.0, 1.0))
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = _run_dir(out)
+    killed = eosbranch.load(run_dir)
+    assert not killed.complete
+
+    res = subprocess.run(CLI + ["train", "--resume", str(run_dir)], env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    done = eosbranch.load(run_dir)
+    assert done.complete
+    a, b = ref_run.checkpoint()["model"], done.checkpoint()["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cols = ["step", "t_eff", "lr", "group", "metric", "value"]
+    pd.testing.assert_frame_equal(ref_run.metrics[cols], done.metrics[cols])
+    assert not done.metrics.duplicated(["step", "group", "metric"]).any()
+
+
+def test_sigint_saves_and_exits_cleanly(tmp_path, tiny_spec):
+    spec = write_spec(tmp_path / "spec.yaml", _spec(tiny_spec))
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(CLI + ["train", str(spec), "--out", str(out)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        d = _run_dir(out)
+        if d is not None and (d / "checkpoints" / "step_00000100.pt").exists():
+            break
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "checkpoint saved" in stderr
+    run = eosbranch.load(_run_dir(out))
+    last = max(run.checkpoints)
+    assert last >= 100 and not run.complete
+    assert run.metrics.step.max() == last - 1  # rows up to the interrupt, none after
+    res = subprocess.run(CLI + ["train", "--resume", str(run.path)], env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and eosbranch.load(run.path).complete
