@@ -144,7 +144,9 @@ def digits(p: DigitsParams) -> Dataset:
             own = idx[raw.target[idx] == c]
             k = round(p.test_fraction * len(own))
             if k >= len(own):
-                raise SpecError(f"data.test_fraction: {p.test_fraction} leaves no training image of class {c}")
+                raise SpecError(
+                    f"data.test_fraction: {p.test_fraction} leaves no training image of class {c}"
+                )
             held.append(own[rng.permutation(len(own))[:k]])
         test_idx = np.sort(np.concatenate(held))
         idx = np.setdiff1d(idx, test_idx)  # sorted, so file order is kept
@@ -274,7 +276,8 @@ def _scan_cifar_file(path: Path) -> None:
         with open(path, "rb") as f:
             obj = _ArraysOnlyUnpickler(f, encoding="latin1").load()
     except Exception as err:  # any failure means "not a CIFAR-10 batch": report it on one line
-        raise EosbranchError(f"{path}: not a CIFAR-10 batch file ({type(err).__name__}: {err})") from None
+        why = (str(err).splitlines() or [""])[0]
+        raise EosbranchError(f"{path}: not a CIFAR-10 batch file ({type(err).__name__}: {why})") from None
     if path.name == "batches.meta":
         ok = isinstance(obj, dict) and isinstance(obj.get("label_names"), list)
         want = "a dict with 'label_names'"
@@ -410,7 +413,8 @@ def linear_opposing(p: LinearOpposingParams) -> Dataset:
     y = x @ beta + np.abs(x_o).sum(axis=1) / math.sqrt(p.d2)
     X = torch.from_numpy(np.concatenate([x, x_o], axis=1))
     info = {"d1": p.d1, "d2": p.d2, "mask": torch.from_numpy(mask), "beta": torch.from_numpy(beta)}
-    return Dataset(X, torch.from_numpy(y)[:, None], None, None, "regression", 1, (p.d1 + p.d2,), None, info)
+    y = torch.from_numpy(y)[:, None]
+    return Dataset(X, y, None, None, "regression", 1, (p.d1 + p.d2,), None, info)
 
 
 # -------------------------------------------------------------------------------------- tensors
@@ -478,7 +482,8 @@ def tensors(p: TensorsParams) -> Dataset:
     raw = _read_arrays(path)
     for key in ("X", "y"):
         if key not in raw:
-            raise EosbranchError(f"{path}: missing key {key!r} (found: {', '.join(map(str, raw)) or 'none'})")
+            found = ", ".join(map(str, raw)) or "none"
+            raise EosbranchError(f"{path}: missing key {key!r} (found: {found})")
     if ("X_test" in raw) != ("y_test" in raw):
         have, lack = ("X_test", "y_test") if "X_test" in raw else ("y_test", "X_test")
         raise EosbranchError(f"{path}: has {have!r} but is missing key {lack!r}")
@@ -494,7 +499,9 @@ def tensors(p: TensorsParams) -> Dataset:
         if xk not in arr:
             continue
         if arr[xk].shape[1:] != arr["X"].shape[1:]:
-            raise EosbranchError(f"{path}: {xk!r} has shape {arr[xk].shape}, inconsistent with 'X' {arr['X'].shape}")
+            raise EosbranchError(
+                f"{path}: {xk!r} has shape {arr[xk].shape}, inconsistent with 'X' {arr['X'].shape}"
+            )
         if len(arr[xk]) != len(arr[yk]):
             raise EosbranchError(f"{path}: {xk!r} has {len(arr[xk])} rows but {yk!r} has {len(arr[yk])}")
         if not np.isfinite(arr[xk]).all():
@@ -502,30 +509,44 @@ def tensors(p: TensorsParams) -> Dataset:
         arr[xk] = arr[xk].astype(np.float64)
 
     if task == "classification":
-        ys = [arr[k] for k in ("y", "y_test") if k in arr]
-        for k, a in zip(("y", "y_test"), ys):
-            if a.ndim != 1 or (a.dtype.kind == "f" and not (np.isfinite(a).all() and (a == np.round(a)).all())):
-                raise EosbranchError(f"{path}: {k!r} must be a 1-D vector of integer class labels "
-                                     f"for classification (shape {a.shape}, dtype {a.dtype})")
-        classes = np.unique(np.concatenate(ys)).astype(np.int64)
-        if len(classes) < 2:
-            raise EosbranchError(f"{path}: 'y' has a single class; classification needs at least 2")
-        remap = {k: _remap(arr[k].astype(np.int64), classes) for k in ("y", "y_test") if k in arr}
-        out_classes, num_outputs = tuple(int(c) for c in classes), len(classes)
+        ys, classes = _class_labels(arr, path)
+        num_outputs = len(classes)
     else:
-        remap = {}
-        for k in ("y", "y_test"):
-            if k in arr:
-                a = arr[k].astype(np.float64)
-                a = a[:, None] if a.ndim == 1 else a.reshape(len(a), -1)
-                if not np.isfinite(a).all():
-                    raise EosbranchError(f"{path}: {k!r} contains NaN or inf")
-                remap[k] = torch.from_numpy(a)
-        out_classes, num_outputs = None, remap["y"].shape[1]
-        if "y_test" in remap and remap["y_test"].shape[1] != num_outputs:
-            raise EosbranchError(f"{path}: 'y_test' has {remap['y_test'].shape[1]} outputs, 'y' has {num_outputs}")
-
+        ys, classes = _regression_targets(arr, path), None
+        num_outputs = ys["y"].shape[1]
     X = torch.from_numpy(arr["X"])
     X_test = torch.from_numpy(arr["X_test"]) if "X_test" in arr else None
-    return Dataset(X, remap["y"], X_test, remap.get("y_test"), task, num_outputs,
-                   tuple(X.shape[1:]), out_classes, {"path": str(path)})
+    return Dataset(X, ys["y"], X_test, ys.get("y_test"), task, num_outputs,
+                   tuple(X.shape[1:]), classes, {"path": str(path)})
+
+
+def _class_labels(arr: dict, path: Path) -> tuple[dict, tuple[int, ...]]:
+    """Integer labels remapped to 0..C-1 (sorted over train and test); also the original ids."""
+    keys = [k for k in ("y", "y_test") if k in arr]
+    for k in keys:
+        a = arr[k]
+        integral = a.dtype.kind != "f" or (np.isfinite(a).all() and (a == np.round(a)).all())
+        if a.ndim != 1 or not integral:
+            raise EosbranchError(f"{path}: {k!r} must be a 1-D vector of integer class labels for "
+                                 f"classification (shape {a.shape}, dtype {a.dtype})")
+    classes = np.unique(np.concatenate([arr[k] for k in keys])).astype(np.int64)
+    if len(classes) < 2:
+        raise EosbranchError(f"{path}: 'y' has a single class; classification needs at least 2")
+    ys = {k: _remap(arr[k].astype(np.int64), classes) for k in keys}
+    return ys, tuple(int(c) for c in classes)
+
+
+def _regression_targets(arr: dict, path: Path) -> dict:
+    """Float64 targets of shape (N, out); a 1-D y is one output."""
+    ys = {}
+    for k in ("y", "y_test"):
+        if k in arr:
+            a = arr[k].astype(np.float64)
+            a = a[:, None] if a.ndim == 1 else a.reshape(len(a), -1)
+            if not np.isfinite(a).all():
+                raise EosbranchError(f"{path}: {k!r} contains NaN or inf")
+            ys[k] = torch.from_numpy(a)
+    if "y_test" in ys and ys["y_test"].shape[1] != ys["y"].shape[1]:
+        raise EosbranchError(f"{path}: 'y_test' has {ys['y_test'].shape[1]} outputs, "
+                             f"'y' has {ys['y'].shape[1]}")
+    return ys
