@@ -55,7 +55,9 @@ def format_validation_error(err: ValidationError, source: str = "", prefix: str 
     """
     import difflib
 
-    first = err.errors(include_url=False)[0]
+    errors = err.errors(include_url=False)
+    # A misspelt field also makes the real one "missing": report the misspelling first.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         allowed = _fields_at(model, first["loc"]) if model is not None else []
