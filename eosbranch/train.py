@@ -93,7 +93,8 @@ class TrainState:
     lr: float = 0.0
     opt_state: dict = field(default_factory=dict)
     cursor: dict = field(default_factory=lambda: {"epoch": 0, "pos": 0})
-    eig_vectors: Optional[torch.Tensor] = None
+    eig_vectors: Optional[torch.Tensor] = None  # warm start for the next sharpness solve
+    precond_vectors: Optional[torch.Tensor] = None  # same, for lambda_1(P^-1 H) under Adam
     measured: dict = field(default_factory=dict)  # e.g. last sharpness, t_star
 
 
@@ -124,7 +125,7 @@ def checkpoint_state(exp: Experiment, st: TrainState) -> dict:
         "step": st.step, "t_eff": st.t_eff, "lr": st.lr,
         "model": {k: v.detach().cpu().clone() for k, v in exp.model.state_dict().items()},
         "optimizer": _to_cpu(st.opt_state), "cursor": dict(st.cursor), "rng": _rng_state(),
-        "eig_vectors": None if st.eig_vectors is None else st.eig_vectors.cpu(),
+        "eig_vectors": _to_cpu(st.eig_vectors), "precond_vectors": _to_cpu(st.precond_vectors),
         "measured": dict(st.measured),
     }
 
@@ -132,11 +133,12 @@ def checkpoint_state(exp: Experiment, st: TrainState) -> dict:
 def restore_state(exp: Experiment, ckpt: dict) -> TrainState:
     exp.model.load_state_dict(ckpt["model"])
     _set_rng_state(ckpt["rng"])
-    ev = ckpt.get("eig_vectors")
     return TrainState(
         step=int(ckpt["step"]), t_eff=float(ckpt["t_eff"]), lr=float(ckpt["lr"]),
         opt_state=_to_device(ckpt["optimizer"], exp.device), cursor=dict(ckpt["cursor"]),
-        eig_vectors=None if ev is None else ev.to(exp.device), measured=dict(ckpt.get("measured", {})),
+        eig_vectors=_to_device(ckpt.get("eig_vectors"), exp.device),
+        precond_vectors=_to_device(ckpt.get("precond_vectors"), exp.device),
+        measured=dict(ckpt.get("measured", {})),
     )
 
 

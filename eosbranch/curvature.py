@@ -1,0 +1,413 @@
+"""Curvature: Hessian-vector products and matrix-free top eigenpairs (DESIGN §2 "Sharpness", §5).
+
+``hessian_matvec`` turns (model, loss, data) into a flat matvec x -> H x over the trainable
+parameters; ``top_eigenpairs`` runs block Lanczos on any symmetric matvec and returns the k
+largest *algebraic* eigenpairs with their true residuals. ``preconditioned_matvec`` gives Adam's
+preconditioned operator.
+
+Solver outline (why each piece is there):
+- block Lanczos, block size max(k, columns of v0): top-k and warm starts from k previous vectors
+  cost one batched product per step instead of k sequential ones;
+- full reorthogonalisation, applied twice ("twice is enough"), so the basis stays orthonormal and
+  no ghost eigenvalues appear; the full coefficient matrix T (A V = V T) is kept, so thick
+  restarts and rank repairs need no special cases;
+- the small projected problem is solved in float64 on the host; residuals ||A y - theta y|| come
+  from the Krylov relation, exact up to rounding, at no extra products;
+- thick restart keeping the top half of the Ritz vectors when the basis reaches ``max_basis``;
+- the hot loop never reads device values; convergence (and a rank check) is examined every step
+  on CPU, where a host read is free, and every 1 + step // 8 steps elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .loss import get_loss
+
+__all__ = [
+    "EigenResult", "top_eigenpairs", "hessian_matvec", "HessianOperator", "preconditioned_matvec",
+    "adam_preconditioner", "flatten", "unflatten", "DEFAULT_HVP_METHOD",
+]
+
+# Default HVP form per device type, measured with benchmarks/curvature.py (see its header):
+# on CPU double backward is the faster one for MLPs and CNNs. A fixed table rather than a timing
+# at run time, because timing-dependent choices would break bit-for-bit reproducibility.
+DEFAULT_HVP_METHOD = {"cpu": "double_backward", "cuda": "forward_over_reverse"}
+HVP_METHODS = ("double_backward", "forward_over_reverse")
+
+
+@dataclass
+class EigenResult:
+    """``values`` [k] descending and ``residuals`` [k] (float64, CPU); ``vectors`` [dim, k], unit
+    columns, in the solver dtype on the solver device."""
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    n_matvecs: int
+    converged: bool
+
+
+# ----------------------------------------------------------------------------- flat vectors
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors (e.g. ``model.parameters()``) into one flat vector, in order."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat [dim] vector into tensors shaped like ``like``; a [dim, m] block gives
+    tensors of shape [m, *t.shape] (batch first, the layout ``torch.func.vmap`` expects)."""
+    out, i = [], 0
+    for t in like:
+        n = t.numel()
+        piece = vec[i:i + n]
+        out.append(piece.reshape(t.shape) if vec.dim() == 1 else piece.T.reshape(vec.shape[1], *t.shape))
+        i += n
+    if i != vec.shape[0]:
+        raise ValueError(f"unflatten: vector has {vec.shape[0]} entries, the tensors hold {i}")
+    return out
+
+
+# ----------------------------------------------------------------------------- Hessian operator
+class HessianOperator:
+    """x -> H x for the Hessian of the mean loss over ``data``, at the parameters (and buffers)
+    the model had when the operator was made: they are snapshotted, so the operator is one fixed
+    symmetric matrix however the model changes afterwards.
+
+    Data are processed in chunks; each chunk's mean-loss HVP is weighted by n_chunk / N, so a short
+    last chunk does not bias the mean. With a single chunk, double backward builds the gradient
+    graph once and reuses it, so each product costs one backward pass through it (about one
+    gradient) instead of a forward and two backward passes; the graph lives as long as the
+    operator. A BatchNorm in training mode normalises with batch statistics as usual but its
+    running statistics are not updated (measuring must not change the model, and torch.func
+    transforms cannot mutate captured buffers).
+    """
+
+    def __init__(self, model: nn.Module, loss, data, chunk_size=None, subset=None, method=None):
+        self.model = model
+        self.loss = get_loss(loss)
+        X, y = data
+        if subset is not None:
+            subset = torch.as_tensor(subset, dtype=torch.long, device=X.device)
+            X, y = X[subset], y[subset.to(y.device)]
+        self.X, self.y, self.n = X, y, X.shape[0]
+        if self.n == 0:
+            raise ValueError("hessian_matvec: no data points")
+        self.chunk_size = self.n if chunk_size is None else int(chunk_size)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("hessian_matvec: the model has no trainable parameters")
+        self.names = [n for n, _ in named]
+        self.params = [p.detach().clone() for _, p in named]
+        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self.dim = sum(p.numel() for p in self.params)
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
+        self.method = method or DEFAULT_HVP_METHOD.get(self.device.type, "double_backward")
+        if self.method not in HVP_METHODS:
+            raise ValueError(f"hessian_matvec: method must be one of {HVP_METHODS}, got {self.method!r}")
+        self._graph = None  # (leaves, gradients) of the single chunk, built on first use
+
+    def _chunks(self):
+        for i in range(0, self.n, self.chunk_size):
+            Xc = self.X[i:i + self.chunk_size].to(self.device)
+            yc = self.y[i:i + self.chunk_size].to(self.device)
+            yield Xc, yc, Xc.shape[0] / self.n
+
+    def _forward(self, params: dict, Xc, yc):
+        return self.loss(functional_call(self.model, (params, self.buffers), (Xc,)), yc)
+
+    def _gradient_graph(self, Xc, yc):
+        leaves = [p.detach().requires_grad_(True) for p in self.params]
+        with torch.enable_grad():
+            loss = self._forward(dict(zip(self.names, leaves)), Xc, yc)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        return leaves, [(i, grads[i]) for i in used]
+
+    def _hvp_double_backward(self, tangents, Xc, yc, batched, single_chunk):
+        if single_chunk:
+            self._graph = self._graph or self._gradient_graph(Xc, yc)
+            leaves, grads = self._graph
+        else:
+            leaves, grads = self._gradient_graph(Xc, yc)
+        if not grads:  # loss at most linear in the parameters: H = 0
+            return [None] * len(leaves)
+        tg = [tangents[i] if batched else tangents[i][0] for i, _ in grads]
+        hv = torch.autograd.grad([g for _, g in grads], leaves, grad_outputs=tg, retain_graph=single_chunk,
+                                 is_grads_batched=batched, allow_unused=True)
+        return [h if h is None or batched else h.unsqueeze(0) for h in hv]
+
+    def _hvp_forward_over_reverse(self, tangents, Xc, yc, batched, single_chunk):
+        primals = dict(zip(self.names, self.params))
+        grad_fn = torch.func.grad(lambda pd: self._forward(pd, Xc, yc))
+
+        def hvp(td):
+            return torch.func.jvp(grad_fn, (primals,), (td,))[1]
+
+        td = dict(zip(self.names, tangents))
+        if batched:  # one vmapped product for the whole block: the primal pass is shared
+            out = torch.func.vmap(hvp)(td)
+        else:
+            out = {n: t.unsqueeze(0) for n, t in hvp({n: t[0] for n, t in td.items()}).items()}
+        return [out[n] for n in self.names]
+
+    def __call__(self, v: Tensor) -> Tensor:
+        single = v.dim() == 1
+        block = v.reshape(self.dim, -1).to(self.dtype)
+        m = block.shape[1]
+        tangents = unflatten(block, self.params)  # each [m, *shape]
+        hvp = self._hvp_double_backward if self.method == "double_backward" else self._hvp_forward_over_reverse
+        total = torch.zeros(m, self.dim, dtype=self.dtype, device=self.device)
+        with _running_stats_frozen(self.model):
+            for Xc, yc, weight in self._chunks():
+                hv = hvp(tangents, Xc, yc, batched=m > 1, single_chunk=self.chunk_size >= self.n)
+                parts = [torch.zeros(m, p.numel(), dtype=self.dtype, device=self.device) if h is None
+                         else h.reshape(m, -1) for h, p in zip(hv, self.params)]
+                total += weight * torch.cat(parts, dim=1)
+        return total[0] if single else total.T.contiguous()
+
+
+@contextmanager
+def _running_stats_frozen(model: nn.Module):
+    # With track_running_stats off, a BatchNorm in training mode still uses batch statistics (same
+    # outputs) but skips the in-place update of running_mean/var/num_batches_tracked.
+    patched = [mod for mod in model.modules() if isinstance(mod, nn.modules.batchnorm._NormBase)
+               and mod.training and mod.track_running_stats]
+    for mod in patched:
+        mod.track_running_stats = False
+    try:
+        yield
+    finally:
+        for mod in patched:
+            mod.track_running_stats = True
+
+
+def hessian_matvec(model, loss, data, chunk_size=None, subset=None, method=None) -> HessianOperator:
+    """Flat matvec of the Hessian of the mean training loss over the trainable parameters
+    (``requires_grad``, in ``model.parameters()`` order), at the current parameters (snapshotted:
+    make a new operator after the model changes).
+
+    ``loss``: callable ``(outputs, targets) -> mean loss`` or a built-in name ("mse", "ce").
+    ``data``: ``(X, y)``; ``subset``: fixed LongTensor of indices; ``chunk_size``: points per pass.
+    ``method``: "double_backward" or "forward_over_reverse"; default per device from
+    ``DEFAULT_HVP_METHOD``. The model is evaluated in whatever mode (train/eval) it is in.
+    The callable takes a [dim] vector or a [dim, m] block (one batched product) and carries
+    ``.dim``, ``.dtype``, ``.device``, which ``top_eigenpairs`` picks up.
+    """
+    return HessianOperator(model, loss, data, chunk_size=chunk_size, subset=subset, method=method)
+
+
+class _Preconditioned:
+    def __init__(self, matvec, diag):
+        self.matvec = matvec
+        self.scale = diag.detach().reshape(-1).rsqrt()
+        self.dim = self.scale.numel()
+        self.dtype = getattr(matvec, "dtype", diag.dtype)
+        self.device = getattr(matvec, "device", diag.device)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        s = self.scale if x.dim() == 1 else self.scale[:, None]
+        return s * self.matvec(s * x)
+
+
+def preconditioned_matvec(matvec: Callable, diag: Tensor) -> Callable:
+    """x -> D^{-1/2} H D^{-1/2} x for P = diag(``diag``) > 0: symmetric, with the spectrum of P^{-1} H.
+
+    Used for Adam's preconditioned sharpness lambda_1(P^{-1} H), P = diag(sqrt(v_hat) + eps)
+    (see ``adam_preconditioner``). Mapping eigenvectors back: if u is a unit eigenvector here,
+    w = D^{-1/2} u is an eigenvector of P^{-1} H (right; normalise if needed) and D^{1/2} u one of
+    H P^{-1} (left), with the same eigenvalue.
+    """
+    return _Preconditioned(matvec, diag)
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Tensor:
+    """Flat diag(sqrt(v_hat) + eps) of a torch Adam/AdamW/RMSprop-style state, in ``params`` order."""
+    diags = []
+    for group in optimizer.param_groups:
+        eps, beta2 = group["eps"], group.get("betas", (0.0, group.get("alpha", 0.0)))[1]
+        for p in group["params"]:
+            st = optimizer.state[p]
+            v = st.get("exp_avg_sq", st.get("square_avg"))
+            step = float(st.get("step", 1))
+            corr = 1.0 - beta2 ** step if "exp_avg_sq" in st else 1.0
+            diags.append((p, (v / corr).sqrt() + eps))
+    by_id = {id(p): d for p, d in diags}
+    return flatten([by_id[id(p)] for p in params])
+
+
+# ----------------------------------------------------------------------------- block Lanczos
+def _project_out(basis: Tensor, w: Tensor) -> Tensor:
+    """Remove from rows of ``w`` their components along the orthonormal rows of ``basis``, twice
+    (one classical Gram-Schmidt pass loses orthogonality when w is nearly in the span)."""
+    c = w @ basis.T
+    w -= c @ basis
+    c2 = w @ basis.T
+    w -= c2 @ basis
+    return c + c2
+
+
+def _orthonormalize(W: Tensor, basis: Tensor, gen: torch.Generator, floor: float):
+    """Careful column-by-column CGS2 of the rows of W against ``basis`` and each other.
+
+    Returns Q (rows orthonormal), R (upper) and C with W = C^T-part on basis + R^T Q. A row left
+    with norm <= floor is numerically in the span (breakdown): it is replaced by a seeded random
+    direction with a zero coefficient, so the Krylov space keeps growing. Rare path: reads norms.
+    """
+    b, n = W.shape[0], basis.shape[0]
+    Q, R, C = torch.zeros_like(W), W.new_zeros(b, b), W.new_zeros(b, n)
+    for j in range(b):
+        full = torch.cat([basis, Q[:j]])
+        w = W[j:j + 1].clone()
+        h = _project_out(full, w)[0]
+        C[j], R[:j, j] = h[:n], h[n:]
+        nrm = w.norm()
+        if nrm.item() > floor:
+            Q[j], R[j, j] = w[0] / nrm, nrm
+            continue
+        for _ in range(4):  # a random vector is in the span with probability 0; retry defensively
+            r = torch.randn(1, W.shape[1], generator=gen, dtype=W.dtype).to(W.device)
+            r /= r.norm()
+            _project_out(full, r)
+            if r.norm().item() > 0.1:
+                break
+        Q[j] = r[0] / r.norm()
+    return Q, R, C
+
+
+def _ritz(T: Tensor, n_done: int, n_total: int):
+    """Ritz pairs of the projected matrix (float64, host), descending, with residual norms.
+
+    A V_done = V_total T[:n_total, :n_done], so for y = V_done s: ||A y - theta y|| =
+    ||T s - theta [s; 0]||, exact up to rounding with an orthonormal basis."""
+    Th = T[:n_total, :n_done].to("cpu", torch.float64)
+    sym = Th[:n_done]
+    theta, S = torch.linalg.eigh(0.5 * (sym + sym.T))
+    theta, S = theta.flip(0), S.flip(1)
+    R = Th @ S
+    R[:n_done] -= S * theta
+    return theta, S, R.norm(dim=0)
+
+
+def _resolve(dtype, device, v0, matvec):
+    dtype = dtype or (v0.dtype if v0 is not None and v0.is_floating_point() else None) \
+        or getattr(matvec, "dtype", None) or torch.get_default_dtype()
+    device = device or (v0.device if v0 is not None else None) or getattr(matvec, "device", None) or "cpu"
+    return dtype, torch.device(device)
+
+
+def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol: float = 1e-3,
+                   v0: Tensor | None = None, max_matvecs: int | None = None, dtype=None, device=None,
+                   *, max_basis: int = 64, seed: int = 0) -> EigenResult:
+    """The k largest algebraic eigenpairs of a symmetric operator given only by ``matvec``.
+
+    ``matvec`` maps a [dim] vector (block size 1) or a [dim, m] block to its product.
+    Converged means every returned pair has ||A v - lambda v|| <= tol * |lambda|.
+    ``v0`` ([dim] or [dim, m]) warm-starts the block; signs then satisfy <v_j, v0_j> >= 0, else the
+    largest-magnitude component of each vector is positive. ``max_matvecs`` counts single-vector
+    products (default 1000; at least one block step is always taken). ``max_basis`` bounds the
+    stored basis (memory dim x max_basis) before a thick restart. Deterministic: the random start
+    comes from a local generator seeded with ``seed``.
+    """
+    if not 1 <= k <= dim:
+        raise ValueError(f"top_eigenpairs: need 1 <= k <= dim, got k={k}, dim={dim}")
+    dtype, device = _resolve(dtype, device, v0, matvec)
+    eps = torch.finfo(dtype).eps
+    V0 = None if v0 is None else v0.detach().reshape(dim, -1).to(device=device, dtype=dtype)
+    m = 0 if V0 is None else V0.shape[1]
+    b = min(max(k, m), dim)
+    cap = dim if dim <= max(max_basis, 4 * b) else max(max_basis, 4 * b)
+    budget = max(1000 if max_matvecs is None else int(max_matvecs), b)
+    gen = torch.Generator().manual_seed(seed)
+
+    # Start block: v0 columns first, seeded random columns after; rows of V are basis vectors.
+    start = torch.randn(b, dim, generator=gen, dtype=dtype).to(device)
+    if m:
+        start[:min(m, b)] = V0[:, :b].T
+    start /= start.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    V = torch.zeros(cap, dim, dtype=dtype, device=device)
+    T = torch.zeros(cap, cap, dtype=dtype, device=device)  # A V[:n_done]^T = V[:n_total]^T T
+    colnorm = torch.zeros(cap, dtype=dtype, device=device)
+    V[:b] = _orthonormalize(start, V[:0], gen, 10 * eps * math.sqrt(b))[0]
+    n_done, n_total, n_mv, steps, checked, next_check = 0, b, 0, 0, b, 1
+    every_step = device.type == "cpu"  # host reads are free there
+    blocks = []  # (a, c, c + nb): expanding rows a:c created rows c:c+nb, since the last check
+
+    while True:
+        a, c = n_done, n_total
+        W = matvec(V[a].clone() if c - a == 1 else V[a:c].T)
+        W = W.reshape(dim, c - a).T.to(dtype).contiguous()  # rows = products
+        n_mv += c - a
+        steps += 1
+        T[:c, a:c] = _project_out(V[:c], W).T
+        nb = min(c - a, dim - c)
+        if nb:
+            Qn, Rn = torch.linalg.qr(W.T)  # no host read here; rank problems are caught below
+            V[c:c + nb] = Qn.T[:nb]
+            T[c:c + nb, a:c] = Rn[:nb]
+            colnorm[c:c + nb] = Rn.diagonal()[:nb].abs()
+            blocks.append((a, c, c + nb))
+        n_done, n_total = c, c + nb
+
+        def stop_flags():
+            full = n_total == n_done  # the basis spans the whole space: Ritz pairs are exact
+            return (full, n_mv + (n_total - n_done) > budget,
+                    not full and cap < dim and n_total + b > cap)
+
+        full, out_of_budget, need_restart = stop_flags()
+        if not (full or out_of_budget or need_restart or every_step or steps >= next_check):
+            continue
+        next_check = steps + 1 + steps // 8
+        theta, S, res = _ritz(T, n_done, n_total)
+        scale = theta.abs().max().item()
+        # Rank check: a new row much shorter than ||A|| may be a QR artefact of a (near) breakdown,
+        # not orthogonal to the basis. Roll back to the block that made it and rebuild it carefully.
+        suspect = (colnorm[checked:n_total].cpu() < math.sqrt(eps) * scale).nonzero()
+        if suspect.numel():
+            j = checked + int(suspect[0])
+            a, c, e = next(blk for blk in blocks if blk[1] <= j < blk[2])
+            Wr = T[c:e, a:c].T @ V[c:e]  # the orthogonalised products, rows a:c
+            Q, R, C = _orthonormalize(Wr, V[:c], gen, 10 * eps * scale * math.sqrt(c))
+            T[:, c:] = 0
+            T[e:] = 0
+            V[c:e], T[c:e, a:c] = Q[:e - c], R[:e - c]
+            T[:c, a:c] += C.T
+            V[e:] = 0
+            n_done, n_total = c, e
+            full, out_of_budget, need_restart = stop_flags()
+            theta, S, res = _ritz(T, n_done, n_total)
+        checked, blocks = n_total, []
+        converged = bool((res[:k] <= tol * theta[:k].abs()).all())
+        if converged or full or out_of_budget:
+            break
+        if need_restart:  # thick restart: keep the top p Ritz vectors and the unexpanded block
+            p = min(n_done, max(k, cap // 2))
+            Sp = S[:, :p].to(device=device, dtype=dtype)
+            Y = Sp.T @ V[:n_done]
+            coupling = T[n_done:n_total, :n_done] @ Sp
+            q = n_total - n_done
+            V[p:p + q] = V[n_done:n_total].clone()
+            V[:p] = Y
+            V[p + q:] = 0
+            T.zero_()
+            T[:p, :p] = torch.diag(theta[:p].to(device=device, dtype=dtype))
+            T[p:p + q, :p] = coupling
+            n_done, n_total, checked = p, p + q, p + q
+
+    vectors = (S[:, :k].to(device=device, dtype=dtype).T @ V[:n_done]).T
+    vectors = vectors / vectors.norm(dim=0, keepdim=True)
+    # Deterministic signs: agree with the warm start where there is one, else the
+    # largest-magnitude component is positive.
+    ref = vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True))[0]
+    if m:
+        j = min(m, k)
+        ref[:j] = (vectors[:, :j] * V0[:, :j]).sum(0)
+    vectors = vectors * torch.where(ref < 0, -1.0, 1.0).to(dtype)
+    return EigenResult(theta[:k].clone(), vectors, res[:k].clone(), n_mv, converged)
