@@ -39,7 +39,7 @@ def _loss_accuracy(exp, X, y):
 def curvature_subset(exp: "Experiment") -> Optional[torch.Tensor]:
     """The fixed subset for curvature: a pure function of the seed, never redrawn."""
     size = exp.spec.measure.subset
-    n = exp.data.X.shape[0]
+    n = exp.train_X.shape[0]
     if size is None or size >= n:
         return None
     g = torch.Generator().manual_seed(exp.spec.seed * 7919 + 17)
@@ -48,7 +48,7 @@ def curvature_subset(exp: "Experiment") -> Optional[torch.Tensor]:
 
 def measure(tr: "Trainer") -> None:
     exp = tr.exp
-    loss, acc = _loss_accuracy(exp, exp.data.X, exp.data.y)
+    loss, acc = _loss_accuracy(exp, exp.train_X, exp.train_y)
     if exp.optimizer.batch_size is not None:
         tr.record("all", "loss", loss)
     if acc is not None:
@@ -64,7 +64,7 @@ def measure(tr: "Trainer") -> None:
 
 def measure_curvature(tr: "Trainer") -> None:
     exp, st, ms = tr.exp, tr.st, tr.exp.spec.measure
-    H = hessian_matvec(exp.model, exp.loss_fn, (exp.data.X, exp.data.y), chunk_size=ms.chunk_size,
+    H = hessian_matvec(exp.model, exp.loss_fn, (exp.train_X, exp.train_y), chunk_size=ms.chunk_size,
                        subset=curvature_subset(exp))
     dim = sum(p.numel() for p in exp.params)
     v0 = st.eig_vectors

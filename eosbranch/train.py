@@ -58,9 +58,21 @@ class Experiment:
     loss_fn: Callable
     optimizer: Optimizer
 
+    groups: dict = field(default_factory=dict)  # name -> indices into data.X
+    group_info: dict = field(default_factory=dict)  # centroids, v_diff, centroid distances
+    train_index: Optional[torch.Tensor] = None  # None: train on every point of data.X
+
     @property
     def params(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def train_X(self) -> torch.Tensor:
+        return self.data.X if self.train_index is None else self.data.X[self.train_index]
+
+    @property
+    def train_y(self) -> torch.Tensor:
+        return self.data.y if self.train_index is None else self.data.y[self.train_index]
 
 
 def build(spec: Spec) -> Experiment:
@@ -96,6 +108,7 @@ class TrainState:
     eig_vectors: Optional[torch.Tensor] = None  # warm start for the next sharpness solve
     precond_vectors: Optional[torch.Tensor] = None  # same, for lambda_1(P^-1 H) under Adam
     measured: dict = field(default_factory=dict)  # e.g. last sharpness, t_star
+    prev_example_losses: Optional[torch.Tensor] = None  # for fraction_loss_increased
 
 
 def _rng_state() -> dict:
@@ -126,7 +139,7 @@ def checkpoint_state(exp: Experiment, st: TrainState) -> dict:
         "model": {k: v.detach().cpu().clone() for k, v in exp.model.state_dict().items()},
         "optimizer": _to_cpu(st.opt_state), "cursor": dict(st.cursor), "rng": _rng_state(),
         "eig_vectors": _to_cpu(st.eig_vectors), "precond_vectors": _to_cpu(st.precond_vectors),
-        "measured": dict(st.measured),
+        "measured": dict(st.measured), "prev_example_losses": _to_cpu(st.prev_example_losses),
     }
 
 
@@ -139,6 +152,7 @@ def restore_state(exp: Experiment, ckpt: dict) -> TrainState:
         eig_vectors=_to_device(ckpt.get("eig_vectors"), exp.device),
         precond_vectors=_to_device(ckpt.get("precond_vectors"), exp.device),
         measured=dict(ckpt.get("measured", {})),
+        prev_example_losses=_to_device(ckpt.get("prev_example_losses"), exp.device),
     )
 
 
@@ -167,7 +181,7 @@ def batch_indices(exp: Experiment, cursor: dict) -> Optional[torch.Tensor]:
     order is a pure function of the cursor: nothing else needs saving to resume it.
     """
     bs = exp.optimizer.batch_size
-    n = exp.data.X.shape[0]
+    n = exp.train_X.shape[0]
     if bs is None or bs >= n:
         return None
     if cursor["pos"] + bs > n:  # drop the short tail: every step sees a full batch
@@ -177,6 +191,33 @@ def batch_indices(exp: Experiment, cursor: dict) -> Optional[torch.Tensor]:
     idx = perm[cursor["pos"] : cursor["pos"] + bs]
     cursor["pos"] += bs
     return idx.to(exp.device)
+
+
+def forward_backward(exp: Experiment, st: TrainState):
+    """Loss, per-example losses (detached) and gradients at the current state on this step's
+    batch (advancing the data cursor)."""
+    idx = batch_indices(exp, st.cursor)
+    X, y = (exp.train_X, exp.train_y) if idx is None else (exp.train_X[idx], exp.train_y[idx])
+    per = exp.loss_fn(exp.model(X), y, reduction="none")
+    loss = per.mean()
+    return loss, per.detach(), list(torch.autograd.grad(loss, exp.params))
+
+
+def apply_update(exp: Experiment, st: TrainState, grads: list[torch.Tensor]) -> None:
+    exp.optimizer.update(exp.params, grads, st.opt_state, st.lr)
+    st.step += 1
+    st.t_eff += st.lr
+
+
+def replay(exp: Experiment, st: TrainState, to_step: int, each: Optional[Callable[[int], None]] = None) -> None:
+    """Advance a restored state to ``to_step`` exactly as training did (no records, no files)."""
+    while st.step < to_step:
+        if each is not None:
+            each(st.step)
+        loss, _, grads = forward_backward(exp, st)
+        if not np.isfinite(loss.item()):
+            raise DivergenceError(f"replay diverged at step {st.step}")
+        apply_update(exp, st, grads)
 
 
 class _StopFlag:
@@ -253,15 +294,9 @@ class Trainer:
     def event(self, name: str, value: float = float("nan"), detail: str = "") -> None:
         self.events.append((name, self.st.step, self.st.t_eff, float(value), detail))
 
-    def loss_and_grads(self, idx: Optional[torch.Tensor]):
-        exp = self.exp
-        X, y = (exp.data.X, exp.data.y) if idx is None else (exp.data.X[idx], exp.data.y[idx])
-        loss = exp.loss_fn(exp.model(X), y)
-        return loss, list(torch.autograd.grad(loss, exp.params))
-
     def run(self, steps: int, on_step: Callable[["Trainer", float], None] = lambda tr, loss: None) -> None:
         exp, st, spec = self.exp, self.st, self.exp.spec
-        loss_name = "loss" if exp.optimizer.batch_size is None else "batch_loss"
+        full_batch = exp.optimizer.batch_size is None
         stop = _StopFlag()
         with stop.installed():
             while True:
@@ -275,21 +310,29 @@ class Trainer:
                     measure(self)
                 if t == steps:
                     with torch.no_grad():
-                        final = exp.loss_fn(exp.model(exp.data.X), exp.data.y)
-                    self.record("all", "loss", final.item())
+                        per = exp.loss_fn(exp.model(exp.train_X), exp.train_y, reduction="none")
+                    self.record_step_loss(per.mean().item(), per, True)
                     break
-                idx = batch_indices(exp, st.cursor)
-                loss, grads = self.loss_and_grads(idx)
+                loss, per, grads = forward_backward(exp, st)
                 value = loss.item()
                 if not np.isfinite(value):
                     self.diverged(value)
-                self.record("all", loss_name, value)
-                exp.optimizer.update(exp.params, grads, st.opt_state, st.lr)
-                st.step += 1
-                st.t_eff += st.lr
+                self.record_step_loss(value, per, full_batch)
+                apply_update(exp, st, grads)
                 on_step(self, value)
         self.flush()
         self.store.mark_complete(steps)
+
+    def record_step_loss(self, value: float, per: torch.Tensor, full_batch: bool) -> None:
+        """``loss`` (``batch_loss`` for minibatches) and, on full batches, the share of training
+        points whose loss rose since the previous step (DESIGN §1: about 0.5 at the EoS)."""
+        st = self.st
+        self.record("all", "loss" if full_batch else "batch_loss", value)
+        if full_batch:
+            if st.prev_example_losses is not None and st.prev_example_losses.shape == per.shape:
+                rose = (per > st.prev_example_losses).double().mean().item()
+                self.record("all", "fraction_loss_increased", rose)
+            st.prev_example_losses = per
 
     def diverged(self, value: float) -> None:
         t = self.st.step
