@@ -105,6 +105,41 @@ def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory tha
     out.print(table)
 
 
+@app.command()
+@_user_errors
+def opposing(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    step: str = typer.Option(..., "--step", help="Step T (or 'onset' for t*): rank points by l_i(T+1) - l_i(T)."),
+    top: int = typer.Option(20, "--top", help="Size M of the rising and the falling group."),
+    window: int = typer.Option(20, "--window", help="Steps over which the pair's antiphase is measured."),
+) -> None:
+    """Find opposing signals: the M points whose loss rises most and falls most on one step."""
+    import yaml
+
+    from .opposing import find
+    from .run import Run
+
+    run = Run(run_dir)
+    res = find(run, step, top=top, window=window)
+    pts = Table("role", "index", "label", "loss before", "loss after", "change", "pred before", "pred after",
+                title=f"opposing signals at step {res.step}")
+    for r in res.points.itertuples():
+        pts.add_row(r.role, str(r.index), str(r.label), f"{r.loss_before:.4g}", f"{r.loss_after:.4g}",
+                    f"{r.loss_change:+.4g}", f"{r.pred_before:.4g}", f"{r.pred_after:.4g}")
+    err.print(pts)
+    pairs = Table("pair", "size", "alternation", "amplitude a", "amplitude b", "correlation",
+                  title=f"antiphase over steps {res.step}..{res.step + window}")
+    for r in res.pairs.itertuples():
+        pairs.add_row(r.pair, str(r.size), f"{r.alternation_rate:.2f}", f"{r.amplitude_a:.3g}",
+                      f"{r.amplitude_b:.3g}", f"{r.correlation:+.2f}")
+    err.print(pairs)
+    err.print(f"fraction of points whose loss rose on step {res.step}: {res.pairs.fraction_loss_increased.iloc[0]:.3f}")
+    run.store.write_frame("opposing_points", res.points.assign(step=res.step))
+    run.store.write_frame("opposing_pairs", res.pairs)
+    run.store.write_text("opposing_groups.yaml", yaml.safe_dump([res.group_spec], sort_keys=False))
+    print(run.path / "opposing_pairs.parquet")
+
+
 def _summary(run) -> None:
     """A short rich table on stderr: what ran and how it ended (stdout stays machine-readable)."""
     m = run.metrics

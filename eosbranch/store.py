@@ -167,6 +167,12 @@ class RunStore:
         pq.write_table(tables.to_arrow(name, df), sink)
         atomic_write(self.path / f"{name}.parquet", sink.getvalue().to_pybytes())
 
+    def write_frame(self, name: str, df: pd.DataFrame) -> None:
+        """An analysis table (e.g. opposing pairs) whose columns are its producer's contract."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), sink)
+        atomic_write(self.path / f"{name}.parquet", sink.getvalue().to_pybytes())
+
     def read_table(self, name: str) -> pd.DataFrame:
         f = self.path / f"{name}.parquet"
         if not f.exists():

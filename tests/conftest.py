@@ -37,3 +37,12 @@ def write_spec(path, spec: dict):
 
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """examples/quick.yaml trained once per session (digits 3 vs 5 at the EoS; ~5 s)."""
+    import eosbranch
+    from eosbranch.catalog import example_path
+
+    return eosbranch.train(example_path("quick"), tmp_path_factory.mktemp("quick"))

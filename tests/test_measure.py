@@ -34,11 +34,6 @@ def at_checkpoint(run, step):
     return exp, st
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    return eosbranch.train(example_path("quick"), tmp_path_factory.mktemp("quick"))
-
-
 def test_quick_example_reaches_eos_early_and_stays(quick_run):
     run = quick_run
     ev = run.events

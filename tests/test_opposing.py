@@ -1,0 +1,57 @@
+"""Opposing signals: antiphase statistics on synthetic series, detection on a run at the EoS."""
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from eosbranch.cli import app
+from eosbranch.errors import EosbranchError
+from eosbranch.opposing import find, pair_statistics
+
+
+def test_pair_statistics_on_synthetic_antiphase_and_inphase():
+    t = np.arange(21)
+    wave = 0.1 * (-1.0) ** t
+    anti = pair_statistics(1.0 + wave, 2.0 - 0.5 * wave)
+    assert anti["alternation_rate"] == 1.0 and anti["correlation"] == pytest.approx(-1.0)
+    assert anti["amplitude_a"] == pytest.approx(0.2) and anti["amplitude_b"] == pytest.approx(0.1)
+    same = pair_statistics(1.0 + wave, 2.0 + wave)
+    assert same["alternation_rate"] == 0.0 and same["correlation"] == pytest.approx(1.0)
+    # Half the steps opposite.
+    a = np.array([0, 1, 0, 1, 0.0])
+    b = np.array([0, 1, 0, -1, 0.0])  # diffs a: +,-,+,- ; b: +,-,-,+
+    assert pair_statistics(a, b)["alternation_rate"] == 0.5
+
+
+def test_find_on_a_run_at_the_eos(quick_run):
+    res = find(quick_run, "onset", top=5, window=20)
+    ev = quick_run.events
+    assert res.step == int(ev.loc[ev.event == "t_star", "step"].iloc[0])
+    pts = res.points
+    rise, fall = pts[pts.role == "rise"], pts[pts.role == "fall"]
+    assert len(rise) == len(fall) == 5
+    assert (rise.loss_change > 0).all() and (fall.loss_change < 0).all()
+    assert rise.loss_change.min() >= pts.loss_change.quantile(0.5)
+    # The ranking is exact: recompute l_i(T+1) - l_i(T) for the top point.
+    top = rise.iloc[0]
+    assert top.loss_after - top.loss_before == pytest.approx(top.loss_change)
+    pair = res.pairs.set_index("pair").loc["opposing"]
+    assert pair.correlation < 0 and pair.alternation_rate > 0.5  # antiphase at the EoS
+    assert 0 < pair.fraction_loss_increased < 1
+    assert sorted(res.group_spec["indices_rise"]) == sorted(rise["index"].tolist())
+
+
+def test_cli_saves_tables_and_group_entry(quick_run):
+    res = CliRunner().invoke(app, ["opposing", str(quick_run.path), "--step", "200", "--top", "4", "--window", "5"])
+    assert res.exit_code == 0, res.output
+    assert (quick_run.path / "opposing_pairs.parquet").is_file()
+    (entry,) = yaml.safe_load((quick_run.path / "opposing_groups.yaml").read_text())
+    assert entry["kind"] == "opposing" and len(entry["indices_rise"]) == 4
+
+
+def test_bad_requests_are_clear(quick_run):
+    with pytest.raises(EosbranchError, match="outside the run"):
+        find(quick_run, quick_run.spec.steps, top=3, window=5)
+    with pytest.raises(EosbranchError, match="'onset'"):
+        find(quick_run, "later")
