@@ -105,6 +105,33 @@ def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory tha
     out.print(table)
 
 
+groups_app = typer.Typer(help="Group specs: sizes and geometry.", no_args_is_help=True)
+app.add_typer(groups_app, name="groups")
+
+
+@groups_app.command("show")
+@_user_errors
+def groups_show(spec: Path = typer.Argument(..., help="Spec YAML file with a groups section.")) -> None:
+    """Each group's size, class mix and median centroid distance (and, for the random-orthogonal
+    control, the distance ratio to the coherent construction)."""
+    import math
+
+    from .data import load_data
+    from .groups import describe, resolve
+    from .spec import load_spec
+
+    s = load_spec(spec)
+    if not s.groups:
+        raise EosbranchError(f"{spec}: groups: the spec defines no groups")
+    data = load_data(s.data, str(spec))
+    df = describe(resolve(s.groups, data.X, data.y, str(spec)))
+    table = Table(*df.columns, title=f"groups of {spec}")
+    for row in df.itertuples(index=False):
+        table.add_row(*("-" if isinstance(v, float) and math.isnan(v) else f"{v:.4g}" if isinstance(v, float)
+                        else str(v) for v in row))
+    out.print(table)
+
+
 @app.command()
 @_user_errors
 def opposing(

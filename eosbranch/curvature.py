@@ -257,7 +257,7 @@ def _project_out(basis: Tensor, w: Tensor) -> Tensor:
 def _orthonormalize(W: Tensor, basis: Tensor, gen: torch.Generator, floor: float):
     """Careful column-by-column CGS2 of the rows of W against ``basis`` and each other.
 
-    Returns Q (rows orthonormal), R (upper) and C with W = C^T-part on basis + R^T Q. A row left
+    Returns Q (rows orthonormal), R (upper) and C with W = C basis + R^T Q. A row left
     with norm <= floor is numerically in the span (breakdown): it is replaced by a seeded random
     direction with a zero coefficient, so the Krylov space keeps growing. Rare path: reads norms.
     """
@@ -305,7 +305,7 @@ def _resolve(dtype, device, v0, matvec):
 
 def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol: float = 1e-3,
                    v0: Tensor | None = None, max_matvecs: int | None = None, dtype=None, device=None,
-                   *, max_basis: int = 64, seed: int = 0) -> EigenResult:
+                   *, block_size: int | None = None, max_basis: int = 64, seed: int = 0) -> EigenResult:
     """The k largest algebraic eigenpairs of a symmetric operator given only by ``matvec``.
 
     ``matvec`` maps a [dim] vector (block size 1) or a [dim, m] block to its product.
@@ -322,15 +322,16 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
     eps = torch.finfo(dtype).eps
     V0 = None if v0 is None else v0.detach().reshape(dim, -1).to(device=device, dtype=dtype)
     m = 0 if V0 is None else V0.shape[1]
-    b = min(max(k, m), dim)
-    cap = dim if dim <= max(max_basis, 4 * b) else max(max_basis, 4 * b)
+    b = min(block_size or max(k, m), dim)
+    cap = max(max_basis, 4 * b, 2 * (k + b))  # room to restart: p <= cap/2 kept + two blocks
+    cap = min(cap, dim)
     budget = max(1000 if max_matvecs is None else int(max_matvecs), b)
     gen = torch.Generator().manual_seed(seed)
 
     # Start block: v0 columns first, seeded random columns after; rows of V are basis vectors.
     start = torch.randn(b, dim, generator=gen, dtype=dtype).to(device)
     if m:
-        start[:min(m, b)] = V0[:, :b].T
+        start[:min(m, b)] = V0[:, :b].T  # extra v0 columns beyond the block are dropped
     start /= start.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     V = torch.zeros(cap, dim, dtype=dtype, device=device)
     T = torch.zeros(cap, cap, dtype=dtype, device=device)  # A V[:n_done]^T = V[:n_total]^T T
@@ -358,7 +359,7 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
 
         def stop_flags():
             full = n_total == n_done  # the basis spans the whole space: Ritz pairs are exact
-            return (full, n_mv + (n_total - n_done) > budget,
+            return (full, n_done >= k and n_mv + (n_total - n_done) > budget,
                     not full and cap < dim and n_total + b > cap)
 
         full, out_of_budget, need_restart = stop_flags()
@@ -384,7 +385,7 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
             full, out_of_budget, need_restart = stop_flags()
             theta, S, res = _ritz(T, n_done, n_total)
         checked, blocks = n_total, []
-        converged = bool((res[:k] <= tol * theta[:k].abs()).all())
+        converged = n_done >= k and bool((res[:k] <= tol * theta[:k].abs()).all())
         if converged or full or out_of_budget:
             break
         if need_restart:  # thick restart: keep the top p Ritz vectors and the unexpanded block

@@ -11,6 +11,13 @@ Whole-data quantities go in ``metrics`` with ``group = "all"``:
   ``preconditioned_sharpness`` = lambda_1(P^-1 H), the quantity its threshold applies to.
 - the ``t_star`` event: the first measurement at or after ``measure.warmup`` whose (preconditioned)
   sharpness reaches the threshold.
+- with groups, the probes of :mod:`eosbranch.probes` per group (``loss, accuracy, grad_norm,
+  cos2_v1, curvature_influence, sharpness_coupling, rayleigh``), all against the *global* v1;
+- ``curvature_fraction`` per parameter tensor (``group`` = the tensor's name),
+  ``weight_projection`` <theta_t - theta_ref, v1_ref> from the reference step (``measure.reference``,
+  default t*) on, and ``spearman_alignment_distance`` (Spearman rho of per-example
+  cos2(grad l_i, v1) with the centroid distance ||x_i - mu_{y_i}||);
+- ``examples.parquet`` rows (``measure.examples``: every example, only group members, or none).
 
 Each solve is warm-started from the previous measurement's eigenvectors (kept in the training
 state and its checkpoints), so measurements are cheap and resume bit for bit.
@@ -23,6 +30,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from .curvature import flatten, hessian_matvec, preconditioned_matvec, top_eigenpairs
+from .probes import Context, curvature_fraction, group_probes, per_example_alignment, spearman, weight_projection
 
 if TYPE_CHECKING:
     from .train import Experiment, Trainer
@@ -60,6 +68,7 @@ def measure(tr: "Trainer") -> None:
             tr.record("all", "test_accuracy", test_acc)
     if exp.spec.measure.sharpness:
         measure_curvature(tr)
+    measure_probes(tr)
 
 
 def measure_curvature(tr: "Trainer") -> None:
@@ -90,3 +99,85 @@ def measure_curvature(tr: "Trainer") -> None:
     if "t_star" not in st.measured and st.step >= ms.warmup and compared >= threshold:
         st.measured["t_star"] = st.step
         tr.event("t_star", compared, f"sharpness {compared:.6g} >= threshold {threshold:.6g}")
+
+
+def centroid_distance(exp: "Experiment") -> Optional[torch.Tensor]:
+    """d_i = ||x_i - mu_{y_i}|| in the flattened input space (from the groups' geometry if any)."""
+    d = exp.group_info.get("centroid_distance")
+    if d is not None:
+        return d.to(torch.float64)
+    if exp.data.task != "classification":
+        return None
+    X, y = exp.data.X.flatten(1).double().cpu(), exp.data.y.cpu()
+    mu = torch.stack([X[y == c].mean(0) if (y == c).any() else torch.zeros(X.shape[1], dtype=X.dtype)
+                      for c in range(exp.data.num_outputs)])
+    return (X - mu[y]).norm(dim=1)
+
+
+def measure_probes(tr: "Trainer") -> None:
+    exp, st, ms = tr.exp, tr.st, tr.exp.spec.measure
+    v1 = None if st.eig_vectors is None else st.eig_vectors[:, 0]
+    named = [(n, p) for n, p in exp.model.named_parameters() if p.requires_grad]
+    if v1 is not None and ms.curvature_fraction:
+        for name, frac in curvature_fraction(v1, named):
+            tr.record(name, "curvature_fraction", frac)
+    if v1 is not None:
+        _weight_projection(tr, v1)
+    want_examples = ms.examples == "all" or (ms.examples == "groups" and exp.groups)
+    if not ((ms.probes and exp.groups) or (ms.alignment and v1 is not None) or want_examples):
+        return
+    # The Hessian behind v1 is the training loss's; held-out groups (mode: heldout) are measured on
+    # the same footing as the rest, so the context sees every point of data.X.
+    ctx = Context(exp.model, exp.loss_fn, exp.data.X, exp.data.y, exp.groups, v1, chunk_size=ms.chunk_size,
+                  hessian_subset=_hessian_rows(exp))
+    if ms.probes and exp.groups:
+        for group, metric, value in group_probes(ctx):
+            tr.record(group, metric, value)
+    align = per_example_alignment(ctx).cpu() if (ms.alignment and v1 is not None) else None
+    dist = centroid_distance(exp)
+    if align is not None and dist is not None:
+        tr.record("all", "spearman_alignment_distance", spearman(align, dist))
+    if want_examples:
+        _example_rows(tr, ctx, align, dist)
+
+
+def _hessian_rows(exp: "Experiment") -> Optional[torch.Tensor]:
+    """Rows of data.X the Hessian (and so v1) was computed on; None = all of them."""
+    sub = curvature_subset(exp)
+    if exp.train_index is None:
+        return sub
+    return exp.train_index if sub is None else exp.train_index[sub]
+
+
+def _weight_projection(tr: "Trainer", v1: torch.Tensor) -> None:
+    st, ms = tr.st, tr.exp.spec.measure
+    if st.reference is None:
+        ref_step = ms.reference if ms.reference is not None else st.measured.get("t_star")
+        if ref_step is None or st.step != ref_step:
+            return
+        st.reference = {"step": st.step, "theta": flatten([p.detach() for p in tr.exp.params]).clone(),
+                        "v1": v1.detach().clone()}
+    ref = st.reference
+    tr.record("all", "weight_projection", weight_projection(tr.exp.params, ref["theta"], ref["v1"]))
+
+
+def _example_rows(tr: "Trainer", ctx, align, dist) -> None:
+    exp, st = tr.exp, tr.st
+    n = exp.data.X.shape[0]
+    member = ["none"] * n
+    for name, idx in exp.groups.items():  # an example in several groups is listed under the first
+        for i in idx.tolist():
+            if member[i] == "none":
+                member[i] = name
+    rows = range(n) if exp.spec.measure.examples == "all" else sorted(
+        {i for idx in exp.groups.values() for i in idx.tolist()})
+    loss = ctx.per_example_loss.double().cpu()
+    prev = st.prev_example_losses
+    change = (loss - prev.double().cpu()) if (prev is not None and exp.train_index is None
+                                              and prev.shape == loss.shape) else None
+    nan = float("nan")
+    for i in rows:
+        tr.examples.append((st.step, i, member[i], loss[i].item(),
+                            nan if change is None else change[i].item(),
+                            nan if align is None else align[i].item(),
+                            nan if dist is None else dist[i].item()))

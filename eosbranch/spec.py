@@ -34,6 +34,12 @@ class MeasureSpec(_Section):
     max_matvecs: int = Field(500, gt=0)
     subset: Optional[int] = Field(None, gt=0, description="size of a fixed, seeded subset for curvature")
     chunk_size: Optional[int] = Field(None, gt=0)
+    probes: bool = Field(True, description="per-group probes (needs groups)")
+    alignment: bool = Field(True, description="per-example cos2(grad l_i, v1) and its Spearman rho with centroid distance")
+    curvature_fraction: bool = True
+    examples: Literal["all", "groups", "off"] = Field("groups", description="rows of examples.parquet")
+    reference: Optional[int] = Field(
+        None, ge=0, description="step of theta_ref, v1_ref for weight_projection (a measurement step; default t*)")
 
     @field_validator("windows")
     @classmethod
@@ -110,6 +116,11 @@ def _resolve_sections(spec: Spec, source: str) -> Spec:
     for key, registry in (("data", DATASETS), ("model", MODELS), ("loss", LOSSES), ("optimizer", OPTIMIZERS)):
         entry, params = registry.parse(getattr(spec, key), key, source)
         resolved[key] = {"kind": entry.name, **params.model_dump(mode="json")}
+    if spec.groups is not None:
+        from .groups import load_group_spec
+
+        # A catalog name is expanded into its entries, so spec.yaml records exactly what ran.
+        resolved["groups"] = load_group_spec(spec.groups, source)
     return spec.model_copy(update=resolved)
 
 

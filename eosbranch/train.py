@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -66,11 +67,11 @@ class Experiment:
     def params(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    @property
+    @cached_property
     def train_X(self) -> torch.Tensor:
         return self.data.X if self.train_index is None else self.data.X[self.train_index]
 
-    @property
+    @cached_property
     def train_y(self) -> torch.Tensor:
         return self.data.y if self.train_index is None else self.data.y[self.train_index]
 
@@ -79,10 +80,21 @@ def build(spec: Spec) -> Experiment:
     device, dtype = resolve_device(spec.device), DTYPES[spec.dtype]
     if device.type == "cuda":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    data = _place(load_data(spec.data), device, dtype)
+    data = load_data(spec.data)
+    groups, info, train_index = {}, {}, None
+    if spec.groups:
+        from .groups import resolve
+
+        r = resolve(spec.groups, data.X, data.y)  # on the CPU in float64: geometry is exact
+        data.X, data.y = r.X, r.y
+        groups, info = {k: v.to(device) for k, v in r.groups.items()}, r.info
+        if r.train is not None and len(r.train) < len(r.X):
+            train_index = r.train.to(device)
+    data = _place(data, device, dtype)
     torch.manual_seed(spec.seed)  # the model's initialisation depends on the seed only
     model = build_model(spec.model, data.input_shape, data.num_outputs).to(device=device, dtype=dtype)
-    return Experiment(spec, device, dtype, data, model, get_loss(spec.loss), build_optimizer(spec.optimizer))
+    return Experiment(spec, device, dtype, data, model, get_loss(spec.loss), build_optimizer(spec.optimizer),
+                      groups, info, train_index)
 
 
 def _place(data: Dataset, device: torch.device, dtype: torch.dtype) -> Dataset:
@@ -109,6 +121,7 @@ class TrainState:
     precond_vectors: Optional[torch.Tensor] = None  # same, for lambda_1(P^-1 H) under Adam
     measured: dict = field(default_factory=dict)  # e.g. last sharpness, t_star
     prev_example_losses: Optional[torch.Tensor] = None  # for fraction_loss_increased
+    reference: Optional[dict] = None  # step, theta and v1 of the weight-projection reference
 
 
 def _rng_state() -> dict:
@@ -140,6 +153,7 @@ def checkpoint_state(exp: Experiment, st: TrainState) -> dict:
         "optimizer": _to_cpu(st.opt_state), "cursor": dict(st.cursor), "rng": _rng_state(),
         "eig_vectors": _to_cpu(st.eig_vectors), "precond_vectors": _to_cpu(st.precond_vectors),
         "measured": dict(st.measured), "prev_example_losses": _to_cpu(st.prev_example_losses),
+        "reference": _to_cpu(st.reference),
     }
 
 
@@ -153,6 +167,7 @@ def restore_state(exp: Experiment, ckpt: dict) -> TrainState:
         precond_vectors=_to_device(ckpt.get("precond_vectors"), exp.device),
         measured=dict(ckpt.get("measured", {})),
         prev_example_losses=_to_device(ckpt.get("prev_example_losses"), exp.device),
+        reference=_to_device(ckpt.get("reference"), exp.device),
     )
 
 
@@ -260,6 +275,7 @@ class Trainer:
         self.run_name = store.path.name
         self.metrics: list[tuple] = []
         self.events: list[tuple] = []
+        self.examples: list[tuple] = []
         self.st = TrainState(lr=exp.spec.optimizer["lr"])
 
     # -- state -------------------------------------------------------------------------------
@@ -271,9 +287,10 @@ class Trainer:
         self.st = restore_state(self.exp, ckpt)
         s = self.st.step
         # Rows of steps >= s are recomputed: dropping them avoids duplicates after a kill.
-        m, e = self.store.read_table("metrics"), self.store.read_table("events")
-        self.metrics = list(m.loc[m.step < s, tables.METRICS_COLUMNS[3:]].itertuples(index=False, name=None))
-        self.events = list(e.loc[e.step < s, tables.EVENTS_COLUMNS[3:]].itertuples(index=False, name=None))
+        for name in ("metrics", "events", "examples"):
+            df = self.store.read_table(name)
+            cols = tables.COLUMNS[name][3:]
+            setattr(self, name, list(df.loc[df.step < s, cols].itertuples(index=False, name=None)))
 
     def save(self) -> None:
         s = self.st.step
@@ -282,7 +299,8 @@ class Trainer:
 
     def flush(self, before: Optional[int] = None) -> None:
         seed = self.exp.spec.seed
-        for name, rows, step_at in (("metrics", self.metrics, 0), ("events", self.events, 1)):
+        for name, rows, step_at in (("metrics", self.metrics, 0), ("events", self.events, 1),
+                                    ("examples", self.examples, 0)):
             keep = rows if before is None else [r for r in rows if r[step_at] < before]
             self.store.write_table(name, tables.frame(name, keep, self.run_name, self.branch, seed))
 

@@ -1,0 +1,301 @@
+"""Curvature: oracles are dense Hessians (torch.func.hessian), closed forms and dense eigensolvers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from eosbranch.curvature import (
+    flatten, hessian_matvec, preconditioned_matvec, top_eigenpairs, unflatten,
+)
+from eosbranch.loss import get_loss
+
+F64 = torch.float64
+
+
+def tiny_mlp():
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def tiny_cnn():
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 3, 3), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(12, 3))
+
+
+def setting(kind: str, dtype=F64, n=24):
+    """A tiny model and data set with a spectrum that has clear top gaps."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = (tiny_mlp() if kind == "mlp" else tiny_cnn()).to(dtype)
+    shape = (n, 5) if kind == "mlp" else (n, 1, 6, 6)
+    X = torch.randn(*shape, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return model, X, y
+
+
+def dense_hessian(model, loss, X, y):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p.detach() for p in model.parameters() if p.requires_grad]
+    lossfn = get_loss(loss)
+
+    def f(flat):
+        pd = dict(zip(names, unflatten(flat, params)))
+        return lossfn(functional_call(model, pd, (X,)), y)
+
+    return torch.func.hessian(f)(flatten(params))
+
+
+def dense_top(H, k):
+    w, U = torch.linalg.eigh(H.to(F64))
+    return w.flip(0)[:k], U.flip(1)[:, :k]
+
+
+def sym_matrix(n, eigenvalues, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    return ((Q * eigenvalues.to(F64)) @ Q.T).to(dtype)
+
+
+# ------------------------------------------------------------------ dense reference
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_top3_matches_dense_hessian_float64(kind, loss):
+    model, X, y = setting(kind)
+    H = dense_hessian(model, loss, X, y)
+    ref_vals, ref_vecs = dense_top(H, 3)
+    hv = hessian_matvec(model, loss, (X, y))
+    assert hv.dim == H.shape[0] > 64  # larger than the basis: the restart path is exercised
+    r = top_eigenpairs(hv, hv.dim, k=3, tol=1e-11)
+    assert r.converged
+    torch.testing.assert_close(r.values, ref_vals, rtol=1e-8, atol=0)
+    cos = (r.vectors.T @ ref_vecs).diagonal().abs()
+    assert (cos >= 1 - 1e-8).all(), cos
+    assert torch.allclose(r.vectors.T @ r.vectors, torch.eye(3, dtype=F64), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_top3_matches_dense_hessian_float32(kind):
+    model, X, y = setting(kind)
+    ref_vals, ref_vecs = dense_top(dense_hessian(model, "mse", X, y), 3)
+    model32 = model.float()
+    hv = hessian_matvec(model32, "mse", (X.float(), y))
+    r = top_eigenpairs(hv, hv.dim, k=3, tol=1e-5)
+    assert r.vectors.dtype == torch.float32
+    torch.testing.assert_close(r.values, ref_vals, rtol=1e-4, atol=0)
+    cos = (r.vectors.double().T @ ref_vecs).diagonal().abs()
+    assert (cos >= 1 - 1e-4).all(), cos
+
+
+def test_linear_regression_closed_form():
+    # f(x) = W x (no bias), MSE summed over outputs: H = (2/N) X^T X (x) I_o, each eigenvalue
+    # of (2/N) X^T X repeated o times.
+    N, d, o = 40, 30, 3
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(N, d, generator=g, dtype=F64) * torch.linspace(0.2, 2.0, d, dtype=F64)
+    y = torch.randn(N, o, generator=g, dtype=F64)
+    model = nn.Linear(d, o, bias=False).to(F64)
+    hv = hessian_matvec(model, "mse", (X, y))
+    xtx = torch.linalg.eigvalsh(X.T @ X).flip(0)
+    expected = (2 / N) * xtx.repeat_interleave(o)
+    r = top_eigenpairs(hv, hv.dim, k=4, tol=1e-10)
+    assert r.converged
+    torch.testing.assert_close(r.values, expected[:4], rtol=1e-9, atol=0)
+    r1 = top_eigenpairs(hv, hv.dim, k=1, tol=1e-10)
+    torch.testing.assert_close(r1.values[0], 2 / N * xtx[0], rtol=1e-9, atol=0)
+
+
+def test_largest_algebraic_not_largest_magnitude():
+    ev = torch.linspace(-1.0, 2.0, 200, dtype=F64)
+    ev[0] = -10.0  # most negative, 5x larger in magnitude than the top
+    A = sym_matrix(200, ev)
+    r = top_eigenpairs(lambda x: A @ x, 200, k=2, tol=1e-10, dtype=F64)
+    torch.testing.assert_close(r.values, ev.sort(descending=True).values[:2], rtol=1e-10, atol=0)
+
+
+# ------------------------------------------------------------------ Hessian-vector products
+def test_uneven_chunks_equal_unchunked():
+    model, X, y = setting("mlp", n=10)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
+    full = hessian_matvec(model, "mse", (X, y))(v)
+    chunked = hessian_matvec(model, "mse", (X, y), chunk_size=4)(v)  # chunks 4, 4, 2
+    torch.testing.assert_close(chunked, full, rtol=1e-12, atol=1e-14)
+
+
+def test_subset_is_the_hessian_of_the_subset():
+    model, X, y = setting("mlp", n=20)
+    idx = torch.tensor([3, 1, 4, 15, 9, 2, 6])
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
+    got = hessian_matvec(model, "ce", (X, y), subset=idx, chunk_size=3)(v)
+    torch.testing.assert_close(got, dense_hessian(model, "ce", X[idx], y[idx]) @ v)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_hvp_methods_agree_with_dense(kind):
+    model, X, y = setting(kind)
+    H = dense_hessian(model, "ce", X, y)
+    V = torch.randn(H.shape[0], 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    for method in ("double_backward", "forward_over_reverse"):
+        hv = hessian_matvec(model, "ce", (X, y), method=method, chunk_size=7)
+        torch.testing.assert_close(hv(V), H @ V, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(hv(V[:, 0]), H @ V[:, 0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_block_matvec_equals_columns(method):
+    # also: chunked and single-chunk (cached gradient graph) paths on repeated calls
+    model, X, y = setting("cnn")
+    hv = hessian_matvec(model, "mse", (X, y), method=method)
+    V = torch.randn(hv.dim, 4, dtype=F64)
+    cols = torch.stack([hv(V[:, j]) for j in range(4)], dim=1)
+    torch.testing.assert_close(hv(V), cols, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_batchnorm_buffers_untouched_and_hessian_exact(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(48, 2)).to(F64)
+    X, y = torch.randn(12, 1, 6, 6, dtype=F64), torch.randint(0, 2, (12,))
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    params = list(model.parameters())
+    V = torch.randn(sum(p.numel() for p in params), 2, dtype=F64)
+
+    def grad_at(flat):  # plain autograd on a copy (training mode: batch statistics)
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, t in zip(m.parameters(), unflatten(flat, params)):
+                p.copy_(t)
+        return flatten(torch.autograd.grad(get_loss("ce")(m(X), y), list(m.parameters())))
+
+    # Oracle: central differences of the gradient. (torch.func.hessian is not one here: through
+    # BatchNorm it returns an asymmetric matrix that finite differences contradict.)
+    theta, h = flatten([p.detach() for p in params]), 1e-5
+    fd = torch.stack([(grad_at(theta + h * v) - grad_at(theta - h * v)) / (2 * h) for v in V.T], 1)
+    got = hessian_matvec(model, "ce", (X, y), method=method)(V)
+    torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
+
+
+# ------------------------------------------------------------------ solver behaviour
+def test_warm_start_needs_fewer_matvecs():
+    model, X, y = setting("mlp", n=40)
+    hv = hessian_matvec(model, "mse", (X, y))
+    prev = top_eigenpairs(hv, hv.dim, k=1, tol=1e-6)
+    with torch.no_grad():  # a slightly different operator: perturb the weights
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    hv = hessian_matvec(model, "mse", (X, y))
+    cold = top_eigenpairs(hv, hv.dim, k=1, tol=1e-6)
+    warm = top_eigenpairs(hv, hv.dim, k=1, tol=1e-6, v0=prev.vectors)
+    assert cold.converged and warm.converged
+    assert not torch.allclose(cold.values, prev.values, rtol=1e-6, atol=0)  # the operator moved
+    assert warm.n_matvecs < cold.n_matvecs, (warm.n_matvecs, cold.n_matvecs)
+    torch.testing.assert_close(warm.values, cold.values, rtol=1e-9, atol=0)
+
+
+def test_warm_start_block_for_top_k():
+    A = sym_matrix(150, torch.cat([torch.tensor([5.0, 4.5, 4.0]), torch.linspace(-1, 3, 147)]))
+    prev = top_eigenpairs(lambda x: A @ x, 150, k=3, tol=1e-8, dtype=F64)
+    B = A + 1e-4 * sym_matrix(150, torch.linspace(-1, 1, 150), seed=3)
+    cold = top_eigenpairs(lambda x: B @ x, 150, k=3, tol=1e-8, dtype=F64)
+    warm = top_eigenpairs(lambda x: B @ x, 150, k=3, tol=1e-8, v0=prev.vectors)
+    assert warm.converged and warm.n_matvecs < cold.n_matvecs
+    torch.testing.assert_close(warm.values, cold.values, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_reported_residuals_are_true(dtype):
+    A = sym_matrix(300, torch.linspace(-3, 4, 300), dtype=dtype)
+    r = top_eigenpairs(lambda x: A @ x, 300, k=2, tol=1e-3, dtype=dtype)
+    assert r.converged
+    true = (A.double() @ r.vectors.double() - r.vectors.double() * r.values).norm(dim=0)
+    floor = 100 * torch.finfo(dtype).eps * 4  # rounding level of the product itself
+    torch.testing.assert_close(r.residuals, true, rtol=1e-3, atol=floor)
+    assert (true <= 1e-3 * r.values.abs() + floor).all()
+    assert torch.allclose(r.vectors.norm(dim=0).double(), torch.ones(2, dtype=F64), atol=1e-6)
+
+
+def test_budget_exhausted_is_not_converged():
+    A = sym_matrix(300, torch.linspace(-3, 4, 300))
+    r = top_eigenpairs(lambda x: A @ x, 300, k=1, tol=1e-8, max_matvecs=3, dtype=F64)
+    assert not r.converged and r.n_matvecs == 3
+    true = (A @ r.vectors[:, 0] - r.values[0] * r.vectors[:, 0]).norm()
+    assert true > 1e-8 * r.values[0].abs()
+    torch.testing.assert_close(r.residuals[0], true, rtol=1e-6, atol=1e-12)
+
+
+def test_block_matvec_used_for_k_gt_1():
+    A = sym_matrix(100, torch.linspace(0, 1, 100))
+    shapes = []
+
+    def mv(x):
+        shapes.append(tuple(x.shape))
+        return A @ x
+
+    r = top_eigenpairs(mv, 100, k=3, tol=1e-6, dtype=F64)
+    assert set(shapes) == {(100, 3)} and r.n_matvecs == 3 * len(shapes)
+
+
+def test_sign_alignment_with_v0():
+    A = sym_matrix(120, torch.linspace(-1, 3, 120))
+    ref = top_eigenpairs(lambda x: A @ x, 120, k=2, tol=1e-8, dtype=F64).vectors
+    for signs in ([1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]):
+        v0 = ref * torch.tensor(signs, dtype=F64) + 0.01 * torch.randn(120, 2, dtype=F64)
+        r = top_eigenpairs(lambda x: A @ x, 120, k=2, tol=1e-8, v0=v0)
+        assert ((r.vectors * v0).sum(0) > 0).all()
+    # Without warm start, the sign is fixed: the largest-magnitude component is positive.
+    r = top_eigenpairs(lambda x: A @ x, 120, k=2, tol=1e-8, dtype=F64)
+    assert (r.vectors.gather(0, r.vectors.abs().argmax(0, keepdim=True)) > 0).all()
+
+
+def test_deterministic_bit_for_bit():
+    model, X, y = setting("mlp")
+    hv = hessian_matvec(model, "mse", (X, y))
+    a = top_eigenpairs(hv, hv.dim, k=2, tol=1e-6)
+    torch.manual_seed(123)  # global RNG state must not matter
+    b = top_eigenpairs(hv, hv.dim, k=2, tol=1e-6)
+    assert torch.equal(a.values, b.values) and torch.equal(a.vectors, b.vectors)
+    assert a.n_matvecs == b.n_matvecs
+
+
+def test_rank_deficient_operator_and_breakdown():
+    # A start vector that is an exact eigenvector makes the Krylov space invariant at once; the
+    # block solver must still find all k wanted pairs (multiplicity 3 here).
+    A = torch.diag(torch.cat([torch.full((3,), 2.0), torch.linspace(0, 1, 97)])).to(F64)
+    r = top_eigenpairs(lambda x: A @ x, 100, k=4, tol=1e-10, dtype=F64)
+    torch.testing.assert_close(r.values, torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=F64))
+    assert torch.allclose(r.vectors.T @ r.vectors, torch.eye(4, dtype=F64), atol=1e-12)
+
+
+# ------------------------------------------------------------------ preconditioned sharpness
+def test_preconditioned_sharpness_matches_dense():
+    model, X, y = setting("mlp")
+    H = dense_hessian(model, "ce", X, y)
+    diag = torch.rand(H.shape[0], dtype=F64, generator=torch.Generator().manual_seed(5)) + 0.05
+    dense = torch.linalg.eigvals(torch.diag(1 / diag) @ H).real.max()
+    op = preconditioned_matvec(hessian_matvec(model, "ce", (X, y)), diag)
+    r = top_eigenpairs(op, H.shape[0], k=1, tol=1e-10)
+    torch.testing.assert_close(r.values[0], dense, rtol=1e-8, atol=0)
+    w = r.vectors[:, 0] / diag.sqrt()  # mapped back: an eigenvector of P^-1 H
+    torch.testing.assert_close((H @ w) / diag, r.values[0] * w, rtol=1e-7, atol=1e-9)
+
+
+def test_adam_preconditioner_matches_adam_state():
+    from eosbranch.curvature import adam_preconditioner
+
+    model, X, y = setting("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-8)
+    for _ in range(3):
+        opt.zero_grad()
+        get_loss("mse")(model(X), y).backward()
+        opt.step()
+    d = adam_preconditioner(opt, list(model.parameters()))
+    p = next(iter(model.parameters()))
+    st = opt.state[p]
+    v_hat = st["exp_avg_sq"] / (1 - 0.999 ** float(st["step"]))
+    torch.testing.assert_close(d[:p.numel()], (v_hat.sqrt() + 1e-8).reshape(-1))
