@@ -120,3 +120,51 @@ def test_subset_is_fixed_and_resume_with_measurements_is_bit_exact(tmp_path, tin
 
     a, b = curvature_subset(build(spec)), curvature_subset(build(spec))
     assert torch.equal(a, b) and len(a) == 50
+
+
+def test_group_probes_and_global_probes_are_recorded(quick_run):
+    m = quick_run.metrics
+    groups = {"inlier", "boundary", "input_outlier", "output_outlier"}
+    probe_metrics = {"loss", "accuracy", "grad_norm", "cos2_v1", "curvature_influence", "sharpness_coupling",
+                     "rayleigh"}
+    at = m[m.step == 200]
+    for g in groups:
+        assert set(at[at.group == g].metric) == probe_metrics, g
+    # C_k = ||g_k||^2 cos^2 (the recorded numbers are consistent with each other).
+    piv = at.pivot_table(index="group", columns="metric", values="value").loc[sorted(groups)]
+    assert (piv.curvature_influence - piv.grad_norm**2 * piv.cos2_v1).abs().max() < 1e-6 * piv.curvature_influence.max()
+    # Output-outliers are misfit: their loss and accuracy are the worst.
+    assert piv.loss.idxmax() == "output_outlier" and piv.accuracy.idxmin() == "output_outlier"
+    # Fraction of curvature: one row per parameter tensor, summing to one.
+    frac = at[at.metric == "curvature_fraction"]
+    assert set(frac.group) == {n for n, _ in build(quick_run.spec).model.named_parameters()}
+    assert frac.value.sum() == pytest.approx(1.0, abs=1e-6)
+    # Weight projection starts at t* with 0 and is recorded at each later measurement.
+    t_star = int(quick_run.events.query("event == 't_star'").step.iloc[0])
+    wp = quick_run.metric("weight_projection")
+    assert wp.index.min() == t_star and wp.iloc[0] == 0.0 and len(wp) == len(quick_run.metric("sharpness").loc[t_star:])
+    # Fraction of points whose loss rose: every step but the first, in [0, 1].
+    fr = quick_run.metric("fraction_loss_increased")
+    assert list(fr.index) == list(range(1, quick_run.spec.steps + 1)) and fr.between(0, 1).all()
+    assert quick_run.metric("spearman_alignment_distance").between(-1, 1).all()
+
+
+def test_examples_table_holds_group_members(quick_run):
+    ex = quick_run.examples
+    from eosbranch.tables import EXAMPLES_COLUMNS
+
+    assert list(ex.columns) == EXAMPLES_COLUMNS
+    exp = build(quick_run.spec)
+    members = sorted({i for idx in exp.groups.values() for i in idx.tolist()})
+    at = ex[ex.step == 200].sort_values("index")
+    assert at["index"].tolist() == members
+    assert set(at.group) == set(exp.groups)
+    # The per-example loss matches a direct evaluation at that state.
+    exp, st = at_checkpoint(quick_run, 200)
+    with torch.no_grad():
+        per = exp.loss_fn(exp.model(exp.data.X), exp.data.y, reduction="none").double()
+    assert at.loss.to_numpy() == pytest.approx(per[members].numpy(), rel=1e-5)
+    assert at.cos2_v1.between(0, 1).all() and (at.centroid_distance > 0).all()
+    # loss_change is l_i(t) - l_i(t-1).
+    exp.model.load_state_dict(quick_run.checkpoint(200)["model"])
+    assert at.loss_change.notna().all()
