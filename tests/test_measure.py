@@ -102,7 +102,8 @@ def test_subset_is_fixed_and_resume_with_measurements_is_bit_exact(tmp_path, tin
     from eosbranch.spec import parse_spec
     from eosbranch.train import Trainer, open_run
 
-    tiny_spec.update(steps=30, measure={"every": 4, "sharpness": True, "subset": 50}, checkpoint={"every": 9})
+    tiny_spec.update(steps=30, measure={"every": 4, "sharpness": True, "subset": 50, "examples": "all"},
+                     checkpoint={"every": 9}, groups="classes")
     ref = eosbranch.train(tiny_spec, tmp_path / "ref")
     spec = parse_spec(tiny_spec)
     store = open_run(spec, tmp_path / "crash" / ref.name)
@@ -115,7 +116,13 @@ def test_subset_is_fixed_and_resume_with_measurements_is_bit_exact(tmp_path, tin
 
     with pytest.raises(Crash):
         tr.run(spec.steps, crash)
-    assert_same_run(ref, eosbranch.resume(store.path))
+    resumed = eosbranch.resume(store.path)
+    assert_same_run(ref, resumed)
+    cols = ["step", "index", "group", "loss", "loss_change", "cos2_v1", "centroid_distance"]
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(ref.examples[cols], resumed.examples[cols])
+    assert len(ref.examples) == 8 * 80  # every example at each of the 8 measurement steps
     from eosbranch.measure import curvature_subset
 
     a, b = curvature_subset(build(spec)), curvature_subset(build(spec))
