@@ -197,8 +197,8 @@ class Context:
         and one K-batched vjp with a [K, M] weight matrix (row k: 1/|G_k| on G_k)."""
         names = list(self.groups)
         if not names:
-            for key in ("group_grads", "group_loss", "group_accuracy"):
-                self.cache[KEYS[key]] = {}
+            self.cache[KEYS["group_grads"]], self.cache[KEYS["group_loss"]] = {}, {}
+            self.cache[KEYS["group_accuracy"]] = {} if self.classification else None
             return
         union = torch.unique(torch.cat([self.groups[k] for k in names]))  # sorted
         W = torch.zeros(len(names), union.numel(), dtype=self.dtype)
@@ -359,7 +359,7 @@ class Context:
         for mod in self.model.modules():
             for pname, p in mod.named_parameters(recurse=False):
                 if p.requires_grad:
-                    if not isinstance(mod, nn.Linear):
+                    if type(mod) is not nn.Linear:  # a subclass may compute something else
                         raise _NotLinear
                     owners.setdefault(id(mod), [mod, False, False])[1 if pname == "weight" else 2] = True
         return [tuple(v) for v in owners.values()]
