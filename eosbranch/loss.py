@@ -20,7 +20,9 @@ LOSSES = Registry("loss")
 def _targets_like(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # Integer targets are class labels: one-hot over the outputs; float targets are used as is.
     if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        return F.one_hot(targets.long(), outputs.shape[-1]).to(outputs.dtype)
+        # A comparison rather than F.one_hot, which fails under torch.func.vmap.
+        classes = torch.arange(outputs.shape[-1], device=targets.device)
+        return (targets.long()[..., None] == classes).to(outputs.dtype)
     return targets.reshape(outputs.shape).to(outputs.dtype)
 
 

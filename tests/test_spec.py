@@ -84,8 +84,12 @@ def test_measure_and_checkpoint_schedules(tiny_spec):
         parse_spec({**tiny_spec, "measure": {"windows": [[20, 10, 1]]}})
 
 
-def test_groups_are_accepted_and_stored(tiny_spec):
+def test_groups_are_resolved_and_stored(tiny_spec):
+    # A catalog name is expanded into its entries, defaults filled, so spec.yaml says what ran.
     spec = parse_spec({**tiny_spec, "groups": "prototypes"})
-    assert spec.groups == "prototypes"
+    (entry,) = spec.groups
+    assert entry["kind"] == "prototypes" and entry["alpha"] == 3.0 and entry["direction"] == "coherent"
     inline = [{"kind": "class", "name": "threes", "label": 0}]
     assert parse_spec({**tiny_spec, "groups": inline}).groups == inline
+    with pytest.raises(SpecError, match="groups.*unknown group kind 'clas'"):
+        parse_spec({**tiny_spec, "groups": [{"kind": "clas", "label": 0}]})
