@@ -26,6 +26,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/curvature.py
+	$(PY) benchmarks/probes.py
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info
