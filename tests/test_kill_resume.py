@@ -34,6 +34,17 @@ def _run_dir(out):
     return dirs[0] if dirs else None
 
 
+def _wait_for_checkpoint(out, name="step_00000100.pt", timeout=900):
+    """Block until the run under ``out`` has written the named checkpoint (so it is mid-run)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        d = _run_dir(out)
+        if d is not None and (d / "checkpoints" / name).exists():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no {name} under {out} after {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One uninterrupted run of the spec, in its own process."""
@@ -43,7 +54,7 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     spec = write_spec(tmp / "spec.yaml", _spec(copy.deepcopy(TINY)))
     ref = subprocess.run(CLI + ["train", str(spec), "--out", str(tmp / "ref")], env=_env(),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=900)
     assert ref.returncode == 0, ref.stderr
     return spec, eosbranch.load(ref.stdout.strip().splitlines()[-1])
 
@@ -55,13 +66,8 @@ def test_sigkill_then_resume_bit_identical(tmp_path, reference, kill_seed):
     out = tmp_path / "killed"
     proc = subprocess.Popen(CLI + ["train", str(spec), "--out", str(out)], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Wait until the first checkpoint after step 0 exists, then kill at a seeded random moment.
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        d = _run_dir(out)
-        if d is not None and (d / "checkpoints" / "step_00000100.pt").exists():
-            break
-        time.sleep(0.01)
+    # Once the first checkpoint after step 0 exists, kill at a seeded random moment.
+    _wait_for_checkpoint(out)
     time.sleep(random.Random(kill_seed).uniform(0.0, 1.0))
     assert proc.poll() is None, "the run finished before it could be killed; make it longer"
     proc.send_signal(signal.SIGKILL)
@@ -71,7 +77,7 @@ def test_sigkill_then_resume_bit_identical(tmp_path, reference, kill_seed):
     assert not killed.complete
 
     res = subprocess.run(CLI + ["train", "--resume", str(run_dir)], env=_env(), capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=900)
     assert res.returncode == 0, res.stderr
     done = eosbranch.load(run_dir)
     assert done.complete
@@ -87,12 +93,7 @@ def test_sigint_saves_and_exits_cleanly(tmp_path, tiny_spec):
     out = tmp_path / "runs"
     proc = subprocess.Popen(CLI + ["train", str(spec), "--out", str(out)], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        d = _run_dir(out)
-        if d is not None and (d / "checkpoints" / "step_00000100.pt").exists():
-            break
-        time.sleep(0.01)
+    _wait_for_checkpoint(out)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
@@ -103,5 +104,5 @@ def test_sigint_saves_and_exits_cleanly(tmp_path, tiny_spec):
     assert last >= 100 and not run.complete
     assert run.metrics.step.max() == last - 1  # rows up to the interrupt, none after
     res = subprocess.run(CLI + ["train", "--resume", str(run.path)], env=_env(), capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=900)
     assert res.returncode == 0 and eosbranch.load(run.path).complete

@@ -98,25 +98,13 @@ def test_threshold_per_optimizer_and_top_k(tmp_path, tiny_spec, opt, expected):
 
 
 def test_subset_is_fixed_and_resume_with_measurements_is_bit_exact(tmp_path, tiny_spec):
-    from test_train import Crash, assert_same_run
+    from test_train import assert_same_run, crash_then_resume
     from eosbranch.spec import parse_spec
-    from eosbranch.train import Trainer, open_run
 
     tiny_spec.update(steps=30, measure={"every": 4, "sharpness": True, "subset": 50, "examples": "all"},
                      checkpoint={"every": 9}, groups="classes")
-    ref = eosbranch.train(tiny_spec, tmp_path / "ref")
+    ref, resumed, _ = crash_then_resume(tmp_path, tiny_spec, 21)
     spec = parse_spec(tiny_spec)
-    store = open_run(spec, tmp_path / "crash" / ref.name)
-    tr = Trainer(build(spec), store)
-    tr.start_fresh()
-
-    def crash(trainer, loss):
-        if trainer.st.step == 21:
-            raise Crash
-
-    with pytest.raises(Crash):
-        tr.run(spec.steps, crash)
-    resumed = eosbranch.resume(store.path)
     assert_same_run(ref, resumed)
     cols = ["step", "index", "group", "loss", "loss_change", "cos2_v1", "centroid_distance"]
     import pandas as pd

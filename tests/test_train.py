@@ -56,6 +56,24 @@ class Crash(Exception):
     pass
 
 
+def crash_then_resume(tmp_path, spec_dict, crash_step):
+    """Train uninterrupted, then again with a crash at ``crash_step`` and a resume: (ref, resumed, store)."""
+    ref = eosbranch.train(spec_dict, tmp_path / "ref")
+    spec = parse_spec(spec_dict)
+    store = open_run(spec, tmp_path / "crash" / ref.name)
+    tr = Trainer(build(spec), store)
+    tr.start_fresh()
+
+    def crash(trainer, loss):
+        if trainer.st.step == crash_step:
+            raise Crash
+
+    with pytest.raises(Crash):
+        tr.run(spec.steps, crash)
+    crashed = (store.checkpoint_steps(), int(store.read_table("metrics").step.max()))
+    return ref, eosbranch.resume(store.path), crashed
+
+
 @pytest.mark.parametrize("opt", [
     {"kind": "gd", "lr": 0.05},
     {"kind": "sgd", "lr": 0.05, "batch_size": 16},
@@ -66,22 +84,9 @@ class Crash(Exception):
 def test_crash_then_resume_is_bit_identical(tmp_path, tiny_spec, opt):
     tiny_spec["optimizer"] = opt
     tiny_spec["checkpoint"] = {"every": 7}
-    ref = eosbranch.train(tiny_spec, tmp_path / "ref")
-
-    spec = parse_spec(tiny_spec)
-    store = open_run(spec, tmp_path / "crash" / ref.name)
-    tr = Trainer(build(spec), store)
-    tr.start_fresh()
-
-    def crash(trainer, loss):
-        if trainer.st.step == 17:
-            raise Crash
-
-    with pytest.raises(Crash):
-        tr.run(spec.steps, crash)
-    assert store.checkpoint_steps() == [0, 7, 14]
-    assert store.read_table("metrics").step.max() == 13  # rows of steps < 14 survived
-    resumed = eosbranch.resume(store.path)
+    ref, resumed, (checkpoints, last_row) = crash_then_resume(tmp_path, tiny_spec, 17)
+    assert checkpoints == [0, 7, 14]
+    assert last_row == 13  # rows of steps < 14 survived the crash
     assert_same_run(ref, resumed)
 
 
