@@ -105,6 +105,28 @@ def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory tha
     out.print(table)
 
 
+@app.command()
+@_user_errors
+def fork(
+    at: tuple[str, float] = typer.Option(..., "--at", help="Where to fork: 'step N', 'onset K' (t* + K) or 'teff T'."),
+    run_dir: Optional[Path] = typer.Option(None, "--run", help="Parent run (default: the newest run under ./runs)."),
+    branches: str = typer.Option("exit_eos", "--branches", help="A name from interventions/ or a YAML file."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps after the fork (default: to the parent's end)."),
+) -> None:
+    """Fork a run's exact state into branches; prints each branch's run directory."""
+    from .fork import fork as fork_run
+
+    if run_dir is None:
+        candidates = [p for p in Path("runs").glob("*") if (p / "spec.yaml").is_file()]
+        if not candidates:
+            raise EosbranchError("no runs under ./runs; pass --run RUN")
+        run_dir = max(candidates, key=lambda p: (p / "spec.yaml").stat().st_mtime)
+    kind, value = at
+    done = fork_run(run_dir, at=(kind, value), branches=branches, steps=steps, progress=True, warn=_warn)
+    for b in done:
+        print(b.path)
+
+
 groups_app = typer.Typer(help="Group specs: sizes and geometry.", no_args_is_help=True)
 app.add_typer(groups_app, name="groups")
 

@@ -277,6 +277,9 @@ class Trainer:
         self.events: list[tuple] = []
         self.examples: list[tuple] = []
         self.st = TrainState(lr=exp.spec.optimizer["lr"])
+        # A branch replays its parent from a checkpoint up to fork_at, then applies intervene.
+        self.fork_at: Optional[int] = None
+        self.intervene: Callable[["Trainer"], None] = lambda tr: None
 
     # -- state -------------------------------------------------------------------------------
     def start_fresh(self) -> None:
@@ -319,7 +322,10 @@ class Trainer:
         with stop.installed():
             while True:
                 t = st.step
-                if spec.checkpoint.due(t, steps) or stop.stop:
+                if self.fork_at is not None:
+                    if t == self.fork_at:
+                        self.start_branch()
+                elif spec.checkpoint.due(t, steps) or stop.stop:
                     self.save()
                     if stop.stop:
                         raise Interrupted(f"interrupted at step {t}; checkpoint saved, resume with "
@@ -340,6 +346,15 @@ class Trainer:
                 on_step(self, value)
         self.flush()
         self.store.mark_complete(steps)
+
+    def start_branch(self) -> None:
+        """At the fork step: apply the intervention to the replayed state, forget the replay's
+        rows (they are the parent's), and save the branch's first checkpoint."""
+        self.intervene(self)
+        self.metrics, self.events, self.examples = [], [], []
+        self.fork_at = None
+        self.event("fork_step", float(self.st.step))
+        self.save()
 
     def record_step_loss(self, value: float, per: torch.Tensor, full_batch: bool) -> None:
         """``loss`` (``batch_loss`` for minibatches) and, on full batches, the share of training

@@ -1,0 +1,121 @@
+"""Forking: bit-identical null forks, interventions, replay checks, the CLI."""
+
+import copy
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import eosbranch
+from eosbranch.catalog import names
+from eosbranch.cli import app
+from eosbranch.errors import EosbranchError, SpecError
+from eosbranch.fork import load_branches
+
+COLS = ["step", "t_eff", "lr", "group", "metric", "value"]
+
+
+def parent_spec(tiny_spec, opt):
+    tiny_spec.update(optimizer=opt, steps=30, groups="classes", checkpoint={"every": 7},
+                     measure={"every": 4, "sharpness": True, "examples": "all"})
+    return tiny_spec
+
+
+@pytest.mark.parametrize("opt", [
+    {"kind": "gd", "lr": 0.05},
+    {"kind": "momentum", "lr": 0.02, "beta": 0.9},
+    {"kind": "adam", "lr": 0.002},
+    {"kind": "sgd", "lr": 0.05, "batch_size": 16},
+])
+def test_null_fork_is_bit_identical_to_its_parent(tmp_path, tiny_spec, opt):
+    parent = eosbranch.train(parent_spec(tiny_spec, opt), tmp_path)
+    (branch,) = eosbranch.fork(parent, at=("step", 17), branches="null")  # replays 14 -> 17
+    a, b = parent.checkpoint()["model"], branch.checkpoint()["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pm = parent.metrics[parent.metrics.step >= 17][COLS].reset_index(drop=True)
+    pd.testing.assert_frame_equal(pm, branch.metrics[COLS].reset_index(drop=True))
+    ex_cols = ["step", "index", "group", "loss", "loss_change", "cos2_v1", "centroid_distance"]
+    pe = parent.examples[parent.examples.step >= 17][ex_cols].reset_index(drop=True)
+    pd.testing.assert_frame_equal(pe, branch.examples[ex_cols].reset_index(drop=True))
+    # Optimizer state and data order are carried, not reset.
+    pa, pb = parent.checkpoint()["optimizer"], branch.checkpoint()["optimizer"]
+    assert int(pa["step"]) == int(pb["step"]) == 30
+    assert parent.checkpoint()["cursor"] == branch.checkpoint()["cursor"]
+    lin = branch.lineage
+    assert lin["parent"] == parent.name and lin["fork_step"] == 17 and lin["branch"] == "null_branch"
+    assert branch.checkpoints[0] == 17
+
+
+def test_exit_branch_lowers_the_step_size_and_its_clock(tmp_path, tiny_spec):
+    parent = eosbranch.train(parent_spec(tiny_spec, {"kind": "gd", "lr": 0.05}), tmp_path)
+    (exit_,) = eosbranch.fork(parent, at=("step", 12), branches="exit_eos", steps=10)
+    m = exit_.metrics
+    assert m.lr.unique().tolist() == pytest.approx([0.05 * 0.1])
+    loss = m[(m.metric == "loss") & (m.group == "all")].set_index("step")
+    t0 = parent.metrics.query("metric == 'loss' and step == 12").t_eff.iloc[0]
+    assert loss.t_eff[12] == t0 and loss.t_eff[22] == pytest.approx(t0 + 10 * 0.005)
+    assert exit_.metric("threshold").tolist() == pytest.approx([2 / 0.005] * len(exit_.metric("threshold")))
+    # The branch starts from the parent's exact state: the same loss at the fork step.
+    assert exit_.metric("loss")[12] == parent.metric("loss")[12]
+    # A second fork with the same settings finds the finished branch.
+    (again,) = eosbranch.fork(parent, at=("step", 12), branches="exit_eos", steps=10)
+    assert again.path == exit_.path
+
+
+def test_fork_at_onset_exit_branch_stays_below_its_threshold(quick_run):
+    (eos, exit_) = eosbranch.fork(quick_run, at=("onset", 0), branches=_two_branches(), steps=100)
+    t_star = int(quick_run.events.query("event == 't_star'").step.iloc[0])
+    assert eos.lineage["fork_step"] == exit_.lineage["fork_step"] == t_star
+    s, thr = exit_.metric("sharpness"), exit_.metric("threshold")
+    assert (s < thr).all()
+    # The EoS branch keeps the parent's step size and reproduces the parent's sharpness.
+    ps = quick_run.metric("sharpness").loc[t_star:t_star + 100]
+    assert eos.metric("sharpness").tolist() == ps.tolist()
+
+
+def _two_branches():
+    return {"branches": [{"name": "eos"}, {"name": "exit", "interventions": [{"kind": "lr", "factor": 0.1}]}]}
+
+
+def test_replay_mismatch_is_detected(tmp_path, tiny_spec):
+    parent = eosbranch.train(parent_spec(tiny_spec, {"kind": "gd", "lr": 0.05}), tmp_path)
+    m = parent.metrics
+    m.loc[(m.metric == "loss") & (m.step == 17), "value"] += 1e-7  # a parent that does not match its code
+    parent.store.write_table("metrics", m)
+    with pytest.raises(EosbranchError, match="replay mismatch at step 17"):
+        eosbranch.fork(parent, at=("step", 17), branches="null")
+
+
+@pytest.mark.parametrize("name", names("interventions"))
+def test_every_catalog_entry_loads_and_runs(tmp_path, tiny_spec, name):
+    parent = eosbranch.train(parent_spec(tiny_spec, {"kind": "gd", "lr": 0.05}), tmp_path)
+    (branch,) = eosbranch.fork(parent, at=("step", 10), branches=name, steps=3)
+    assert branch.complete and branch.metric("loss").index.tolist() == [10, 11, 12, 13]
+
+
+def test_bad_branch_files_name_the_field(tmp_path):
+    bad = tmp_path / "b.yaml"
+    bad.write_text("name: x\ninterventions: [{kind: lr, factr: 0.1}]\n")
+    with pytest.raises(SpecError, match=r"b.yaml: interventions\[0\].factr: unknown field.*did you mean 'factor'"):
+        load_branches(bad)
+    bad.write_text("branches: [{name: a}, {name: a}]\n")
+    with pytest.raises(SpecError, match="unique; repeated: a"):
+        load_branches(bad)
+    bad.write_text("name: x\ninterventions: [{kind: lr, factor: 0.1, value: 0.2}]\n")
+    with pytest.raises(SpecError, match="exactly one of factor, value, stable_margin"):
+        load_branches(bad)
+    with pytest.raises(SpecError, match="no interventions entry named 'exit_eoss'.*did you mean 'exit_eos'"):
+        load_branches("exit_eoss")
+
+
+def test_cli_fork_prints_branch_dirs(tmp_path, tiny_spec, monkeypatch):
+    parent = eosbranch.train(parent_spec(tiny_spec, {"kind": "gd", "lr": 0.05}), tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)  # --run defaults to the newest run under ./runs
+    res = CliRunner().invoke(app, ["fork", "--at", "step", "20", "--branches", "exit_eos", "--steps", "5"])
+    assert res.exit_code == 0, res.output
+    branch = eosbranch.load(Path(res.stdout.strip().splitlines()[-1]))
+    assert branch.lineage["parent"] == parent.name and branch.spec.steps == 25
+    res = CliRunner().invoke(app, ["fork", "--at", "later", "3", "--run", str(parent.path)])
+    assert res.exit_code == 2 and "step, onset or teff" in res.output
