@@ -10,6 +10,7 @@ so a hand computation or ``torch.optim`` is an oracle for the tests.
 
 from __future__ import annotations
 
+import abc
 from typing import Optional
 
 import torch
@@ -27,8 +28,8 @@ class OptimizerParams(Params):
     batch_size: Optional[int] = Field(None, gt=0, description="None = full batch")
 
 
-class Optimizer:
-    """Base: subclasses set ``Params`` and implement ``update``; ``init`` gives empty state."""
+class Optimizer(abc.ABC):
+    """Base: subclasses implement ``update``; ``init`` gives the state (here only a step count)."""
 
     preconditioned = False  # True when the threshold applies to lambda_1(P^-1 H)
 
@@ -42,9 +43,9 @@ class Optimizer:
     def init(self, params: list[torch.Tensor]) -> State:
         return {"step": torch.zeros((), dtype=torch.int64)}
 
-    @torch.no_grad()
+    @abc.abstractmethod
     def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: State, lr: float) -> None:
-        raise NotImplementedError  # abstract: every registered optimizer overrides it
+        """Apply one step in place with step size ``lr`` (the state's, not the spec's)."""
 
     def threshold(self, lr: float) -> float:
         return 2.0 / lr
