@@ -20,7 +20,7 @@ from .errors import EosbranchError
 
 app = typer.Typer(
     name="eosbranch",
-    help="Causal studies of the edge of stability: train, fork, compare.",
+    help="Causal studies of the edge of stability: train, fork into branches, measure per group.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -100,7 +100,7 @@ def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory tha
         r = Run(path)
         lin = r.lineage
         ck = r.checkpoints
-        table.add_row(r.name, str(lin.get("branch")), str(lin.get("parent") or "-"), str(lin.get("fork_step") or "-"),
+        table.add_row(r.name, str(lin.get("branch")), str(lin.get("parent") or "-"), "-" if lin.get("fork_step") is None else str(lin["fork_step"]),
                       f"{max(ck) if ck else 0}/{r.spec.steps}", "yes" if r.complete else "no")
     out.print(table)
 
