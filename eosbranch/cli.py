@@ -127,6 +127,24 @@ def fork(
         print(b.path)
 
 
+@app.command()
+@_user_errors
+def compare(run_dir: Path = typer.Argument(..., help="Parent run whose branches to compare.")) -> None:
+    """Per branch and group: t*, t**, the branch effect Δl_k on effective time; saves comparison.parquet."""
+    from .compare import compare as compare_run
+    from .run import Run
+
+    run = Run(run_dir)
+    df = compare_run(run)
+    table = Table("branch", "group", "fork step", "t*", "t**", "Δl at end", "mean Δl", "effect",
+                  title=f"branches of {run.name} vs EoS (t_eff)")
+    for r in df.itertuples(index=False):
+        table.add_row(r.branch, r.group, str(r.fork_step), f"{r.t_star:.4g}", f"{r.t_star_star:.4g}",
+                      f"{r.delta_at_end:+.3g}", f"{r.delta_mean:+.3g}", r.effect)
+    err.print(table)
+    print(run.path / "comparison.parquet")
+
+
 groups_app = typer.Typer(help="Group specs: sizes and geometry.", no_args_is_help=True)
 app.add_typer(groups_app, name="groups")
 
