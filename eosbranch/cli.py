@@ -80,12 +80,22 @@ def demo(
     out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory that holds run directories."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Total number of steps (overrides the default)."),
 ) -> None:
-    """Run the embedded default (digits 3 vs 5, MLP, GD, MSE) end to end, offline."""
+    """Run the embedded default offline: train digits 3 vs 5 with the prototype groups, fork at
+    the EoS onset into `eos` and `exit_eos` (lr x 0.1), and compare the groups on effective time."""
     from .catalog import example_path
+    from .compare import compare as compare_run
+    from .fork import fork as fork_run
     from .train import train as train_run
 
     run = train_run(example_path("quick"), out_dir, steps=steps, progress=True, warn=_warn)
     _summary(run)
+    if (run.events.event == "t_star").any():
+        branches = {"branches": [{"name": "eos"}, {"name": "exit_eos", "interventions": [{"kind": "lr", "factor": 0.1}]}]}
+        for b in fork_run(run, at=("onset", 0), branches=branches, steps=200, progress=True, warn=_warn):
+            err.print(f"branch {b.lineage['branch']}: {b.path}")
+        _print_comparison(run, compare_run(run))
+    else:
+        err.print("the run did not reach the EoS (no t*), so there is nothing to fork")
     print(run.path)
 
 
@@ -135,14 +145,19 @@ def compare(run_dir: Path = typer.Argument(..., help="Parent run whose branches 
     from .run import Run
 
     run = Run(run_dir)
-    df = compare_run(run)
-    table = Table("branch", "group", "fork step", "t*", "t**", "Δl at end", "mean Δl", "effect",
-                  title=f"branches of {run.name} vs EoS (t_eff)")
-    for r in df.itertuples(index=False):
-        table.add_row(r.branch, r.group, str(r.fork_step), f"{r.t_star:.4g}", f"{r.t_star_star:.4g}",
-                      f"{r.delta_at_end:+.3g}", f"{r.delta_mean:+.3g}", r.effect)
-    err.print(table)
+    _print_comparison(run, compare_run(run))
     print(run.path / "comparison.parquet")
+
+
+def _print_comparison(run, df) -> None:
+    head = df.iloc[0] if len(df) else None
+    where = "" if head is None else f", fork step {head.fork_step}, t* = {head.t_star:.4g} (t_eff)"
+    table = Table("branch", "group", "t**", "Δl at end", "mean Δl", "effect",
+                  title=f"{run.name} branches vs EoS{where}; Δl > 0: learns faster at EoS")
+    for r in df.itertuples(index=False):
+        table.add_row(r.branch, r.group, f"{r.t_star_star:.4g}", f"{r.delta_at_end:+.2e}", f"{r.delta_mean:+.2e}",
+                      r.effect.replace("learns ", ""))
+    err.print(table)
 
 
 groups_app = typer.Typer(help="Group specs: sizes and geometry.", no_args_is_help=True)

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pandas as pd
+
 from typer.testing import CliRunner
 
 import eosbranch
@@ -43,7 +45,17 @@ def test_demo_runs_the_embedded_default(tmp_path):
     assert res.exit_code == 0, res.output
     run = eosbranch.load(res.stdout.strip().splitlines()[-1])
     assert run.spec.name == "quick" and run.spec.data["classes"] == [3, 5]
-    assert run.complete
+    assert run.complete and "nothing to fork" in res.output  # 20 steps stop before t*
+
+
+def test_full_demo_trains_forks_and_compares(tmp_path):
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    run = eosbranch.load(res.stdout.strip().splitlines()[-1])
+    names = sorted(p.name.split("--")[1].split("-at")[0] for p in tmp_path.glob(f"{run.name}--*"))
+    assert names == ["eos", "exit_eos"]
+    cmp = pd.read_parquet(run.path / "comparison.parquet")
+    assert set(cmp.group) == {"all", "inlier", "boundary", "input_outlier", "output_outlier"}
 
 
 def test_runs_lists_runs(tmp_path, tiny_spec):
