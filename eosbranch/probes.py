@@ -29,6 +29,7 @@ training mode). Measuring never changes the model: parameters and buffers are sn
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -39,6 +40,10 @@ from torch.func import functional_call
 from .curvature import _running_stats_frozen, flatten, unflatten
 from .loss import get_loss
 from .registry import Registry
+
+# torch 2.14's forward-mode AD scripts a helper on first use and warns that torch.jit.script is
+# deprecated; the warning is torch's own and nothing a user of eosbranch can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 __all__ = [
     "Context", "Row", "KEYS", "PROBES", "GROUP_METRICS", "group_probes", "per_example_alignment",
