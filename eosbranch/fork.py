@@ -160,7 +160,9 @@ def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "e
         if store.path.exists() and store.checkpoint_steps():
             from .train import resume
 
-            out.append(resume(path, progress=progress, warn=warn))  # finished or interrupted branch
+            branch = resume(path, progress=progress, warn=warn)  # a finished or interrupted branch
+            _check_replay(parent, branch, s)
+            out.append(branch)
             continue
         store.path.mkdir(parents=True, exist_ok=True)
         store.write_text(SPEC, spec.to_yaml())
@@ -173,7 +175,12 @@ def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "e
             tr = Trainer(exp, store, branch=b.name, warn=warn)
             tr.st = restore_state(exp, parent.store.load_checkpoint(s, warn=warn))
             tr.fork_at, tr.intervene = s, b.compose()
-            with _progress(progress, total, tr.st.step) as on_step:
+            with _progress(progress, total, tr.st.step) as show:
+                def on_step(trainer, loss):
+                    show(trainer, loss)
+                    if trainer.st.step == s + 1:  # the fork step's loss is recorded: check it now
+                        _check_replay(parent, None, s, trainer.metrics)
+
                 tr.run(total, on_step)
         finally:
             store.unlock()
@@ -183,10 +190,18 @@ def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "e
     return out
 
 
-def _check_replay(parent: Run, branch: Run, s: int) -> None:
-    """The branch's loss at the fork step must equal the parent's recorded one, bit for bit."""
+def _check_replay(parent: Run, branch: Optional[Run], s: int, rows: Optional[list] = None) -> None:
+    """The branch's loss at the fork step must equal the parent's recorded one, bit for bit.
+
+    ``rows``: the branch trainer's in-memory metric rows (checked while it runs, to fail fast)."""
     name = "loss" if parent.spec.optimizer.get("batch_size") is None else "batch_loss"
-    p, b = parent.metric(name), branch.metric(name)
-    if s in p.index and s in b.index and p[s] != b[s]:
-        raise EosbranchError(f"{branch.path}: replay mismatch at step {s}: parent loss {p[s]!r}, "
-                             f"replayed {b[s]!r}; the parent's checkpoints or code changed")
+    p = parent.metric(name)
+    if rows is not None:
+        mine = [r[5] for r in rows if r[0] == s and r[3] == "all" and r[4] == name]
+    else:
+        b = branch.metric(name)
+        mine = [b[s]] if s in b.index else []
+    if s in p.index and mine and p[s] != mine[0]:
+        where = branch.path if branch is not None else parent.path
+        raise EosbranchError(f"{where}: replay mismatch at step {s}: parent loss {p[s]!r}, "
+                             f"replayed {mine[0]!r}; the parent's checkpoints or code changed")

@@ -173,11 +173,10 @@ def _example_rows(tr: "Trainer", ctx, align, dist) -> None:
         {i for idx in exp.groups.values() for i in idx.tolist()})
     loss = ctx.per_example_loss.double().cpu()
     prev = st.prev_example_losses
+    nan = torch.full((n,), float("nan"), dtype=torch.float64)
     change = (loss - prev.double().cpu()) if (prev is not None and exp.train_index is None
-                                              and prev.shape == loss.shape) else None
-    nan = float("nan")
-    for i in rows:
-        tr.examples.append((st.step, i, member[i], loss[i].item(),
-                            nan if change is None else change[i].item(),
-                            nan if align is None else align[i].item(),
-                            nan if dist is None else dist[i].item()))
+                                              and prev.shape == loss.shape) else nan
+    columns = [c.tolist() for c in (loss, change, nan if align is None else align.double(),
+                                    nan if dist is None else dist.double())]
+    # One conversion per column, not per element: N can be tens of thousands.
+    tr.examples.extend((st.step, i, member[i], *(col[i] for col in columns)) for i in rows)

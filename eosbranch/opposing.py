@@ -57,7 +57,7 @@ def resolve_step(run: Run, step: Union[int, str]) -> int:
 def loss_trajectory(run: Run, start: int, window: int):
     """Per-example losses (all points of the data) at steps start..start+window, replayed exactly,
     plus the predictions at ``start`` and ``start + 1``."""
-    from .train import apply_update, build, forward_backward, restore_state, replay
+    from .train import build, restore_state, replay
 
     if start < 0 or start + window > run.spec.steps:
         raise EosbranchError(f"steps {start}..{start + window} are outside the run's 0..{run.spec.steps}")
@@ -72,8 +72,7 @@ def loss_trajectory(run: Run, start: int, window: int):
             if w <= 1:
                 preds.append(out.argmax(1).cpu() if exp.data.task == "classification" else out[:, 0].cpu())
         if w < window:
-            _, _, grads = forward_backward(exp, st)
-            apply_update(exp, st, grads)
+            replay(exp, st, st.step + 1)
     return torch.stack(losses).numpy(), preds, exp
 
 

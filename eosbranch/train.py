@@ -224,11 +224,12 @@ def apply_update(exp: Experiment, st: TrainState, grads: list[torch.Tensor]) -> 
     st.t_eff += st.lr
 
 
-def replay(exp: Experiment, st: TrainState, to_step: int, each: Optional[Callable[[int], None]] = None) -> None:
-    """Advance a restored state to ``to_step`` exactly as training did (no records, no files)."""
+def replay(exp: Experiment, st: TrainState, to_step: int) -> None:
+    """Advance a restored state to ``to_step`` exactly as training did (no records, no files).
+
+    Measurements are skipped: use it where only parameters matter (a fork replays through
+    :class:`Trainer` instead, so its warm starts and events match the parent's)."""
     while st.step < to_step:
-        if each is not None:
-            each(st.step)
         loss, _, grads = forward_backward(exp, st)
         if not np.isfinite(loss.item()):
             raise DivergenceError(f"replay diverged at step {st.step}")

@@ -86,6 +86,9 @@ def test_replay_mismatch_is_detected(tmp_path, tiny_spec):
     parent.store.write_table("metrics", m)
     with pytest.raises(EosbranchError, match="replay mismatch at step 17"):
         eosbranch.fork(parent, at=("step", 17), branches="null")
+    # Asking again finds the stopped branch and refuses it again instead of finishing it silently.
+    with pytest.raises(EosbranchError, match="replay mismatch at step 17"):
+        eosbranch.fork(parent, at=("step", 17), branches="null")
 
 
 @pytest.mark.parametrize("name", names("interventions"))
