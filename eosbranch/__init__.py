@@ -13,6 +13,8 @@ from .run import Run, load  # noqa: E402
 from .spec import Spec, load_spec  # noqa: E402
 from .train import resume, train  # noqa: E402
 from .fork import fork  # noqa: E402
-from .compare import compare  # noqa: E402
+from .compare import compare, summarize  # noqa: E402
+from .sweep import sweep  # noqa: E402
+from .report import report  # noqa: E402
 
-__all__ = ["EosbranchError", "Run", "Spec", "SpecError", "compare", "fork", "load", "load_spec", "resume", "train"]
+__all__ = ["EosbranchError", "Run", "Spec", "SpecError", "compare", "fork", "load", "load_spec", "report", "resume", "summarize", "sweep", "train"]

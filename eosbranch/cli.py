@@ -9,14 +9,16 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .errors import EosbranchError
+from .errors import EosbranchError, EosbranchWarning
 
 app = typer.Typer(
     name="eosbranch",
@@ -35,19 +37,30 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        shown = warnings.showwarning
+
+        def show(message, category, *rest, **kw):  # the store's damage reports: one line each
+            if issubclass(category, EosbranchWarning):
+                return _warn(str(message))
+            return shown(message, category, *rest, **kw)
+
+        warnings.showwarning = show
         try:
             return fn(*args, **kwargs)
         except EosbranchError as e:
             if os.environ.get("EOSBRANCH_DEBUG"):
                 raise
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escape: a message quoting the user's input (e.g. "[/x]") is text, not rich markup
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(130 if type(e).__name__ == "Interrupted" else 2)
+        finally:
+            warnings.showwarning = shown
 
     return wrapper
 
 
 def _warn(msg: str) -> None:
-    err.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+    err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -81,7 +94,9 @@ def demo(
     steps: Optional[int] = typer.Option(None, "--steps", help="Total number of steps (overrides the default)."),
 ) -> None:
     """Run the embedded default offline: train digits 3 vs 5 with the prototype groups, fork at
-    the EoS onset into `eos` and `exit_eos` (lr x 0.1), and compare the groups on effective time."""
+    the EoS onset into `eos` and `exit_eos` (lr x 0.5, the 2026 study's factor for this class
+    pair), run the exit branch to its own t** and the EoS branch as far in effective time, then
+    print the per-group comparison on effective time and the integrity certificate."""
     from .catalog import example_path
     from .compare import compare as compare_run
     from .fork import fork as fork_run
@@ -90,8 +105,8 @@ def demo(
     run = train_run(example_path("quick"), out_dir, steps=steps, progress=True, warn=_warn)
     _summary(run)
     if (run.events.event == "t_star").any():
-        branches = {"branches": [{"name": "eos"}, {"name": "exit_eos", "interventions": [{"kind": "lr", "factor": 0.1}]}]}
-        for b in fork_run(run, at=("onset", 0), branches=branches, steps=200, progress=True, warn=_warn):
+        branches = {"branches": [{"name": "eos"}, {"name": "exit_eos", "interventions": [{"kind": "lr", "factor": 0.5}]}]}
+        for b in fork_run(run, at=("onset", 0), branches=branches, until="tss", progress=True, warn=_warn):
             err.print(f"branch {b.lineage['branch']}: {b.path}")
         _print_comparison(run, compare_run(run))
     else:
@@ -122,8 +137,14 @@ def fork(
     run_dir: Optional[Path] = typer.Option(None, "--run", help="Parent run (default: the newest run under ./runs)."),
     branches: str = typer.Option("exit_eos", "--branches", help="A name from interventions/ or a YAML file."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps after the fork (default: to the parent's end)."),
+    until: Optional[str] = typer.Option(None, "--until", help="'tss': each branch to its own t** plus a margin "
+                                        "(branches without interventions: as far in t_eff as the others)."),
+    teff: Optional[float] = typer.Option(None, "--teff", help="Effective time T to run after the fork."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap for --until/--teff, in steps after the "
+                                            "fork (default: 10x the parent's steps)."),
 ) -> None:
-    """Fork a run's exact state into branches; prints each branch's run directory."""
+    """Fork a run's exact state into branches; prints the integrity certificate, then each
+    branch's run directory on its own line, last."""
     from .fork import fork as fork_run
 
     if run_dir is None:
@@ -132,24 +153,52 @@ def fork(
             raise EosbranchError("no runs under ./runs; pass --run RUN")
         run_dir = max(candidates, key=lambda p: (p / "spec.yaml").stat().st_mtime)
     kind, value = at
-    done = fork_run(run_dir, at=(kind, value), branches=branches, steps=steps, progress=True, warn=_warn)
+    done = fork_run(run_dir, at=(kind, value), branches=branches, steps=steps, until=until, teff=teff,
+                    max_steps=max_steps, progress=True, warn=_warn)
+    _print_certificate(done[0].path.parent / done[0].lineage["parent"], {b.lineage["fork_step"] for b in done})
     for b in done:
         print(b.path)
 
 
-@app.command()
-@_user_errors
-def compare(run_dir: Path = typer.Argument(..., help="Parent run whose branches to compare.")) -> None:
-    """Per branch and group: t*, t**, the branch effect Δl_k on effective time; saves comparison.parquet."""
-    from .compare import compare as compare_run
+def _print_certificate(parent_dir, fork_steps=None) -> None:
+    from .certificate import certificates
     from .run import Run
 
-    run = Run(run_dir)
-    _print_comparison(run, compare_run(run))
-    print(run.path / "comparison.parquet")
+    df = certificates(Run(parent_dir), fork_steps)
+    if df.empty:
+        return
+    table = Table("branch", "check", "value", "verdict", "detail", title="integrity certificate")
+    for r in df.itertuples(index=False):
+        colour = {"pass": "green", "FAIL": "bold red"}.get(r.verdict, "")
+        table.add_row(r.branch, r.check, f"{r.value:.3g}", f"[{colour}]{r.verdict}[/]" if colour else r.verdict, r.detail)
+    err.print(table)
 
 
-def _print_comparison(run, df) -> None:
+@app.command()
+@_user_errors
+def compare(run_dirs: list[Path] = typer.Argument(
+        ..., help="Parent run whose branches to compare; several parents (seeds of one spec) or a sweep directory.")) -> None:
+    """Per branch and group: t*, t**, the branch effect Δl_k on effective time; saves comparison.parquet.
+    Several seeds: median and inter-quartile range across them; saves comparison_seeds.parquet."""
+    from .compare import compare as compare_run
+    from .run import Run
+    from .sweep import is_sweep, sweep_runs
+
+    where = None
+    if len(run_dirs) == 1 and not (run_dirs[0] / "spec.yaml").exists() and is_sweep(run_dirs[0]):
+        where = run_dirs[0]
+        parents = sweep_runs(where, warn=_warn)
+    else:
+        parents = [Run(p) for p in run_dirs]
+    if len(parents) == 1:
+        run = parents[0]
+        _print_comparison(run, compare_run(run))
+        print(run.path / "comparison.parquet")
+        return
+    _compare_seeds(parents, where)
+
+
+def _print_comparison(run, df, certificate: bool = True) -> None:
     head = df.iloc[0] if len(df) else None
     where = "" if head is None else f", fork step {head.fork_step}, t* = {head.t_star:.4g} (t_eff)"
     table = Table("branch", "group", "t**", "Δl at end", "mean Δl", "effect",
@@ -158,6 +207,118 @@ def _print_comparison(run, df) -> None:
         table.add_row(r.branch, r.group, f"{r.t_star_star:.4g}", f"{r.delta_at_end:+.2e}", f"{r.delta_mean:+.2e}",
                       r.effect.replace("learns ", ""))
     err.print(table)
+    if certificate:
+        _print_certificate(run.path)
+
+
+def _compare_seeds(parents, where) -> None:
+    from .compare import compare_seeds, summarize
+
+    where = Path(where) if where is not None else parents[0].path.parent
+    summary = summarize(compare_seeds(parents, where=where))
+    seeds = ", ".join(str(p.spec.seed) for p in parents)
+    from rich.table import Column
+
+    number = dict(no_wrap=True, min_width=9, justify="right")
+    table = Table("branch", "group", "n", Column("Δl at end", **number), Column("q25", **number),
+                  Column("q75", **number), Column("mean Δl", **number), "at EoS",
+                  title=f"{parents[0].spec.name}, seeds {seeds}: median (and inter-quartile range) across seeds; "
+                        "Δl > 0: learns faster at EoS")
+    for r in summary.itertuples(index=False):
+        table.add_row(r.branch, r.group, str(r.n_seeds),
+                      *(f"{v:+.2e}" for v in (r.delta_at_end_median, r.delta_at_end_q25, r.delta_at_end_q75,
+                                              r.delta_mean_median)), r.effect.split()[1])
+    err.print(table)
+    print(where / "comparison_seeds.parquet")
+
+
+def _parse_fork(text: Optional[str]) -> Optional[tuple]:
+    """'onset' -> (onset, 0); 'onset 5', 'step 500', 'teff 4.0' -> (kind, value)."""
+    if text is None:
+        return None
+    parts = text.replace("=", " ").split()
+    usage = f"--fork: expected 'onset', 'onset K', 'step N' or 'teff T'; got {text!r}"
+    if not parts or parts[0] not in ("onset", "step", "teff") or len(parts) > 2 or (len(parts) == 1 and parts[0] != "onset"):
+        raise EosbranchError(usage)
+    if len(parts) == 1:
+        return ("onset", 0)
+    try:
+        return (parts[0], float(parts[1]) if parts[0] == "teff" else int(parts[1]))
+    except ValueError:
+        raise EosbranchError(usage) from None
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.replace(" ", "").split(",") if s != ""]
+    except ValueError:
+        raise EosbranchError(f"--seeds: expected comma-separated integers like 1,2,3; got {text!r}") from None
+
+
+@app.command()
+@_user_errors
+def sweep(
+    spec: Path = typer.Argument(..., help="Spec YAML file."),
+    seeds: str = typer.Option(..., "--seeds", help="Comma-separated seeds, e.g. 1,2,3: one job per seed."),
+    fork_at: Optional[str] = typer.Option(None, "--fork", help="Fork each run: 'onset' (t*), 'onset K', 'step N' or 'teff T'."),
+    branches: str = typer.Option("exit_eos", "--branches", help="A name from interventions/ or a YAML file."),
+    until: Optional[str] = typer.Option(None, "--until", help="Branches run to their own t** ('tss')."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps after the fork (default: to the parent's end)."),
+    teff: Optional[float] = typer.Option(None, "--teff", help="Branches run to this effective time."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Jobs at once (1: one after another in this process)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per job (default 1, or the count this sweep ran with)."),
+    executor: str = typer.Option("local", "--executor", help="local (process pool), ray or slurm (submitit)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (--executor ray)."),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="submitit's folder (--executor slurm; default OUT/.submitit)."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory for the run directories and sweep.json."),
+) -> None:
+    """Train SPEC once per seed (and fork each run) through an executor; prints the run directories.
+    Re-running the same command redoes only what is missing (failed or unfinished jobs)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .sweep import sweep as run_sweep
+
+    options = {k: v for k, v in (("address", address), ("folder", None if folder is None else str(folder)))
+               if v is not None}
+    seed_list = _parse_seeds(seeds)
+    cols = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
+    bar = Progress(*cols, console=err, transient=False)
+    tasks: dict = {}
+
+    def on_start(calls) -> None:  # everything is checked: show the jobs
+        tasks["all"] = bar.add_task(f"sweep ({executor}, {jobs} at once)", total=len(calls), status="")
+        tasks.update({j.seed: bar.add_task(j.name, total=1, status="waiting") for j in calls})
+        bar.start()
+
+    def on_done(res) -> None:
+        colour = "red" if res.failed else "green"
+        bar.update(tasks[res.seed], completed=1, status=f"[{colour}]{res.status}[/] {res.seconds:.1f} s")
+        bar.advance(tasks["all"])
+
+    try:
+        result = run_sweep(spec, seed_list, out_dir, fork=_parse_fork(fork_at), branches=branches, until=until,
+                           steps=steps, teff=teff, jobs=jobs, executor=executor, threads=threads,
+                           on_start=on_start, on_done=on_done, warn=_warn, **options)
+    finally:
+        bar.stop()
+    table = Table("seed", "run", "branches", "status", title=f"sweep of {spec} ({result.threads} torch thread(s) per job)")
+    for j in result.jobs:
+        status = "[red]failed[/]" if j.failed else j.status
+        table.add_row(str(j.seed), Path(j.run).name if j.run else "-", str(len(j.branches)), status)
+    err.print(table)
+    for j in result.jobs:
+        for w in j.warnings:
+            _warn(f"seed {j.seed}: {w}")
+    for j in result.failed:
+        err.print(f"[bold red]failed:[/] {j.describe()}", highlight=False, soft_wrap=True)
+    for j in result.jobs:
+        if not j.failed:
+            print(j.run)
+    if result.failed:
+        err.print(f"{len(result.failed)} of {len(result.jobs)} jobs failed; fix the cause and re-run the same "
+                  "command (finished runs are reused)", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
 
 
 groups_app = typer.Typer(help="Group specs: sizes and geometry.", no_args_is_help=True)
@@ -220,6 +381,22 @@ def opposing(
     run.store.write_frame("opposing_pairs", res.pairs)
     run.store.write_text("opposing_groups.yaml", yaml.safe_dump([res.group_spec], sort_keys=False))
     print(run.path / "opposing_pairs.parquet")
+
+
+@app.command()
+@_user_errors
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Parent run (its branches are found next to it); several "
+                                          "parents = seeds of one study."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for the figures and summary.md "
+                                           "(default: RUN/report, RUN the first run)."),
+) -> None:
+    """Figures (PNG) and summary.md of a study: sharpness, group losses, Δl_k per group (median and
+    inter-quartile band across seeds), alignment, opposing pairs, fraction of curvature."""
+    from .report import report as report_run
+
+    path = report_run(run_dirs, out=out_dir, progress=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    print(path)
 
 
 def _summary(run) -> None:

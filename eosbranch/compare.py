@@ -9,12 +9,18 @@ threshold, interpolated between measurements; the branch's last t_eff if it neve
 
 The EoS reference is the branch named ``eos`` if there is one, else the parent itself (a branch
 without interventions reproduces it bit for bit).
+
+Across seeds (parents of one spec that differ only in their seed, e.g. a sweep): ``compare([run,
+...])`` (or a sweep directory) stacks the per-seed tables with a ``seed`` column first
+(:data:`SEED_COLUMNS`, saved as ``comparison_seeds.parquet``), and :func:`summarize` gives per
+branch and group the median and inter-quartile range (pandas' linear quantiles) of Δl_k at the
+window's end and of its mean over the window (:data:`SUMMARY_COLUMNS`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -24,6 +30,9 @@ from .run import Run
 
 COLUMNS = ["branch", "group", "fork_step", "t_star", "t_fork", "t_star_star", "t_end", "delta_at_end",
            "delta_mean", "effect"]
+SEED_COLUMNS = ["seed", *COLUMNS]  # compare() over several seeds
+SUMMARY_COLUMNS = ["branch", "group", "n_seeds", "delta_at_end_median", "delta_at_end_q25", "delta_at_end_q75",
+                   "delta_mean_median", "delta_mean_q25", "delta_mean_q75", "effect"]
 
 
 def crossing(t: np.ndarray, value: np.ndarray, threshold: np.ndarray, after: float = -np.inf) -> float:
@@ -66,8 +75,18 @@ def effect(delta: float) -> str:
     return "learns faster at EoS" if delta > 0 else "learns slower at EoS"
 
 
-def compare(run: Union[Run, str, Path], grid: int = 3000) -> pd.DataFrame:
-    """Per branch and group: fork step, t*, t**, Δl_k at the window's end and its mean over the window."""
+def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000) -> pd.DataFrame:
+    """Per branch and group: fork step, t*, t**, Δl_k at the window's end and its mean over the window.
+
+    ``run`` is one parent run (saves ``comparison.parquet`` in it), or several parents of one spec
+    with different seeds, or a sweep directory (rows per seed, see :func:`compare_seeds`)."""
+    if isinstance(run, (list, tuple)):
+        return compare_seeds(run, grid)
+    if not isinstance(run, Run) and not (Path(run) / "spec.yaml").exists():
+        from .sweep import is_sweep, sweep_runs
+
+        if is_sweep(run):
+            return compare_seeds(sweep_runs(run), grid, where=Path(run))
     parent = run if isinstance(run, Run) else Run(run)
     branches = branches_of(parent)
     if not branches:
@@ -100,3 +119,56 @@ def compare(run: Union[Run, str, Path], grid: int = 3000) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
     parent.store.write_frame("comparison", df)
     return df
+
+
+def compare_seeds(runs: Sequence[Union[Run, str, Path]], grid: int = 3000,
+                  where: Union[str, Path, None] = None) -> pd.DataFrame:
+    """:func:`compare` for each parent (same spec, different seeds), stacked with a ``seed`` column.
+
+    Saved as ``comparison_seeds.parquet`` in ``where`` (default: the first run's directory's parent,
+    where a sweep keeps its runs and ``sweep.json``)."""
+    parents = [r if isinstance(r, Run) else Run(r) for r in runs]
+    if not parents:
+        raise EosbranchError("compare: no runs given")
+    _check_same_spec(parents)
+    frames = [compare(p, grid).assign(seed=p.spec.seed) for p in parents]
+    df = pd.concat(frames, ignore_index=True)[SEED_COLUMNS] if frames else pd.DataFrame(columns=SEED_COLUMNS)
+    from .store import RunStore
+
+    RunStore(Path(where) if where is not None else parents[0].path.parent).write_frame("comparison_seeds", df)
+    return df
+
+
+def _check_same_spec(parents: list[Run]) -> None:
+    """Parents must share their spec (steps aside) and differ in their seed."""
+    first = parents[0].spec.model_dump(mode="json", exclude={"seed", "steps"})
+    for p in parents[1:]:
+        other = p.spec.model_dump(mode="json", exclude={"seed", "steps"})
+        diff = [k for k in first if first[k] != other.get(k)]
+        if diff:
+            raise EosbranchError(f"{p.path}: its spec differs from {parents[0].path} in {', '.join(diff)}; "
+                                 "compare across seeds takes runs of one spec")
+    seeds = [p.spec.seed for p in parents]
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise EosbranchError(f"compare: seed {', '.join(map(str, dup))} given more than once; "
+                             "compare across seeds takes one run per seed")
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Per branch and group across seeds: ``n_seeds`` and the median, 25% and 75% quantiles (linear
+    interpolation, as pandas and NumPy default) of ``delta_at_end`` and ``delta_mean``; ``effect``
+    reads the median of ``delta_at_end``. Columns: :data:`SUMMARY_COLUMNS`."""
+    missing = [c for c in ("seed", "branch", "group", "delta_at_end", "delta_mean") if c not in df.columns]
+    if missing:
+        raise EosbranchError(f"summarize: needs a per-seed comparison (compare([run, ...])); missing {missing}")
+    rows = []
+    for (branch, group), d in df.groupby(["branch", "group"], sort=False):
+        row = {"branch": branch, "group": group, "n_seeds": int(d.seed.nunique())}
+        for col in ("delta_at_end", "delta_mean"):
+            v = d[col].astype(float)
+            row.update({f"{col}_median": float(v.median()), f"{col}_q25": float(v.quantile(0.25)),
+                        f"{col}_q75": float(v.quantile(0.75))})
+        row["effect"] = effect(row["delta_at_end_median"])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

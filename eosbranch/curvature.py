@@ -94,14 +94,20 @@ class HessianOperator:
     transforms cannot mutate captured buffers).
     """
 
-    def __init__(self, model: nn.Module, loss, data, chunk_size=None, subset=None, method=None):
+    def __init__(self, model: nn.Module, loss, data, chunk_size=None, subset=None, method=None, weights=None):
         self.model = model
         self.loss = get_loss(loss)
         X, y = data
         if subset is not None:
             subset = torch.as_tensor(subset, dtype=torch.long, device=X.device)
             X, y = X[subset], y[subset.to(y.device)]
+            if weights is not None:
+                weights = weights[subset.to(weights.device)]
         self.X, self.y, self.n = X, y, X.shape[0]
+        self.w = None if weights is None else weights.reshape(-1)
+        if self.w is not None and self.w.numel() != self.n:
+            raise ValueError(f"hessian_matvec: {self.w.numel()} weights for {self.n} points")
+        self.w_total = None if self.w is None else self.w.sum()
         if self.n == 0:
             raise ValueError("hessian_matvec: no data points")
         self.chunk_size = self.n if chunk_size is None else int(chunk_size)
@@ -124,9 +130,17 @@ class HessianOperator:
         for i in range(0, self.n, self.chunk_size):
             Xc = self.X[i:i + self.chunk_size].to(self.device)
             yc = self.y[i:i + self.chunk_size].to(self.device)
-            yield Xc, yc, Xc.shape[0] / self.n
+            if self.w is None:
+                yield Xc, yc, Xc.shape[0] / self.n
+            else:  # weighted mean within the chunk, chunks weighted by their share of the total weight
+                wc = self.w[i:i + self.chunk_size].to(self.device, self.dtype)
+                yield (Xc, wc), yc, wc.sum() / self.w_total
 
     def _forward(self, params: dict, Xc, yc):
+        if isinstance(Xc, tuple):
+            Xc, wc = Xc
+            per = self.loss(functional_call(self.model, (params, self.buffers), (Xc,)), yc, reduction="none")
+            return (per * wc).sum() / wc.sum().clamp_min(1e-30)  # an all-zero chunk has weight 0
         return self.loss(functional_call(self.model, (params, self.buffers), (Xc,)), yc)
 
     def _gradient_graph(self, Xc, yc):
@@ -195,19 +209,21 @@ def _running_stats_frozen(model: nn.Module):
             mod.track_running_stats = True
 
 
-def hessian_matvec(model, loss, data, chunk_size=None, subset=None, method=None) -> HessianOperator:
+def hessian_matvec(model, loss, data, chunk_size=None, subset=None, method=None, weights=None) -> HessianOperator:
     """Flat matvec of the Hessian of the mean training loss over the trainable parameters
     (``requires_grad``, in ``model.parameters()`` order), at the current parameters (snapshotted:
     make a new operator after the model changes).
 
     ``loss``: callable ``(outputs, targets) -> mean loss`` or a built-in name ("mse", "ce").
     ``data``: ``(X, y)``; ``subset``: fixed LongTensor of indices; ``chunk_size``: points per pass.
+    ``weights``: optional per-point weights w_i (aligned with ``data``): the Hessian of
+    sum_i w_i l_i / sum_i w_i instead (``loss`` must then accept ``reduction="none"``).
     ``method``: "double_backward" or "forward_over_reverse"; default per device from
     ``DEFAULT_HVP_METHOD``. The model is evaluated in whatever mode (train/eval) it is in.
     The callable takes a [dim] vector or a [dim, m] block (one batched product) and carries
     ``.dim``, ``.dtype``, ``.device``, which ``top_eigenpairs`` picks up.
     """
-    return HessianOperator(model, loss, data, chunk_size=chunk_size, subset=subset, method=method)
+    return HessianOperator(model, loss, data, chunk_size=chunk_size, subset=subset, method=method, weights=weights)
 
 
 class _Preconditioned:

@@ -24,6 +24,15 @@ class DivergenceError(EosbranchError):
     """Training produced a NaN or inf loss."""
 
 
+class StorageError(EosbranchError):
+    """A write to the run store failed (no space left, quota, file too large); nothing was replaced."""
+
+
+class EosbranchWarning(UserWarning):
+    """Damage found and worked around (a corrupt checkpoint skipped, a table rebuilt); one line.
+    The CLI prints it as ``warning: ...`` on stderr."""
+
+
 def _loc(prefix: str, loc: tuple) -> str:
     parts = [prefix] if prefix else []
     parts += [str(p) for p in loc if p not in ("function-after",)]

@@ -22,47 +22,13 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
 from .errors import EosbranchError, SpecError, format_validation_error
-from .registry import Params, Registry
+from .interventions import INTERVENTIONS, Intervention
 from .run import Run
 from .store import LINEAGE, SPEC, RunStore
-
-INTERVENTIONS = Registry("intervention")
-
-
-class LRParams(Params):
-    factor: Optional[float] = Field(None, gt=0, description="eta' = factor * eta")
-    value: Optional[float] = Field(None, gt=0, description="eta' = value")
-    stable_margin: Optional[float] = Field(None, gt=0, description="eta' = margin * 2 / S(t_fork)")
-
-    @model_validator(mode="after")
-    def _exactly_one(self):
-        given = [k for k in ("factor", "value", "stable_margin") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of factor, value, stable_margin (got {given or 'none'})")
-        return self
-
-
-@INTERVENTIONS.register("lr", LRParams)
-def lr_intervention(p: LRParams) -> Callable:
-    """Change the step size from the fork on (t_eff then grows by the new eta per step)."""
-
-    def apply(tr) -> None:
-        st = tr.st
-        if p.factor is not None:
-            st.lr = st.lr * p.factor
-        elif p.value is not None:
-            st.lr = p.value
-        else:
-            sharp = st.measured.get("sharpness")
-            if sharp is None or sharp <= 0:
-                raise EosbranchError("lr.stable_margin needs a positive sharpness measured at or before the fork")
-            st.lr = p.stable_margin * 2.0 / sharp
-
-    return apply
 
 
 class BranchSpec(BaseModel):
@@ -73,17 +39,13 @@ class BranchSpec(BaseModel):
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
 
-    def compose(self, source: str = "") -> Callable:
-        fns = []
+    def compose(self, source: str = "") -> list[Intervention]:
+        """The interventions, validated (errors name the file and the field)."""
+        out = []
         for i, section in enumerate(self.interventions):
             entry, params = INTERVENTIONS.parse(section, f"interventions[{i}]", source)
-            fns.append(entry.fn(params))
-
-        def apply(tr) -> None:
-            for fn in fns:
-                fn(tr)
-
-        return apply
+            out.append(entry.fn(params))
+        return out
 
 
 def load_branches(branches: Union[str, Path, dict, list]) -> list[BranchSpec]:
@@ -139,69 +101,157 @@ def fork_step(parent: Run, kind: str, value: float) -> int:
     return s
 
 
+def stop_rule(lineage: dict) -> Optional[Callable]:
+    """The branch's stop rule from its lineage (so a resumed branch stops where it would have):
+    ``tss``: its own t** (first measurement after the fork at or past its threshold) plus
+    ``margin`` steps; ``teff``: the first step with t_eff >= the target."""
+    until = lineage.get("until") or {}
+    if until.get("kind") == "tss":
+        margin = int(until["margin"])
+        return lambda tr: "t_star_star" in tr.st.measured and tr.st.step >= tr.st.measured["t_star_star"] + margin
+    if until.get("kind") == "teff":
+        target = float(until["teff"])
+        return lambda tr: tr.st.t_eff >= target - 1e-12 * max(1.0, abs(target))
+    return None
+
+
 def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "exit_eos",
-         steps: Optional[int] = None, progress: bool = False,
+         steps: Optional[int] = None, until: Optional[str] = None, teff: Optional[float] = None,
+         max_steps: Optional[int] = None, progress: bool = False,
          warn: Callable[[str], None] = lambda m: None) -> list[Run]:
-    """Fork ``run`` at ``at`` into ``branches``; each runs ``steps`` steps after the fork (default:
-    to the parent's last step). Returns the branch runs (existing complete ones are reused)."""
-    from .spec import load_spec
-    from .train import Trainer, _progress, build, restore_state
+    """Fork ``run`` at ``at`` into ``branches`` and run each until one of:
+
+    - ``steps``: N steps after the fork;
+    - ``until="tss"``: the branch's own t** plus a margin of two measurement intervals. Branches
+      without interventions (the EoS reference) have no t** of their own: they run until they
+      cover the effective time the other branches reached, so compare has a reference over the
+      whole window. At most ``max_steps`` steps after the fork (default 10x the parent's steps);
+    - ``teff``: effective time T after the fork (t_eff >= t_eff(fork) + T);
+    - none of these: the parent's last step.
+
+    Returns the branch runs in the order given (finished branches are reused, interrupted ones
+    resumed). Certificates (:mod:`eosbranch.certificate`) are computed and stored as events."""
+    from .certificate import certify
 
     parent = run if isinstance(run, Run) else Run(run)
     s = fork_step(parent, *at)
-    total = s + (steps if steps is not None else parent.spec.steps - s)
-    if total <= s:
-        raise EosbranchError(f"nothing to run: the fork is at step {s} and the branch would end at {total}")
-    spec = parent.spec.model_copy(update={"steps": total})
-    out = []
-    for b in load_branches(branches):
-        path = parent.path.parent / f"{parent.name}--{b.name}-at{s}-{b.digest()}"
-        store = RunStore(path)
-        if store.path.exists() and store.checkpoint_steps():
-            from .train import resume
-
-            branch = resume(path, progress=progress, warn=warn)  # a finished or interrupted branch
-            _check_replay(parent, branch, s)
-            out.append(branch)
-            continue
-        store.path.mkdir(parents=True, exist_ok=True)
-        store.write_text(SPEC, spec.to_yaml())
-        store.write_json(LINEAGE, {"parent": parent.name, "fork_step": s, "branch": b.name,
-                                   "branch_spec": b.model_dump(), "branch_hash": b.digest(),
-                                   "code_version": __version__})
-        store.lock()
-        try:
-            exp = build(load_spec(path / SPEC))
-            tr = Trainer(exp, store, branch=b.name, warn=warn)
-            tr.st = restore_state(exp, parent.store.load_checkpoint(s, warn=warn))
-            tr.fork_at, tr.intervene = s, b.compose()
-            with _progress(progress, total, tr.st.step) as show:
-                def on_step(trainer, loss):
-                    show(trainer, loss)
-                    if trainer.st.step == s + 1:  # the fork step's loss is recorded: check it now
-                        _check_replay(parent, None, s, trainer.metrics)
-
-                tr.run(total, on_step)
-        finally:
-            store.unlock()
-        branch = Run(path)
-        _check_replay(parent, branch, s)
-        out.append(branch)
+    given = [k for k, v in (("steps", steps), ("until", until), ("teff", teff)) if v is not None]
+    if len(given) > 1:
+        raise EosbranchError(f"give at most one of --steps, --until, --teff (got {', '.join(given)})")
+    if until is not None and until not in ("tss", "t**"):
+        raise EosbranchError(f"--until takes tss (the branch's own t**); got {until!r}")
+    cap = s + (max_steps if max_steps is not None else 10 * parent.spec.steps)
+    specs = load_branches(branches)
+    t_fork = _t_eff_at(parent, s)
+    if until is not None:
+        order = [b for b in specs if b.interventions] + [b for b in specs if not b.interventions]
+        if not any(b.interventions for b in specs) and not _sibling_ends(parent, s):
+            raise EosbranchError("--until tss needs a branch that changes something (its t** sets the window); "
+                                 "these branches have no interventions")
+    else:
+        order = specs
+    done = {}
+    for b in order:
+        if steps is not None:
+            rule, total = {"kind": "steps"}, s + steps
+        elif teff is not None:
+            rule, total = {"kind": "teff", "teff": t_fork + float(teff)}, cap
+        elif until is not None and b.interventions:
+            rule, total = {"kind": "tss", "margin": 2 * parent.spec.measure.every}, cap
+        elif until is not None:
+            rule, total = {"kind": "teff", "teff": max(_sibling_ends(parent, s))}, cap
+        else:
+            rule, total = {"kind": "steps"}, parent.spec.steps
+        if total <= s:
+            raise EosbranchError(f"nothing to run: the fork is at step {s} and the branch would end at {total}")
+        done[b.name] = _run_branch(parent, s, b, rule, total, progress, warn)
+    out = [done[b.name] for b in specs]
+    certify(parent, out)
     return out
 
 
-def _check_replay(parent: Run, branch: Optional[Run], s: int, rows: Optional[list] = None) -> None:
-    """The branch's loss at the fork step must equal the parent's recorded one, bit for bit.
+def _t_eff_at(parent: Run, s: int) -> float:
+    m = parent.metrics
+    row = m[(m.step == s) & (m.group == "all")]
+    if row.empty:
+        raise EosbranchError(f"{parent.path}: no rows at step {s}; is the parent complete?")
+    return float(row.t_eff.iloc[0])
 
-    ``rows``: the branch trainer's in-memory metric rows (checked while it runs, to fail fast)."""
+
+def _sibling_ends(parent: Run, s: int) -> list[float]:
+    """Final t_eff of the finished branches with interventions forked at step s."""
+    from .compare import branches_of
+
+    ends = []
+    for b in branches_of(parent):
+        if b.lineage.get("fork_step") == s and (b.lineage.get("branch_spec") or {}).get("interventions") and b.complete:
+            loss = b.metrics.query("metric in ('loss', 'batch_loss') and group == 'all'")
+            if len(loss):
+                ends.append(float(loss.t_eff.max()))
+    return ends
+
+
+def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, progress: bool, warn) -> Run:
+    from .spec import load_spec
+    from .train import Trainer, _progress, build, restore_state, resume
+
+    path = parent.path.parent / f"{parent.name}--{b.name}-at{s}-{b.digest()}"
+    store = RunStore(path)
+    if store.path.exists() and store.checkpoint_steps():
+        existing = Run(path)
+        if existing.complete and not _reaches(existing, rule, total):
+            # Asked to go further than it went (e.g. --steps 100 before, --until tss now): extend it.
+            store.write_json(LINEAGE, {**existing.lineage, "until": rule})
+            branch = resume(path, steps=max(total, existing.spec.steps + 1), progress=progress, warn=warn)
+        else:
+            branch = resume(path, progress=progress, warn=warn)  # a finished or interrupted branch
+        _check_replay(parent, branch, s)
+        return branch
+    spec = parent.spec.model_copy(update={"steps": total})
+    store.path.mkdir(parents=True, exist_ok=True)
+    store.write_text(SPEC, spec.to_yaml())
+    store.write_json(LINEAGE, {"parent": parent.name, "fork_step": s, "branch": b.name,
+                               "branch_spec": b.model_dump(), "branch_hash": b.digest(),
+                               "until": rule, "code_version": __version__})
+    store.lock()
+    try:
+        exp = build(load_spec(path / SPEC))
+        tr = Trainer(exp, store, branch=b.name, warn=warn)
+        tr.st = restore_state(exp, parent.store.load_checkpoint(s, warn=warn))
+        tr.fork_at, tr.interventions = s, b.compose()
+        tr.check_fork = lambda loss: _check_replay(parent, None, s, loss)
+        tr.until = stop_rule({"until": rule})
+        with _progress(progress, total, tr.st.step) as show:
+            tr.run(total, show)
+    finally:
+        store.unlock()
+    return Run(path)
+
+
+def _reaches(branch: Run, rule: dict, total: int) -> bool:
+    """Whether a finished branch already covers what ``rule`` asks for."""
+    end = branch.spec.steps
+    if rule["kind"] == "teff":
+        return float(branch.metrics.t_eff.max()) >= rule["teff"] - 1e-12 * max(1.0, abs(rule["teff"]))
+    if rule["kind"] == "tss":
+        hit = branch.events.query("event == 't_star_star'")
+        return len(hit) > 0 and end >= int(hit.step.iloc[0]) + int(rule["margin"])
+    return end >= total
+
+
+def _check_replay(parent: Run, branch: Optional[Run], s: int, loss: Optional[float] = None) -> None:
+    """The replayed training loss at the fork step, before any intervention, must equal the
+    parent's recorded one bit for bit (``loss``: from the running branch; else read from the
+    finished branch's ``fork_state`` events)."""
     name = "loss" if parent.spec.optimizer.get("batch_size") is None else "batch_loss"
     p = parent.metric(name)
-    if rows is not None:
-        mine = [r[5] for r in rows if r[0] == s and r[3] == "all" and r[4] == name]
-    else:
-        b = branch.metric(name)
-        mine = [b[s]] if s in b.index else []
-    if s in p.index and mine and p[s] != mine[0]:
+    if loss is None:
+        ev = branch.events
+        row = ev[(ev.event == "fork_state") & (ev.detail == "loss/all")]
+        if row.empty:
+            return
+        loss = float(row.value.iloc[0])
+    if s in p.index and p[s] != loss:
         where = branch.path if branch is not None else parent.path
         raise EosbranchError(f"{where}: replay mismatch at step {s}: parent loss {p[s]!r}, "
-                             f"replayed {mine[0]!r}; the parent's checkpoints or code changed")
+                             f"replayed {loss!r}; the parent's checkpoints or code changed")

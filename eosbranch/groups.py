@@ -308,6 +308,8 @@ def prototypes(state: Resolved, p: PrototypesParams, where: str) -> Resolved:
             coherent = x + sign * p.alpha * v_diff
             if p.direction == "coherent":
                 moved = coherent
+                # Lets a fork move them to a random orthogonal direction (interventions.random_direction).
+                info["alpha"] = {**info.get("alpha", {}), p.names.input_outlier: p.alpha}
             else:
                 z = _orthogonal_units(len(idx), v_diff, p.seed, where)
                 moved = x + p.alpha * torch.linalg.vector_norm(v_diff) * z

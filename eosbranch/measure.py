@@ -37,9 +37,9 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def _loss_accuracy(exp, X, y):
+def _loss_accuracy(exp, X, y, train=False):
     out = exp.model(X)
-    loss = exp.loss_fn(out, y).item()
+    loss = (exp.objective(exp.loss_fn(out, y, reduction="none")) if train else exp.loss_fn(out, y)).item()
     acc = (out.argmax(1) == y).double().mean().item() if exp.data.task == "classification" else None
     return loss, acc
 
@@ -56,7 +56,7 @@ def curvature_subset(exp: "Experiment") -> Optional[torch.Tensor]:
 
 def measure(tr: "Trainer") -> None:
     exp = tr.exp
-    loss, acc = _loss_accuracy(exp, exp.train_X, exp.train_y)
+    loss, acc = _loss_accuracy(exp, exp.train_X, exp.train_y, train=True)
     if exp.optimizer.batch_size is not None:
         tr.record("all", "loss", loss)
     if acc is not None:
@@ -71,10 +71,37 @@ def measure(tr: "Trainer") -> None:
     measure_probes(tr)
 
 
+def training_hessian(exp: "Experiment"):
+    """The Hessian of the training loss as a matvec (on the fixed curvature subset, if any; with a
+    reweighting branch's weights, if any)."""
+    ms = exp.spec.measure
+    return hessian_matvec(exp.model, exp.loss_fn, (exp.train_X, exp.train_y), chunk_size=ms.chunk_size,
+                          subset=curvature_subset(exp), weights=exp.train_weight)
+
+
+def solve_sharpness(exp: "Experiment", st, v0=None) -> dict:
+    """Top eigenpair at the current parameters, warm-started from ``v0`` (default: the state's
+    vectors) without touching the state: ``sharpness``, ``v1``, ``compared`` (the quantity the
+    optimizer's threshold applies to: lambda_1(P^-1 H) for Adam) and ``threshold``."""
+    ms = exp.spec.measure
+    H = training_hessian(exp)
+    dim = sum(p.numel() for p in exp.params)
+    start = st.eig_vectors[:, :1] if v0 is None and st.eig_vectors is not None else v0
+    res = top_eigenpairs(H, dim, k=1, tol=ms.tol, v0=start, max_matvecs=ms.max_matvecs)
+    out = {"sharpness": res.values[0].item(), "v1": res.vectors[:, 0].detach(),
+           "threshold": exp.optimizer.threshold(st.lr), "matvecs": res.n_matvecs}
+    out["compared"] = out["sharpness"]
+    if exp.optimizer.preconditioned and st.opt_state:
+        diag = flatten(exp.optimizer.preconditioner(st.opt_state))
+        pres = top_eigenpairs(preconditioned_matvec(H, diag), dim, k=1, tol=ms.tol, v0=st.precond_vectors,
+                              max_matvecs=ms.max_matvecs)
+        out["compared"] = pres.values[0].item()
+    return out
+
+
 def measure_curvature(tr: "Trainer") -> None:
     exp, st, ms = tr.exp, tr.st, tr.exp.spec.measure
-    H = hessian_matvec(exp.model, exp.loss_fn, (exp.train_X, exp.train_y), chunk_size=ms.chunk_size,
-                       subset=curvature_subset(exp))
+    H = training_hessian(exp)
     dim = sum(p.numel() for p in exp.params)
     v0 = st.eig_vectors
     res = top_eigenpairs(H, dim, k=ms.top_k, tol=ms.tol, v0=v0, max_matvecs=ms.max_matvecs)
@@ -95,10 +122,17 @@ def measure_curvature(tr: "Trainer") -> None:
         compared = pres.values[0].item()
         tr.record("all", "preconditioned_sharpness", compared)
         st.precond_vectors = pres.vectors.detach()
-    st.measured["sharpness"] = values[0]
+    st.measured["sharpness"], st.measured["compared"] = values[0], compared
     if "t_star" not in st.measured and st.step >= ms.warmup and compared >= threshold:
         st.measured["t_star"] = st.step
         tr.event("t_star", compared, f"sharpness {compared:.6g} >= threshold {threshold:.6g}")
+    fork = st.measured.get("fork_step")
+    if fork is not None and "t_star_star" not in st.measured and st.step > fork and compared >= threshold:
+        # t** (DESIGN §2): the branch's own sharpness reaches its own threshold after the fork.
+        # This is the first measurement at or past it; compare interpolates the crossing.
+        st.measured["t_star_star"] = st.step
+        tr.event("t_star_star", compared, f"sharpness {compared:.6g} >= threshold {threshold:.6g} "
+                                          f"(first measurement after the fork at {fork})")
 
 
 def centroid_distance(exp: "Experiment") -> Optional[torch.Tensor]:
@@ -129,7 +163,7 @@ def measure_probes(tr: "Trainer") -> None:
     # The Hessian behind v1 is the training loss's; held-out groups (mode: heldout) are measured on
     # the same footing as the rest, so the context sees every point of data.X.
     ctx = Context(exp.model, exp.loss_fn, exp.data.X, exp.data.y, exp.groups, v1, chunk_size=ms.chunk_size,
-                  hessian_subset=_hessian_rows(exp))
+                  hessian_subset=_hessian_rows(exp), weights=exp.sample_weight)
     if ms.probes and exp.groups:
         for group, metric, value in group_probes(ctx):
             tr.record(group, metric, value)

@@ -97,8 +97,11 @@ class Context:
     def __init__(self, model: nn.Module, loss_fn, X: Tensor, y: Tensor,
                  groups: dict[str, Tensor] | None = None, v1: Tensor | None = None,
                  chunk_size: int | None = None, hessian_subset: Tensor | None = None,
-                 grad_norm_method: str = "auto", batched_vjp: bool = True):
+                 grad_norm_method: str = "auto", batched_vjp: bool = True, weights: Tensor | None = None):
         self.model = model
+        # Per-point weights of the training loss (a reweighting branch): the Hessian behind v1,
+        # R_k and Q_k is then that of sum_i w_i l_i / sum_i w_i. Group losses stay unweighted.
+        self.weights = weights
         self.loss_fn = get_loss(loss_fn)
         if X.shape[0] != y.shape[0]:
             raise ValueError(f"Context: X has {X.shape[0]} rows but y has {y.shape[0]}")
@@ -264,14 +267,23 @@ class Context:
         G = torch.stack([self.group_grads[k] for k in names]) if names else None
         v_parts = unflatten(self.v1, self.params) if want_dS else None
         n_h = self.n if self.hessian_subset is None else self.hessian_subset.numel()
+        w = self.weights
+        if w is not None:
+            w = w.to(self.device, self.dtype)
+            w_h = w.sum() if self.hessian_subset is None else w[self.hessian_subset.to(self.device)].sum()
         dS = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         s_total = torch.zeros((), dtype=self.dtype, device=self.device)
         quad = torch.zeros(len(names), dtype=self.dtype, device=self.device)  # g_k^T H g_k
         with _running_stats_frozen(self.model), torch.enable_grad():
             for Xc, yc, pos in self._chunks(self.hessian_subset):
-                weight = pos.numel() / n_h
                 leaves = self._leaves()
-                loss = self.loss_fn(self._outputs(leaves, Xc), yc)
+                if w is None:
+                    weight = pos.numel() / n_h
+                    loss = self.loss_fn(self._outputs(leaves, Xc), yc)
+                else:
+                    wc = w[pos.to(self.device)]
+                    weight = wc.sum() / w_h
+                    loss = (self.loss_fn(self._outputs(leaves, Xc), yc, reduction="none") * wc).sum() / wc.sum().clamp_min(1e-30)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
                 if not used:  # loss at most linear in the parameters: H = 0 and grad S = 0

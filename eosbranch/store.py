@@ -2,27 +2,68 @@
 
 Layout (DESIGN §4)::
 
-    RUN/spec.yaml            fully resolved spec
-    RUN/lineage.json         parent run, fork step, branch spec, code version
-    RUN/checkpoints/         step_00000100.pt ... + manifest.json (sha256 of each)
-    RUN/metrics.parquet      tidy tables (see tables.py)
-    RUN/examples.parquet
+    RUN/spec.yaml                     fully resolved spec
+    RUN/lineage.json                  parent run, fork step, branch spec, code version
+    RUN/metrics.parquet               tidy tables (see tables.py), each one plain Parquet file:
+    RUN/examples.parquet                pandas.read_parquet("RUN/metrics.parquet") reads it
     RUN/events.parquet
-    RUN/.lock                held by the process writing the run
+    RUN/checkpoints/manifest.json     index: each checkpoint's file, sha256, row segments; completion
+    RUN/checkpoints/step_00000100.pt  full state at step 100 (torch.save, loaded weights_only=True)
+    RUN/checkpoints/step_00000100.json              that checkpoint's manifest entry (a spare copy)
+    RUN/checkpoints/step_00000100.metrics.parquet   table rows new since the previous checkpoint
+    RUN/checkpoints/step_00000100.events.parquet    (and .examples.parquet)
+    RUN/checkpoints/end.json, end_00000300.*.parquet  rows from the last checkpoint on, once complete
+    RUN/.lock                         held by the process writing the run
 
-Every write is atomic (temp file in the same directory, fsync, rename), so a kill at any moment
-leaves either the old file or the new one. Checkpoints are verified by sha256 before loading and
-loaded with ``weights_only=True``.
+**Writes** are atomic (temp file in the same directory, fsync, rename), so a kill at any moment
+leaves either the old file or the new one. A failed write (no space left, quota, file too large)
+removes its temp file, replaces nothing and raises a one-line :class:`StorageError` naming the file.
+A checkpoint is committed by the manifest update, written last, so a checkpoint interrupted at any
+point leaves the previous one current and valid.
+
+**Checkpoints** are verified against the manifest's sha256 (and the step they hold) before loading,
+and loaded with ``weights_only=True`` (a crafted pickle cannot run code). A damaged one is reported
+in one line naming the file and skipped: loading falls back to the newest earlier valid one. Nothing
+is ever deleted. A missing or unreadable manifest is reported and rebuilt from the per-checkpoint
+``step_*.json`` copies of its entries (each checked the same way).
+
+**Tables**: why the rows live twice. A Parquet file is readable only through its footer, at its
+end, so a truncated table loses every row, and a byte flipped inside it can decode to wrong numbers.
+Each table therefore carries Parquet page checksums and the sha256 of its rows (key-value metadata
+``eosbranch.rows_sha256``), so damage is detected rather than read; and each checkpoint also stores
+the rows *new since the previous checkpoint* as small Parquet *segments* next to it, sha256-listed
+in the manifest (a complete run adds an ``end`` segment with the rows from its last checkpoint on).
+Every segment records where it starts (``from``: the previous checkpoint's step, or ``null`` at the
+run's start), so the rows before any checkpoint are the chain of segments back from it; a run that
+fell back to an earlier checkpoint and re-saved later ones never counts a row twice. With that:
+
+- ``Run.metrics`` (``read_table``) on a damaged or missing table warns, naming the file, and returns
+  the rows the segments hold: all of them for a complete run, else those before the newest
+  checkpoint with an intact chain (later rows, which a resume recomputes anyway, are dropped).
+- a resume takes the rows before its checkpoint from the segment chain (the main table only if
+  the chain is broken, e.g. a run written before segments existed), so its next checkpoint
+  rewrites every table complete; ``train --resume`` on a complete run rewrites a damaged table from
+  the segments (or, if they cannot give every row, re-runs the last step).
+
+Cost: every table row is written once more, once (segments are never rewritten, unlike the main
+tables, which are rewritten whole at each checkpoint), so table storage about doubles; Parquet
+compresses ``examples`` rows (N per measurement) to tens of bytes each, small beside the
+checkpoints. The chain is read only on resume and on damage. Rejected alternatives: tables as
+directories of part files (breaks the one-file contract), Parquet row groups (the footer is still
+the single point of failure), per-checkpoint full copies of the tables (quadratic storage).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,51 +73,143 @@ import pyarrow.parquet as pq
 import torch
 
 from . import tables
-from .errors import CheckpointError, EosbranchError
+from .errors import CheckpointError, EosbranchError, EosbranchWarning, StorageError
 
 SPEC = "spec.yaml"
 LINEAGE = "lineage.json"
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+END = "end.json"
 LOCK = ".lock"
+TABLES = ("metrics", "events", "examples")
+ROWS_KEY = b"eosbranch.rows_sha256"
+
+_CKPT_FILE = re.compile(r"step_\d{8}\.pt")
+_SEGMENT_FILE = re.compile(r"(step|end)_\d{8}\.(metrics|events|examples)\.parquet")
+_SHA = re.compile(r"[0-9a-f]{64}")
+_WRITE_CHUNK = 1 << 20
+
+Warn = Callable[[str], None]
+
+
+def _python_warning(msg: str) -> None:
+    warnings.warn(msg, EosbranchWarning, stacklevel=4)
+
+
+# --------------------------------------------------------------------------------- atomic writes
+
+def _why(err: OSError) -> str:
+    if err.errno == errno.ENOSPC:
+        return "no space left on device"
+    if err.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    if err.errno == errno.EFBIG:
+        return "file too large for this file system or limit"
+    return (err.strerror or type(err).__name__).lower()
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing; a failure leaves the old file and no temp file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view[:_WRITE_CHUNK]):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)  # make the rename itself durable
+        tmp = None
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # make the rename itself durable
+        finally:
+            os.close(dfd)
+    except OSError as err:
+        raise StorageError(f"{path}: cannot write: {_why(err)} (errno {err.errno}); the previous "
+                           "version of the file is intact (free space, then resume)") from None
     finally:
-        os.close(dfd)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class RunStore:
-    """Reads and writes one run directory."""
+def rows_digest(name: str, df: pd.DataFrame) -> str:
+    """sha256 of a table's rows (values, not bytes on disk), as stored in its Parquet metadata."""
+    cols = df[tables.COLUMNS[name]].reset_index(drop=True)
+    cols = cols.astype({c: object for c in cols.columns if not pd.api.types.is_numeric_dtype(cols[c])})
+    return sha256(pd.util.hash_pandas_object(cols, index=False).to_numpy().tobytes())
 
-    def __init__(self, path: Path | str):
+
+def encode_table(name: str, df: pd.DataFrame) -> bytes:
+    t = tables.to_arrow(name, df)
+    t = t.replace_schema_metadata({**(t.schema.metadata or {}), ROWS_KEY: rows_digest(name, df).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(t, sink, write_page_checksum=True)
+    return sink.getvalue().to_pybytes()
+
+
+class _Damaged(Exception):
+    """A table or segment that cannot be trusted; ``str`` says why (one line)."""
+
+
+def decode_table(name: str, source) -> pd.DataFrame:
+    """Read a table written by :func:`encode_table`, checking page checksums, columns and rows."""
+    try:
+        t = pq.read_table(source, page_checksum_verification=True)
+        df = t.to_pandas()
+    except Exception as err:  # truncated, garbled: pyarrow raises many types; all mean "damaged"
+        why = (str(err).splitlines() or [""])[0][:160]
+        raise _Damaged(f"unreadable Parquet ({type(err).__name__}: {why})") from None
+    if list(df.columns) != tables.COLUMNS[name]:
+        raise _Damaged(f"unexpected columns {list(df.columns)}")
+    want = (t.schema.metadata or {}).get(ROWS_KEY)
+    if want is not None and want.decode(errors="replace") != rows_digest(name, df):
+        raise _Damaged("its rows do not match their sha256 (garbled)")
+    return df
+
+
+# -------------------------------------------------------------------------------- the run store
+
+class RunStore:
+    """Reads and writes one run directory. ``warn`` receives one-line reports of damage found
+    (default: a Python warning of category :class:`EosbranchWarning`)."""
+
+    def __init__(self, path: Path | str, warn: Optional[Warn] = None):
         self.path = Path(path)
+        self.warn = warn
         self._lock_fd: Optional[int] = None
+        self._warned: set = set()
+
+    def _report(self, msg: str, warn: Optional[Warn] = None) -> None:
+        if msg in self._warned:  # one report per problem, however often it is looked at
+            return
+        self._warned.add(msg)
+        (warn or self.warn or _python_warning)(msg)
+
+    def check_writable(self) -> None:
+        """Refuse to write through a run directory (or its checkpoints/) that is a symlink leading
+        outside the directory holding it: a planted link must not redirect writes elsewhere."""
+        for p, home in ((self.path, self.path.parent), (self.path / CHECKPOINTS, self.path)):
+            if p.is_symlink():
+                target = p.resolve()
+                if target.parent != home.resolve():
+                    raise EosbranchError(f"{p}: is a symlink to {target}, outside {home}; refusing to write "
+                                         "through it (use the real directory)")
 
     # -- locking ---------------------------------------------------------------------------
     def lock(self) -> None:
         """Take the run's write lock; a second writer fails fast instead of interleaving."""
+        self.check_writable()
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -92,6 +225,7 @@ class RunStore:
 
     # -- small files -----------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
+        self.check_writable()
         atomic_write(self.path / name, text.encode())
 
     def write_json(self, name: str, obj) -> None:
@@ -100,81 +234,328 @@ class RunStore:
     def read_json(self, name: str):
         return json.loads((self.path / name).read_text())
 
-    # -- checkpoints -----------------------------------------------------------------------
+    # -- the manifest ------------------------------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path:
         return self.path / CHECKPOINTS
 
-    def manifest(self) -> dict:
+    def manifest(self, warn: Optional[Warn] = None) -> dict:
+        """The checkpoint index; a missing or damaged one is reported and rebuilt from the
+        ``step_*.json`` copies of its entries (a run without any checkpoint has an empty one)."""
         f = self.checkpoint_dir / MANIFEST
-        if not f.exists():
-            return {"checkpoints": [], "complete": None}
         try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{f}: manifest is not valid JSON (edited or damaged)") from None
+            m = json.loads(f.read_bytes())
+            _check_manifest(m)
+            return m
+        except FileNotFoundError:
+            if not any(self.checkpoint_dir.glob("step_*.json")):
+                if any(self.checkpoint_dir.glob("step_*.pt")):  # never restart over checkpoints silently
+                    raise CheckpointError(f"{f}: missing, and the checkpoints in {self.checkpoint_dir} have no "
+                                          "step_*.json entries to verify them by; restore the manifest") from None
+                return {"checkpoints": [], "complete": None}
+            why = "missing"
+        except (ValueError, TypeError, KeyError) as err:
+            why = f"not a valid manifest, edited or damaged ({str(err).splitlines()[0][:120]})"
+        rebuilt = self._rebuild_manifest()
+        if not rebuilt["checkpoints"]:
+            raise CheckpointError(f"{f}: {why}, and no intact step_*.json entry to rebuild it from")
+        self._report(f"{f}: {why}; rebuilt it from {len(rebuilt['checkpoints'])} per-checkpoint entries "
+                     "(step_*.json)", warn)
+        return rebuilt
 
-    def save_checkpoint(self, step: int, state: dict) -> None:
+    def _rebuild_manifest(self) -> dict:
+        entries = []
+        for f in sorted(self.checkpoint_dir.glob("step_*.json")):
+            try:
+                e = json.loads(f.read_bytes())
+                _check_entry(e)
+                if e["file"] != f.name.replace(".json", ".pt"):
+                    raise ValueError("names another file")
+            except (ValueError, TypeError, KeyError) as err:
+                self._report(f"{f}: damaged checkpoint entry ({str(err).splitlines()[0][:80]}); skipped")
+                continue
+            entries.append(e)
+        m = {"checkpoints": sorted(entries, key=lambda e: e["step"]), "complete": None}
+        try:
+            end = json.loads((self.checkpoint_dir / END).read_bytes())
+            steps = [e["step"] for e in entries]
+            if steps and end["complete"] == max(steps):  # stale once a later checkpoint exists
+                _check_rows(end["tail"])
+                m["complete"], m["tail"] = end["complete"], end["tail"]
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+        return m
+
+    def _write_manifest(self, m: dict) -> None:
+        atomic_write(self.checkpoint_dir / MANIFEST, json.dumps(m, indent=2).encode())
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, step: int, state: dict, rows: Optional[dict] = None,
+                        rows_from: Optional[int] = None) -> None:
+        """Save the full state at ``step``; ``rows``: the table rows of steps ``[rows_from, step)``
+        (``rows_from=None``: from the run's start) as DataFrames, kept as this checkpoint's segments."""
+        self.check_writable()
         buf = io.BytesIO()
         torch.save(state, buf)
         data = buf.getvalue()
-        name = f"step_{step:08d}.pt"
-        atomic_write(self.checkpoint_dir / name, data)
+        stem = f"step_{step:08d}"
+        entry = {"step": step, "file": f"{stem}.pt", "sha256": sha256(data), "bytes": len(data)}
         manifest = self.manifest()
-        entries = [e for e in manifest["checkpoints"] if e["step"] != step]
-        entries.append({"step": step, "file": name, "sha256": sha256(data), "bytes": len(data)})
-        manifest["checkpoints"] = sorted(entries, key=lambda e: e["step"])
+        old = next((e for e in manifest["checkpoints"] if e["step"] == step), None)
+        if rows is not None:
+            if rows_from == step and old is not None and "rows" in old:
+                entry["rows"] = old["rows"]  # the checkpoint a resume started from, saved again
+            elif rows_from is None or rows_from < step:
+                entry["rows"] = {"from": rows_from, "tables": self._write_segments(stem, rows)}
+        atomic_write(self.checkpoint_dir / entry["file"], data)
+        atomic_write(self.checkpoint_dir / f"{stem}.json", json.dumps(entry, indent=2).encode())
+        manifest["checkpoints"] = sorted([e for e in manifest["checkpoints"] if e["step"] != step] + [entry],
+                                         key=lambda e: e["step"])
         if manifest.get("complete") is not None and manifest["complete"] < step:
             manifest["complete"] = None
-        atomic_write(self.checkpoint_dir / MANIFEST, json.dumps(manifest, indent=2).encode())
+            manifest.pop("tail", None)
+        self._write_manifest(manifest)  # the commit point
+
+    def _write_segments(self, stem: str, rows: dict) -> dict:
+        out = {}
+        for name in TABLES:
+            data = encode_table(name, rows[name])
+            file = f"{stem}.{name}.parquet"
+            atomic_write(self.checkpoint_dir / file, data)
+            out[name] = {"file": file, "sha256": sha256(data), "rows": int(len(rows[name]))}
+        return out
 
     def checkpoint_steps(self) -> list[int]:
         return [e["step"] for e in self.manifest()["checkpoints"]]
 
-    def load_checkpoint(
-        self, at_or_before: Optional[int] = None, warn: Callable[[str], None] = lambda m: None
-    ) -> dict:
-        """Newest valid checkpoint at or before a step; damaged ones are reported and skipped."""
-        entries = [e for e in self.manifest()["checkpoints"] if at_or_before is None or e["step"] <= at_or_before]
+    def _valid_checkpoints(self, at_or_before: Optional[int], warn: Optional[Warn]):
+        """(entry, state) of each verified checkpoint, newest first; damaged ones reported."""
+        entries = [e for e in self.manifest(warn)["checkpoints"] if at_or_before is None or e["step"] <= at_or_before]
         for e in reversed(entries):
             f = self.checkpoint_dir / e["file"]
             try:
                 data = f.read_bytes()
             except FileNotFoundError:
-                warn(f"{f}: checkpoint missing; falling back to an earlier one")
+                self._report(f"{f}: checkpoint missing; falling back to an earlier one", warn)
                 continue
             if sha256(data) != e["sha256"]:
-                warn(f"{f}: sha256 mismatch (corrupt checkpoint); falling back to an earlier one")
+                self._report(f"{f}: sha256 mismatch (corrupt checkpoint or edited manifest); "
+                             "falling back to an earlier one", warn)
                 continue
             try:
-                return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+                state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
             except Exception as err:  # a checkpoint that hashes right but will not unpickle safely
-                warn(f"{f}: cannot be loaded safely ({type(err).__name__}); falling back")
+                self._report(f"{f}: cannot be loaded safely ({type(err).__name__}: it holds objects other "
+                             "than tensors and plain containers); falling back", warn)
+                continue
+            if not isinstance(state, dict) or state.get("step") != e["step"]:
+                got = state.get("step") if isinstance(state, dict) else type(state).__name__
+                self._report(f"{f}: holds step {got}, the manifest says {e['step']}; falling back", warn)
+                continue
+            yield e, state
+
+    def load_checkpoint(self, at_or_before: Optional[int] = None, warn: Optional[Warn] = None) -> dict:
+        """Newest valid checkpoint at or before a step; damaged ones are reported and skipped."""
+        for _, state in self._valid_checkpoints(at_or_before, warn):
+            return state
         where = "" if at_or_before is None else f" at or before step {at_or_before}"
         raise CheckpointError(f"{self.checkpoint_dir}: no valid checkpoint{where}")
 
-    def mark_complete(self, steps: int) -> None:
+    def resume_point(self, warn: Optional[Warn] = None) -> tuple[dict, dict, bool]:
+        """The newest valid checkpoint whose earlier table rows are intact: ``(state, rows,
+        chained)``, ``rows`` the DataFrames of steps before it, ``chained`` whether they came from
+        the segment chain (else from the main tables)."""
+        newest = max(self.checkpoint_steps(), default=None)
+        for e, state in self._valid_checkpoints(None, warn):
+            rows, chained = self.rows_before(e["step"], warn)
+            if rows is not None:
+                if e["step"] != newest:
+                    self._report(f"{self.checkpoint_dir}: resuming from step {e['step']}, the newest valid "
+                                 f"checkpoint (the manifest's newest is step {newest})", warn)
+                return state, rows, chained
+            self._report(f"{self.checkpoint_dir / e['file']}: the table rows before step {e['step']} are "
+                         "damaged (segments and tables); falling back to an earlier checkpoint", warn)
+        raise CheckpointError(f"{self.checkpoint_dir}: no valid checkpoint with intact table rows")
+
+    def mark_complete(self, steps: int, rows: Optional[dict] = None, rows_from: Optional[int] = None) -> None:
+        """The run reached ``steps``; ``rows``: the rows of steps ``>= rows_from`` (the end segment)."""
         manifest = self.manifest()
         manifest["complete"] = steps
-        atomic_write(self.checkpoint_dir / MANIFEST, json.dumps(manifest, indent=2).encode())
+        manifest.pop("tail", None)
+        if rows is not None:
+            manifest["tail"] = {"from": rows_from, "tables": self._write_segments(f"end_{steps:08d}", rows)}
+            atomic_write(self.checkpoint_dir / END,
+                         json.dumps({"complete": steps, "tail": manifest["tail"]}, indent=2).encode())
+        self._write_manifest(manifest)
 
     def completed_steps(self) -> Optional[int]:
         return self.manifest().get("complete")
 
+    # -- row segments --------------------------------------------------------------------------
+    def _chain(self, manifest: dict, step: int) -> Optional[list[dict]]:
+        """The segments holding every row before checkpoint ``step``, oldest first (None: broken)."""
+        by_step = {e["step"]: e for e in manifest["checkpoints"]}
+        out, s = [], step
+        while s is not None:
+            e = by_step.get(s)
+            if e is None or "rows" not in e or len(out) > len(by_step):
+                return None
+            out.append(e["rows"])
+            if e["rows"]["from"] is not None and e["rows"]["from"] >= s:
+                return None
+            s = e["rows"]["from"]
+        return out[::-1]
+
+    def _read_segments(self, segments: list[dict]) -> dict:
+        out = {}
+        for name in TABLES:
+            parts = []
+            for seg in segments:
+                info = seg["tables"][name]
+                f = self.checkpoint_dir / info["file"]
+                try:
+                    data = f.read_bytes()
+                except FileNotFoundError:
+                    raise _Damaged(f"{f}: row segment missing") from None
+                if sha256(data) != info["sha256"]:
+                    raise _Damaged(f"{f}: row segment fails its sha256")
+                try:
+                    parts.append(decode_table(name, pa.BufferReader(data)))
+                except _Damaged as err:
+                    raise _Damaged(f"{f}: {err}") from None
+            out[name] = pd.concat(parts, ignore_index=True) if parts else tables.empty(name)
+        return out
+
+    def rows_before(self, step: int, warn: Optional[Warn] = None) -> tuple[Optional[dict], bool]:
+        """Every table's rows of steps before checkpoint ``step``: from the segment chain, else
+        from the intact main tables; ``(None, False)`` if neither can give them."""
+        chain = self._chain(self.manifest(warn), step)
+        if chain is not None:
+            try:
+                return self._read_segments(chain), True
+            except _Damaged as err:
+                self._report(f"{err}; using the tables instead", warn)
+        out = {}
+        for name in TABLES:
+            try:
+                df = decode_table(name, self.path / f"{name}.parquet")
+            except _Damaged:
+                if step != min(self.checkpoint_steps(), default=step):
+                    return None, False
+                df = tables.empty(name)  # no row can precede a run's first checkpoint
+            out[name] = df[df.step < step].reset_index(drop=True)
+        return out, False
+
+    def _recover(self, name: str) -> tuple[pd.DataFrame, Optional[int]]:
+        """The most rows of a table the segments can give: ``(rows, None)`` if every row of a
+        complete run, else ``(rows before checkpoint s, s)``."""
+        m = self.manifest()
+        tail = m.get("tail")
+        if m.get("complete") is not None and tail is not None:
+            chain = [] if tail["from"] is None else self._chain(m, tail["from"])
+            if chain is not None:
+                try:
+                    return self._read_segments(chain + [tail])[name], None
+                except _Damaged:
+                    pass
+        for e in reversed(m["checkpoints"]):
+            chain = self._chain(m, e["step"])
+            if chain is not None:
+                try:
+                    return self._read_segments(chain)[name], e["step"]
+                except _Damaged:
+                    continue
+        return tables.empty(name), 0
+
     # -- tables ----------------------------------------------------------------------------
     def write_table(self, name: str, df: pd.DataFrame) -> None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(tables.to_arrow(name, df), sink)
-        atomic_write(self.path / f"{name}.parquet", sink.getvalue().to_pybytes())
+        self.check_writable()
+        atomic_write(self.path / f"{name}.parquet", encode_table(name, df))
 
     def write_frame(self, name: str, df: pd.DataFrame) -> None:
         """An analysis table (e.g. opposing pairs) whose columns are its producer's contract."""
+        self.check_writable()
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), sink)
         atomic_write(self.path / f"{name}.parquet", sink.getvalue().to_pybytes())
 
-    def read_table(self, name: str) -> pd.DataFrame:
+    def table_damage(self, name: str) -> Optional[str]:
+        """None if the table is intact (or not yet written), else why it cannot be trusted."""
         f = self.path / f"{name}.parquet"
         if not f.exists():
+            return "missing" if self.manifest()["checkpoints"] else None
+        try:
+            decode_table(name, f)
+        except _Damaged as err:
+            return str(err)
+        return None
+
+    def read_table(self, name: str, warn: Optional[Warn] = None) -> pd.DataFrame:
+        """A tidy table; a damaged or missing one is reported and rebuilt from the segments."""
+        f = self.path / f"{name}.parquet"
+        if f.exists():
+            try:
+                return decode_table(name, f)
+            except _Damaged as err:
+                why = str(err)
+        elif not self.manifest()["checkpoints"]:
             return tables.empty(name)
-        return pq.read_table(f).to_pandas()
+        else:
+            why = "missing"
+        df, upto = self._recover(name)
+        fix = f"`eosbranch train --resume {self.path}` rewrites it"
+        if upto is None:
+            self._report(f"{f}: {why}; recovered all {len(df)} rows from the row segments in {CHECKPOINTS}/; {fix}", warn)
+        else:
+            self._report(f"{f}: {why}; loaded the {len(df)} rows of steps before {upto} from the row segments in "
+                         f"{CHECKPOINTS}/ (later rows dropped); {fix}", warn)
+        return df
+
+    def repair_tables(self, warn: Optional[Warn] = None) -> bool:
+        """Rewrite damaged tables of a complete run from its segments; False if they cannot give
+        every row (then the caller re-runs from the last checkpoint)."""
+        fixed = {}
+        for name in TABLES:
+            why = self.table_damage(name)
+            if why is None:
+                continue
+            df, upto = self._recover(name)
+            if upto is not None:
+                return False
+            fixed[name] = (df, why)
+        for name, (df, why) in fixed.items():
+            self.write_table(name, df)
+            self._report(f"{self.path / (name + '.parquet')}: {why}; rewrote it complete ({len(df)} rows) "
+                         f"from the row segments in {CHECKPOINTS}/", warn)
+        return True
+
+
+# ------------------------------------------------------------------------------- manifest shape
+
+def _check_rows(rows) -> None:
+    if rows["from"] is not None and not isinstance(rows["from"], int):
+        raise ValueError("segment 'from' must be a step or null")
+    for name in TABLES:
+        info = rows["tables"][name]
+        if not (_SEGMENT_FILE.fullmatch(info["file"]) and _SHA.fullmatch(info["sha256"])):
+            raise ValueError(f"bad segment record {info!r}")
+
+
+def _check_entry(e) -> None:
+    """An edited manifest must not point outside checkpoints/ or break the loader with a KeyError."""
+    if not (isinstance(e["step"], int) and e["step"] >= 0 and isinstance(e["file"], str)
+            and _CKPT_FILE.fullmatch(e["file"]) and isinstance(e["sha256"], str) and _SHA.fullmatch(e["sha256"])):
+        raise ValueError(f"bad checkpoint entry {json.dumps(e)[:80]}")
+    if "rows" in e:
+        _check_rows(e["rows"])
+
+
+def _check_manifest(m) -> None:
+    if not isinstance(m, dict) or not isinstance(m["checkpoints"], list):
+        raise ValueError("expected {'checkpoints': [...], 'complete': ...}")
+    for e in m["checkpoints"]:
+        _check_entry(e)
+    if m.get("complete") is not None and not isinstance(m["complete"], int):
+        raise ValueError("'complete' must be a step or null")
+    if m.get("tail") is not None:
+        _check_rows(m["tail"])

@@ -62,6 +62,9 @@ class Experiment:
     groups: dict = field(default_factory=dict)  # name -> indices into data.X
     group_info: dict = field(default_factory=dict)  # centroids, v_diff, centroid distances
     train_index: Optional[torch.Tensor] = None  # None: train on every point of data.X
+    # Set by interventions (eosbranch.interventions) from a fork on:
+    sample_weight: Optional[torch.Tensor] = None  # per row of data.X; loss = sum w l / sum w
+    grad_hook: Optional[Callable] = None  # (exp, st, idx, per, grads, record) -> grads
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -74,6 +77,25 @@ class Experiment:
     @cached_property
     def train_y(self) -> torch.Tensor:
         return self.data.y if self.train_index is None else self.data.y[self.train_index]
+
+    @property
+    def train_weight(self) -> Optional[torch.Tensor]:
+        w = self.sample_weight
+        return w if w is None or self.train_index is None else w[self.train_index]
+
+    def rows(self, idx: Optional[torch.Tensor]) -> torch.Tensor:
+        """Rows of data.X behind training positions ``idx`` (None: the whole training set)."""
+        pos = torch.arange(self.train_X.shape[0], device=self.device) if idx is None else idx
+        return pos if self.train_index is None else self.train_index[pos]
+
+    def objective(self, per: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The training loss from per-example losses at training positions ``idx``: their mean, or
+        the weighted mean sum w l / sum w under a reweighting branch."""
+        w = self.train_weight
+        if w is None:
+            return per.mean()
+        w = w if idx is None else w[idx]
+        return (per * w).sum() / w.sum().clamp_min(1e-30)
 
 
 def build(spec: Spec) -> Experiment:
@@ -122,6 +144,7 @@ class TrainState:
     measured: dict = field(default_factory=dict)  # e.g. last sharpness, t_star
     prev_example_losses: Optional[torch.Tensor] = None  # for fraction_loss_increased
     reference: Optional[dict] = None  # step, theta and v1 of the weight-projection reference
+    intervention: dict = field(default_factory=dict)  # per-step intervention state (gradient surgery's v1)
 
 
 def _rng_state() -> dict:
@@ -153,7 +176,7 @@ def checkpoint_state(exp: Experiment, st: TrainState) -> dict:
         "optimizer": _to_cpu(st.opt_state), "cursor": dict(st.cursor), "rng": _rng_state(),
         "eig_vectors": _to_cpu(st.eig_vectors), "precond_vectors": _to_cpu(st.precond_vectors),
         "measured": dict(st.measured), "prev_example_losses": _to_cpu(st.prev_example_losses),
-        "reference": _to_cpu(st.reference),
+        "reference": _to_cpu(st.reference), "intervention": _to_cpu(st.intervention),
     }
 
 
@@ -168,6 +191,7 @@ def restore_state(exp: Experiment, ckpt: dict) -> TrainState:
         measured=dict(ckpt.get("measured", {})),
         prev_example_losses=_to_device(ckpt.get("prev_example_losses"), exp.device),
         reference=_to_device(ckpt.get("reference"), exp.device),
+        intervention=_to_device(ckpt.get("intervention", {}), exp.device),
     )
 
 
@@ -208,14 +232,19 @@ def batch_indices(exp: Experiment, cursor: dict) -> Optional[torch.Tensor]:
     return idx.to(exp.device)
 
 
-def forward_backward(exp: Experiment, st: TrainState):
+def forward_backward(exp: Experiment, st: TrainState, record: Callable = lambda group, metric, value: None):
     """Loss, per-example losses (detached) and gradients at the current state on this step's
-    batch (advancing the data cursor)."""
+    batch (advancing the data cursor). A branch's gradient transform (``exp.grad_hook``, e.g.
+    gradient surgery) edits the gradients here, so every optimizer sees the edited ones."""
     idx = batch_indices(exp, st.cursor)
     X, y = (exp.train_X, exp.train_y) if idx is None else (exp.train_X[idx], exp.train_y[idx])
     per = exp.loss_fn(exp.model(X), y, reduction="none")
-    loss = per.mean()
-    return loss, per.detach(), list(torch.autograd.grad(loss, exp.params))
+    loss = exp.objective(per, idx)
+    hook = exp.grad_hook
+    grads = list(torch.autograd.grad(loss, exp.params, retain_graph=hook is not None))
+    if hook is not None:
+        grads = hook(exp, st, idx, per, grads, record)
+    return loss, per.detach(), grads
 
 
 def apply_update(exp: Experiment, st: TrainState, grads: list[torch.Tensor]) -> None:
@@ -278,28 +307,48 @@ class Trainer:
         self.events: list[tuple] = []
         self.examples: list[tuple] = []
         self.st = TrainState(lr=exp.spec.optimizer["lr"])
-        # A branch replays its parent from a checkpoint up to fork_at, then applies intervene.
+        # A branch replays its parent from a checkpoint up to fork_at, checks the replayed state
+        # (check_fork), then applies its interventions (eosbranch.interventions).
         self.fork_at: Optional[int] = None
-        self.intervene: Callable[["Trainer"], None] = lambda tr: None
+        self._seg_start: Optional[int] = None  # rows of steps >= this go into the next checkpoint's segments
+        self.interventions: list = []
+        self.check_fork: Callable[[float], None] = lambda loss: None
+        self._fork_curvature: Optional[dict] = None
+        # A stop rule (e.g. the branch's own t** plus a margin): the run ends at the first step where it holds.
+        self.until: Optional[Callable[["Trainer"], bool]] = None
 
     # -- state -------------------------------------------------------------------------------
     def start_fresh(self) -> None:
         self.st = TrainState(lr=self.exp.spec.optimizer["lr"], opt_state=self.exp.optimizer.init(self.exp.params))
 
     def resume(self) -> None:
-        ckpt = self.store.load_checkpoint(warn=self.warn)
+        # The newest valid checkpoint and the rows before it (from its row segments, so damaged
+        # tables are rewritten complete at the next checkpoint); see store.py.
+        ckpt, rows, chained = self.store.resume_point(warn=self.warn)
         self.st = restore_state(self.exp, ckpt)
         s = self.st.step
         # Rows of steps >= s are recomputed: dropping them avoids duplicates after a kill.
         for name in ("metrics", "events", "examples"):
-            df = self.store.read_table(name)
+            df = rows[name]
             cols = tables.COLUMNS[name][3:]
             setattr(self, name, list(df.loc[df.step < s, cols].itertuples(index=False, name=None)))
+        self._seg_start = s if chained else None
 
     def save(self) -> None:
         s = self.st.step
         self.flush(before=s)
-        self.store.save_checkpoint(s, checkpoint_state(self.exp, self.st))
+        self.store.save_checkpoint(s, checkpoint_state(self.exp, self.st), rows=self._segment(self._seg_start, s),
+                                   rows_from=self._seg_start)
+        self._seg_start = s
+
+    def _segment(self, lo: Optional[int], hi: Optional[int]) -> dict:
+        """The rows of steps in [lo, hi) as DataFrames (None: unbounded), for the store's segments."""
+        seed, out = self.exp.spec.seed, {}
+        for name, rows, step_at in (("metrics", self.metrics, 0), ("events", self.events, 1),
+                                    ("examples", self.examples, 0)):
+            keep = [r for r in rows if (lo is None or r[step_at] >= lo) and (hi is None or r[step_at] < hi)]
+            out[name] = tables.frame(name, keep, self.run_name, self.branch, seed)
+        return out
 
     def flush(self, before: Optional[int] = None) -> None:
         seed = self.exp.spec.seed
@@ -316,7 +365,8 @@ class Trainer:
     def event(self, name: str, value: float = float("nan"), detail: str = "") -> None:
         self.events.append((name, self.st.step, self.st.t_eff, float(value), detail))
 
-    def run(self, steps: int, on_step: Callable[["Trainer", float], None] = lambda tr, loss: None) -> None:
+    def run(self, steps: int, on_step: Callable[["Trainer", float], None] = lambda tr, loss: None) -> int:
+        """Train to ``steps`` (or to the first step where ``until`` holds); returns the last step."""
         exp, st, spec = self.exp, self.st, self.exp.spec
         full_batch = exp.optimizer.batch_size is None
         stop = _StopFlag()
@@ -333,12 +383,16 @@ class Trainer:
                                           f"`eosbranch train --resume {self.store.path}`")
                 if spec.measure.due(t):
                     measure(self)
+                if t < steps and self.until is not None and self.fork_at is None and self.until(self):
+                    self.store.write_text(SPEC, spec.model_copy(update={"steps": t}).to_yaml())
+                    steps = t  # the stop rule ends the run here: its spec now says so
+                    self.save()  # the final state, as every run's last step
                 if t == steps:
                     with torch.no_grad():
                         per = exp.loss_fn(exp.model(exp.train_X), exp.train_y, reduction="none")
-                    self.record_step_loss(per.mean().item(), per, True)
+                    self.record_step_loss(exp.objective(per).item(), per, True)
                     break
-                loss, per, grads = forward_backward(exp, st)
+                loss, per, grads = forward_backward(exp, st, self.record)
                 value = loss.item()
                 if not np.isfinite(value):
                     self.diverged(value)
@@ -346,16 +400,41 @@ class Trainer:
                 apply_update(exp, st, grads)
                 on_step(self, value)
         self.flush()
-        self.store.mark_complete(steps)
+        self.store.mark_complete(steps, rows=self._segment(self._seg_start, None), rows_from=self._seg_start)
+        return steps
 
     def start_branch(self) -> None:
-        """At the fork step: apply the intervention to the replayed state, forget the replay's
-        rows (they are the parent's), and save the branch's first checkpoint."""
-        self.intervene(self)
+        """At the fork step: record and check the replayed state before anything changes (the
+        parent's loss at this step, bit for bit; the fork-state snapshot of the integrity
+        certificate), forget the replay's rows (they are the parent's), apply the interventions
+        and save the branch's first checkpoint."""
+        from .certificate import fork_snapshot
+
+        devices = [self.exp.device] if self.exp.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # measuring must not consume the run's randomness
+            snapshot = fork_snapshot(self)
+        self.check_fork(snapshot["loss"])
         self.metrics, self.events, self.examples = [], [], []
+        for detail, value in snapshot["rows"]:
+            self.event("fork_state", value, detail)
+        self.event("fork_params", float("nan"), snapshot["params_sha256"])
+        self.st.measured["fork_step"] = self.st.step
+        for iv in self.interventions:
+            iv.at_fork(self)
         self.fork_at = None
         self.event("fork_step", float(self.st.step))
         self.save()
+
+    def fork_curvature(self) -> dict:
+        """Sharpness and v1 at the fork step before any intervention (cached): ``sharpness``,
+        ``v1``, and ``compared`` (what the threshold applies to: preconditioned for Adam).
+        Warm-started from the state's vectors without changing them, so measuring here leaves the
+        branch's later measurements (and a null branch's bit-exactness) untouched."""
+        if self._fork_curvature is None:
+            from .measure import solve_sharpness
+
+            self._fork_curvature = solve_sharpness(self.exp, self.st)
+        return self._fork_curvature
 
     def record_step_loss(self, value: float, per: torch.Tensor, full_batch: bool) -> None:
         """``loss`` (``batch_loss`` for minibatches) and, on full batches, the share of training
@@ -386,6 +465,7 @@ def run_dir_for(spec: Spec, out: Union[str, Path]) -> Path:
 def open_run(spec: Spec, path: Path, lineage: Optional[dict] = None) -> RunStore:
     """Create a run directory, or check that an existing one holds the same spec."""
     store = RunStore(path)
+    store.check_writable()  # a planted symlink must not redirect the run outside --out
     if (path / SPEC).exists():
         old = load_spec(path / SPEC)
         if old.digest() != spec.digest():
@@ -410,10 +490,27 @@ def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *,
         raw = spec.model_dump() if isinstance(spec, Spec) else dict(spec)
         spec = parse_spec({**raw, **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}})
     path = Path(run_dir) if run_dir else run_dir_for(spec, out)
-    store = open_run(spec, path)
-    if (path / SPEC).exists() and load_spec(path / SPEC).steps != spec.steps:
-        store.write_text(SPEC, spec.to_yaml())  # an extension: the same run, more steps
-    return _drive(spec, store, progress, warn)
+    created = not path.exists() and not path.is_symlink()
+    try:
+        store = open_run(spec, path)
+        return _drive(spec, store, progress, warn)
+    except BaseException as e:
+        if created and not isinstance(e, DivergenceError):
+            _remove_unstarted(path)
+        raise
+
+
+def _remove_unstarted(path: Path) -> None:
+    """A run this call created that failed before its first step (a spec whose data, groups or
+    model cannot be built; no space for the first checkpoint) leaves no directory behind."""
+    import shutil
+
+    try:
+        steps = RunStore(path).checkpoint_steps()
+    except EosbranchError:
+        return
+    if max(steps, default=0) == 0:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def resume(run_dir: Union[str, Path], steps: Optional[int] = None, progress: bool = False,
@@ -424,23 +521,35 @@ def resume(run_dir: Union[str, Path], steps: Optional[int] = None, progress: boo
         raise EosbranchError(f"{path}: not a run directory (no {SPEC})")
     spec = load_spec(path / SPEC, steps=steps)
     store = RunStore(path)
-    if steps is not None:
-        store.write_text(SPEC, spec.to_yaml())
     return _drive(spec, store, progress, warn)
 
 
 def _drive(spec: Spec, store: RunStore, progress: bool, warn) -> Run:
+    store.warn = warn
     store.lock()
     try:
+        if load_spec(store.path / SPEC).steps != spec.steps:  # written only under the lock
+            if spec.steps < max(store.checkpoint_steps(), default=0):
+                raise EosbranchError(f"{store.path}: has checkpoints past step {spec.steps}; "
+                                     "a run can be extended, not shortened")
+            store.write_text(SPEC, spec.to_yaml())  # an extension: the same run, more steps
         done = store.completed_steps()
-        if done is not None and done == spec.steps:
-            return Run(store.path)
+        if done is not None and done == spec.steps and store.repair_tables(warn):
+            return Run(store.path)  # complete (damaged tables rewritten from the checkpoints' rows)
         exp = build(spec)
-        trainer = Trainer(exp, store, branch=_branch_name(store), warn=warn)
+        lineage = _lineage(store)
+        trainer = Trainer(exp, store, branch=lineage.get("branch") or "trunk", warn=warn)
         if store.checkpoint_steps():
             if spec.steps < max(store.checkpoint_steps()):
                 raise EosbranchError(f"{store.path}: has checkpoints past step {spec.steps}; "
                                      "a run can be extended, not shortened")
+            if lineage.get("fork_step") is not None:
+                # A branch's checkpoints all follow its fork: rebuild what its interventions changed.
+                from .fork import BranchSpec, stop_rule
+
+                for iv in BranchSpec.model_validate(lineage["branch_spec"]).compose(str(store.path / LINEAGE)):
+                    iv.configure(exp)
+                trainer.until = stop_rule(lineage)
             trainer.resume()
         else:
             trainer.start_fresh()
@@ -451,11 +560,11 @@ def _drive(spec: Spec, store: RunStore, progress: bool, warn) -> Run:
     return Run(store.path)
 
 
-def _branch_name(store: RunStore) -> str:
+def _lineage(store: RunStore) -> dict:
     try:
-        return store.read_json(LINEAGE).get("branch") or "trunk"
+        return store.read_json(LINEAGE)
     except FileNotFoundError:
-        return "trunk"
+        return {}
 
 
 @contextlib.contextmanager

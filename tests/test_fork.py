@@ -46,6 +46,9 @@ def test_null_fork_is_bit_identical_to_its_parent(tmp_path, tiny_spec, opt):
     lin = branch.lineage
     assert lin["parent"] == parent.name and lin["fork_step"] == 17 and lin["branch"] == "null_branch"
     assert branch.checkpoints[0] == 17
+    # The certificate says so: 0.0 over every overlapping row and the common checkpoints.
+    cert = branch.events.query("event == 'certificate_null'")
+    assert cert.value.tolist() == [0.0] and "parameters at steps [21, 28, 30]" in cert.detail.iloc[0]
 
 
 def test_exit_branch_lowers_the_step_size_and_its_clock(tmp_path, tiny_spec):
@@ -91,11 +94,22 @@ def test_replay_mismatch_is_detected(tmp_path, tiny_spec):
         eosbranch.fork(parent, at=("step", 17), branches="null")
 
 
+@pytest.fixture(scope="module")
+def prototypes_parent(tmp_path_factory):
+    from conftest import TINY
+
+    spec = parent_spec(copy.deepcopy(TINY), {"kind": "gd", "lr": 0.05})
+    spec["groups"] = {"kind": "prototypes", "per_class": 2, "knn_k": 8}
+    return eosbranch.train(spec, tmp_path_factory.mktemp("catalog"))
+
+
 @pytest.mark.parametrize("name", names("interventions"))
-def test_every_catalog_entry_loads_and_runs(tmp_path, tiny_spec, name):
-    parent = eosbranch.train(parent_spec(tiny_spec, {"kind": "gd", "lr": 0.05}), tmp_path)
-    (branch,) = eosbranch.fork(parent, at=("step", 10), branches=name, steps=3)
+def test_every_catalog_entry_loads_and_runs(prototypes_parent, name):
+    (branch,) = eosbranch.fork(prototypes_parent, at=("step", 10), branches=name, steps=3)
     assert branch.complete and branch.metric("loss").index.tolist() == [10, 11, 12, 13]
+    assert branch.lineage["branch_spec"] == load_branches(name)[0].model_dump()
+    certificate = branch.events.query("event == 'certificate_fork_state'")
+    assert certificate.value.tolist() == [0.0]
 
 
 def test_bad_branch_files_name_the_field(tmp_path):
@@ -122,3 +136,38 @@ def test_cli_fork_prints_branch_dirs(tmp_path, tiny_spec, monkeypatch):
     assert branch.lineage["parent"] == parent.name and branch.spec.steps == 25
     res = CliRunner().invoke(app, ["fork", "--at", "later", "3", "--run", str(parent.path)])
     assert res.exit_code == 2 and "step, onset or teff" in res.output
+
+
+def test_until_tss_runs_each_branch_to_its_own_t_star_star(quick_run, tmp_path):
+    """--until tss: the exit branch stops two measurements after its sharpness first reaches its
+    own threshold (and stays below it before); the EoS reference runs as far in t_eff."""
+    branches = tmp_path / "b.yaml"
+    branches.write_text("branches:\n  - {name: eos}\n  - {name: exit_margin, interventions: [{kind: lr, stable_margin: 0.9}]}\n")
+    res = CliRunner().invoke(app, ["fork", "--run", str(quick_run.path), "--at", "onset", "0",
+                                   "--branches", str(branches), "--until", "tss"])
+    assert res.exit_code == 0, res.output
+    eos, exit_ = (eosbranch.load(p) for p in res.stdout.strip().splitlines()[-2:])
+    assert "integrity certificate" in res.stderr and "certificate" not in res.stdout
+    tss = exit_.events.query("event == 't_star_star'")
+    assert len(tss) == 1
+    every = quick_run.spec.measure.every
+    t = int(tss.step.iloc[0])
+    assert exit_.spec.steps == t + 2 * every and exit_.complete and max(exit_.checkpoints) == t + 2 * every
+    s, thr = exit_.metric("sharpness"), exit_.metric("threshold")
+    assert (s[s.index < t] < thr[thr.index < t]).all() and s[t] >= thr[t]
+    end = exit_.metrics.t_eff.max()
+    loss = eos.metrics.query("metric == 'loss' and group == 'all'")
+    assert loss.t_eff.max() >= end - 1e-9 and loss.t_eff.iloc[-2] < end - 1e-9
+    assert eos.events.query("event == 'certificate_null'").value.tolist() == [0.0]
+    df = eosbranch.compare(quick_run)
+    assert df[df.branch == "exit_margin"].t_star_star.between(exit_.metrics.query("step == @t - @every").t_eff.iloc[0],
+                                  exit_.metrics.query("step == @t").t_eff.iloc[0]).all()
+
+
+def test_teff_stops_at_the_effective_time(prototypes_parent):
+    (b,) = eosbranch.fork(prototypes_parent, at=("step", 10), branches="exit_eos", teff=0.02)
+    # lr 0.005 after the fork: t_eff(10) + 0.02 is reached after 4 steps (allowing for rounding).
+    t0 = prototypes_parent.metrics.query("step == 10").t_eff.iloc[0]
+    assert b.spec.steps == 14 and b.metrics.t_eff.max() == pytest.approx(t0 + 0.02)
+    with pytest.raises(EosbranchError, match="at most one of --steps, --until, --teff"):
+        eosbranch.fork(prototypes_parent, at=("step", 10), branches="exit_eos", teff=0.02, steps=3)

@@ -34,11 +34,17 @@ def test_truncated_checkpoint_and_no_valid_checkpoint(tmp_path, tiny_spec):
         run.store.load_checkpoint()
 
 
-def test_edited_manifest_is_reported(tmp_path, tiny_spec):
+def test_edited_manifest_is_reported_and_rebuilt(tmp_path, tiny_spec):
     run = eosbranch.train(tiny_spec, tmp_path)
     (run.store.checkpoint_dir / "manifest.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="manifest.json: manifest is not valid JSON"):
-        run.store.load_checkpoint()
+    warnings = []
+    assert run.store.load_checkpoint(warn=warnings.append)["step"] == 30  # rebuilt from step_*.json
+    assert len(warnings) == 1 and "manifest.json: not a valid manifest" in warnings[0]
+    # Without the per-checkpoint entries there is nothing to verify the checkpoints by.
+    for f in run.store.checkpoint_dir.glob("step_*.json"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match="manifest.json: not a valid manifest.*no intact step_"):
+        RunStore(run.path).load_checkpoint()
 
 
 def test_malicious_pickle_is_refused(tmp_path):

@@ -1,0 +1,532 @@
+"""Figures of a study (``eosbranch report``): one function per figure, each taking loaded tables and
+an output path and returning the path of the PNG it wrote.
+
+Conventions shared by every figure, so a reader learns them once:
+
+- one colour per group, the same in every figure (:func:`group_colors`; Okabe–Ito, colour-blind
+  safe; ``all`` is black);
+- the EoS reference branch (the branch named ``eos``, else the parent; see ``compare``) solid, the
+  other branches dashed / dotted / dash-dotted, the parent before the fork thin grey;
+- effective time t_eff = Σ η on the x axis wherever branches with different step sizes meet;
+- legends outside the data area, constrained layout, no pyplot state (figures are built on the
+  Agg canvas directly, so a notebook's backend is never touched).
+
+A figure that has nothing to show raises :class:`NothingToPlot` with the reason; the report lists
+the reason instead of drawing an empty frame.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
+
+from .errors import EosbranchError
+
+# Okabe & Ito (2008), the colour-blind-safe qualitative palette; yellow is left out (unreadable on white).
+BLACK, ORANGE, SKY_BLUE, GREEN = "#000000", "#E69F00", "#56B4E9", "#009E73"
+BLUE, VERMILLION, PURPLE = "#0072B2", "#D55E00", "#CC79A7"
+# Fixed colours for the group names eosbranch itself produces.
+KNOWN_GROUPS = {
+    "all": BLACK, "inlier": BLUE, "boundary": GREEN, "input_outlier": VERMILLION, "output_outlier": PURPLE,
+    "opposing_rise": ORANGE, "opposing_fall": SKY_BLUE,
+}
+# Other names take the next free colour: Okabe–Ito first, then Paul Tol's "muted" (also colour-blind safe).
+CYCLE = [BLUE, VERMILLION, GREEN, PURPLE, ORANGE, SKY_BLUE,
+         "#332288", "#117733", "#882255", "#44AA99", "#999933", "#AA4499", "#88CCEE", "#DDCC77", "#CC6677"]
+GREY, LIGHT_GREY = "#7F7F7F", "#BBBBBB"
+OTHER_STYLES = ["--", ":", "-."]
+DPI = 110
+
+
+class NothingToPlot(EosbranchError):
+    """The tables hold nothing this figure could show (the message says what is missing)."""
+
+
+def group_colors(names: Iterable[str]) -> dict[str, str]:
+    """One colour per group name, deterministic and independent of the order of ``names``.
+
+    Names eosbranch produces (``all``, the prototype roles, the opposing pair) have fixed colours;
+    any other name takes the next colour of :data:`CYCLE` not used by a fixed name, in sorted name
+    order. Beyond the palette's size, colours repeat (chosen by a hash of the name). The report
+    builds this mapping once, over every group of every run, and hands it to every figure.
+    """
+    names = sorted(set(names))
+    out = {n: KNOWN_GROUPS[n] for n in names if n in KNOWN_GROUPS}
+    free = [c for c in CYCLE if c not in out.values()]
+    for n in names:
+        if n in out:
+            continue
+        out[n] = free.pop(0) if free else CYCLE[zlib.crc32(n.encode()) % len(CYCLE)]
+    return out
+
+
+@dataclass
+class StudyRun:
+    """One seed of a study, loaded once: the parent's and each branch's tables.
+
+    ``lines`` maps a label (the branch name; the parent under its own branch name, ``trunk`` for a
+    trained run) to that run's ``metrics`` table; ``reference`` is the label of the EoS reference;
+    ``comparison`` is ``eosbranch.compare``'s table (empty without branches).
+    """
+
+    name: str
+    seed: int
+    parent: str
+    lines: dict[str, pd.DataFrame]
+    reference: str
+    comparison: pd.DataFrame
+    events: pd.DataFrame
+    t_star: float = float("nan")  # t_eff of the t_star event (NaN: never reached)
+    t_star_step: Optional[int] = None
+    fork_t: dict[str, float] = field(default_factory=dict)  # branch label -> t_eff at its fork
+
+    @property
+    def others(self) -> list[str]:
+        """Branches compared against the reference (not the reference, not the parent)."""
+        return [b for b in self.lines if b not in (self.reference, self.parent)]
+
+    def curve(self, label: str, metric: str, group: str = "all") -> pd.Series:
+        m = self.lines[label]
+        m = m[(m.metric == metric) & (m.group == group)]
+        s = m.set_index("t_eff")["value"].sort_index()
+        if label == self.parent and self.reference != self.parent and self.fork_t:
+            s = s[s.index <= min(self.fork_t.values()) + 1e-12]  # the parent only up to the fork
+        return s
+
+    def groups(self, metric: str = "loss") -> list[str]:
+        """Data groups that have ``metric`` (``all`` last), in sorted order."""
+        names = set()
+        for m in self.lines.values():
+            names |= set(m.loc[m.metric == metric, "group"])
+        return sorted(names - {"all"}) + (["all"] if "all" in names else [])
+
+    def window(self) -> tuple[float, float]:
+        """[t_fork, t_end] of the comparison (over all compared branches); the whole run without branches."""
+        c = self.comparison
+        if len(c):
+            return float(c.t_fork.min()), float(c.t_end.max())
+        t = self.lines[self.parent].t_eff
+        return float(t.min()), float(t.max())
+
+
+def _style(run: StudyRun, label: str) -> dict:
+    if label == run.reference:
+        return {"linestyle": "-", "linewidth": 1.9}
+    if label == run.parent:
+        return {"linestyle": "-", "linewidth": 1.0, "color": LIGHT_GREY}
+    return {"linestyle": OTHER_STYLES[run.others.index(label) % len(OTHER_STYLES)], "linewidth": 1.6}
+
+
+def _describe(run: StudyRun, label: str) -> str:
+    if label == run.reference:
+        return f"{label} (EoS reference)" if run.others else label
+    if label == run.parent:
+        return f"{label} (parent, before the fork)"
+    return label
+
+
+def _style_legend(run: StudyRun) -> list[Line2D]:
+    """Black proxies for the branches' line styles (colours belong to groups)."""
+    labels = dict.fromkeys([run.reference, *run.others, run.parent])
+    return [Line2D([], [], label=_describe(run, b), **{"color": BLACK, **_style(run, b)}) for b in labels]
+
+
+def _window_patch(run: StudyRun) -> list[Patch]:
+    return [Patch(color=GREY, alpha=0.13, label="comparison window")] if len(run.comparison) else []
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _xlim_window(run: StudyRun, ax) -> None:
+    """Zoom on the comparison window (a quarter of its length of context before the fork)."""
+    if not len(run.comparison):
+        return
+    lo, hi = run.window()
+    span = max(hi - lo, 1e-12)
+    ax.set_xlim(lo - 0.25 * span, hi + 0.05 * span)
+
+
+def _shade_window(run: StudyRun, ax, label: bool = False) -> Optional[Patch]:
+    c = run.comparison
+    patch = None
+    for b in run.others:
+        rows = c[c.branch == b]
+        if rows.empty:
+            continue
+        r = rows.iloc[0]
+        reached = np.isfinite(r.t_star_star)
+        text = (f"window [t*, t**] of {b}" if reached else f"window [t*, end of {b}] (t** not reached)")
+        patch = ax.axvspan(r.t_fork, r.t_end, color=GREY, alpha=0.13, linewidth=0, label=text if label else None)
+    return patch
+
+
+def _time_lines(run: StudyRun, ax, label: bool = True) -> None:
+    if np.isfinite(run.t_star):
+        ax.axvline(run.t_star, color=BLACK, linestyle=(0, (1, 2)), linewidth=1.2,
+                   label=f"t* = {run.t_star:.4g}" if label else None)
+    c = run.comparison
+    for b in run.others:
+        rows = c[c.branch == b]
+        if len(rows) and np.isfinite(rows.t_star_star.iloc[0]):
+            ax.axvline(rows.t_star_star.iloc[0], color=GREY, linestyle=(0, (4, 2, 1, 2)), linewidth=1.2,
+                       label=f"t** of {b} = {rows.t_star_star.iloc[0]:.4g}" if label else None)
+
+
+T_EFF = "effective time t_eff = Σ η"
+
+
+def plot_sharpness(run: StudyRun, path) -> Path:
+    """Figure 1: sharpness per branch against t_eff; thresholds as horizontal lines, t* and t** as
+    vertical lines, the comparison window shaded. Left the whole run, right the window zoomed in
+    (where the branches part)."""
+    metric = "preconditioned_sharpness" if any(
+        (m.metric == "preconditioned_sharpness").any() for m in run.lines.values()) else "sharpness"
+    labels = list(dict.fromkeys(b for b in (run.parent, run.reference, *run.others) if len(run.curve(b, metric))))
+    if not labels:
+        raise NothingToPlot("no sharpness was measured (measure.sharpness is off)")
+    zoom = len(run.comparison) > 0
+    fig = _new_figure(14 if zoom else 10, 5.0)
+    axes = fig.subplots(1, 2 if zoom else 1, squeeze=False, width_ratios=[3, 2] if zoom else None)[0]
+    top = max(float(np.nanmax(run.curve(b, metric).values)) for b in labels)
+    off_scale = []
+    for k, ax in enumerate(axes):
+        for b in labels:
+            s = run.curve(b, metric)
+            ax.plot(s.index, s.values, label=f"{metric.replace('_', ' ')}: {_describe(run, b)}",
+                    marker="o" if len(s) < 40 else None, markersize=2.5, **{"color": BLACK, **_style(run, b)})
+        for b in labels:
+            thr = run.curve(b, "threshold")
+            if thr.empty or (b == run.parent and run.reference != run.parent):
+                continue
+            text = f"threshold of {b} = {float(thr.iloc[-1]):.4g}"
+            if float(thr.min()) > 1.6 * top:  # e.g. an exit branch's 2/η, far above every sharpness
+                if k == 0:
+                    off_scale.append(text + " (above the axis)")
+                continue
+            ax.plot(thr.index, thr.values, color=GREY, linewidth=1.3, label=text,
+                    linestyle="-" if b == run.reference else _style(run, b)["linestyle"])
+        _time_lines(run, ax)
+        _shade_window(run, ax, label=True)
+        ax.set_xlabel(T_EFF)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 1.08 * max([top] + [float(line.get_ydata().max()) for line in axes[0].get_lines()
+                                              if line.get_color() == GREY and len(line.get_ydata())]))
+    axes[0].set_ylabel("sharpness λ1(∇²L)" if metric == "sharpness" else "preconditioned sharpness λ1(P⁻¹H)")
+    axes[0].set_title("whole run", fontsize=10)
+    if zoom:
+        _xlim_window(run, axes[1])
+        _autoscale_visible(axes[1])
+        axes[1].set_title("the comparison window, zoomed in", fontsize=10)
+    handles, _ = axes[0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="none", label=t) for t in off_scale]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    fig.suptitle(f"{run.name}: sharpness per branch (seed {run.seed})")
+    return _save(fig, path)
+
+
+def _grid(fig: Figure, n: int, ncols: int, **kw):
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return axes
+
+
+def plot_group_losses(run: StudyRun, path, colors: dict[str, str]) -> Path:
+    """Figure 2: each group's loss per branch (log scale) against t_eff, zoomed on the window."""
+    groups = run.groups("loss")
+    if not groups:
+        raise NothingToPlot("no loss was recorded per group")
+    ncols = min(3, len(groups))
+    nrows = -(-len(groups) // ncols)
+    fig = _new_figure(3.6 * ncols + 2.6, 2.8 * nrows + 0.6)
+    axes = _grid(fig, len(groups), ncols, sharex=True)
+    for ax, g in zip(axes.flat, groups):
+        for b in run.lines:
+            s = run.curve(b, "loss", g)
+            if s.empty:
+                continue
+            st = {"color": colors[g], **_style(run, b)}
+            line, = ax.plot(s.index, s.values, marker="o" if len(s) < 40 else None, markersize=2.5, **st)
+            line.set_gid(f"group:{g}")
+        _shade_window(run, ax)
+        _time_lines(run, ax, label=False)
+        _xlim_window(run, ax)
+        _autoscale_visible(ax, log=True)
+        ax.set_title(g, color=colors[g], fontweight="bold")
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("group loss ℓ_k (log)")
+    for ax in axes.flat[len(groups) - ncols:len(groups)]:
+        ax.set_xlabel(T_EFF)
+        ax.xaxis.set_tick_params(labelbottom=True)
+    handles = _style_legend(run) + [Line2D([], [], color=BLACK, linestyle=(0, (1, 2)), label="t*")] + _window_patch(run)
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    fig.suptitle(f"{run.name}: group losses per branch (seed {run.seed})")
+    return _save(fig, path)
+
+
+def _autoscale_visible(axes, log: bool = False, floor: Optional[float] = None) -> None:
+    """Fit y to the data inside each axis's x limits (matplotlib scales to all data), jointly over
+    ``axes`` (one axis or a row sharing y); ``floor``: a lower limit to keep (e.g. 0 for cos²)."""
+    axes = list(axes) if isinstance(axes, (list, tuple, np.ndarray)) else [axes]
+    ys = []
+    for ax in axes:
+        lo, hi = ax.get_xlim()
+        for line in ax.get_lines():
+            if line.get_transform() != ax.transData:  # axvline / axhline: y in axes coordinates
+                continue
+            x, y = (np.asarray(a, float) for a in line.get_data())
+            if x.size < 1 or y.size != x.size:
+                continue
+            keep = (x >= lo) & (x <= hi) & np.isfinite(y)
+            if log:
+                keep &= y > 0
+            ys.append(y[keep])
+    ys = np.concatenate(ys) if ys else np.array([])
+    if not ys.size:
+        return
+    if log:
+        llo, lhi = np.log(ys.min()), np.log(ys.max())
+        pad = max(0.08 * (lhi - llo), 0.002)
+        lo, hi = np.exp(llo - pad), np.exp(lhi + pad)
+        for ax in axes:
+            ax.set_yscale("log")
+            ax.set_ylim(lo, hi)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))  # 0.28, not 2.8×10⁻¹
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            if hi / lo < 10:  # under a decade log ticks are sparse or crowded: place a few evenly spaced ones
+                ticks = [t for t in MaxNLocator(5).tick_values(lo, hi) if lo <= t <= hi]
+                ax.yaxis.set_major_locator(FixedLocator(ticks))
+                ax.yaxis.set_minor_locator(NullLocator())
+            elif hi / lo < 1000:  # two or three decades: label 1, 2, 5 of each
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    else:
+        pad = 0.06 * (ys.max() - ys.min() or abs(ys.max()) or 1.0)
+        lo = ys.min() - pad if floor is None else min(floor, ys.min() - pad)
+        for ax in axes:
+            ax.set_ylim(lo, ys.max() + pad)
+
+
+def plot_branch_effect(bands: pd.DataFrame, path, colors: dict[str, str], reference: str = "eos",
+                       relative: bool = False) -> Path:
+    """Figure 3: Δℓ_k = ℓ_k(branch) − ℓ_k(EoS) per group on t_eff, the median across seeds with its
+    inter-quartile band (one line for one seed); Δ > 0 reads "faster at EoS".
+
+    ``bands``: columns branch, group, x, median, q25, q75, n_seeds (see ``report.effect_bands``).
+    ``relative``: x is time since each seed's fork (several seeds), else absolute t_eff."""
+    if bands.empty:
+        raise NothingToPlot("no branches to compare (fork the run first)")
+    branches = list(dict.fromkeys(bands.branch))
+    groups = sorted(set(bands.group) - {"all"}) + (["all"] if "all" in set(bands.group) else [])
+    n_seeds = int(bands.n_seeds.max())
+    fig = _new_figure(6.0 * len(branches) + 2.4, 4.8)
+    axes = fig.subplots(1, len(branches), squeeze=False)[0]
+    for ax, b in zip(axes, branches):
+        d = bands[bands.branch == b]
+        top = 0.0
+        for g in groups:
+            r = d[d.group == g]
+            if r.empty:
+                continue
+            line, = ax.plot(r.x, r["median"], color=colors[g], linewidth=1.8 if g != "all" else 1.2, label=g)
+            line.set_gid(f"group:{g}")
+            top = max(top, float(np.nanmax(np.abs(r["median"]))))
+            if int(r.n_seeds.iloc[0]) > 1:
+                ax.fill_between(r.x, r.q25, r.q75, color=colors[g], alpha=0.18, linewidth=0)
+                top = max(top, float(np.nanmax(np.abs(r[["q25", "q75"]].to_numpy()))))
+        top = top or 1.0
+        ax.axhline(0, color=BLACK, linewidth=0.8)
+        ax.set_ylim(-1.35 * top, 1.35 * top)  # symmetric, with free bands at top and bottom for the notes
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax.text(0.015, 0.975, "↑ Δ > 0: faster at EoS", transform=ax.transAxes, va="top", ha="left", fontsize=9,
+                color="#333333")
+        ax.text(0.015, 0.025, "↓ Δ < 0: slower at EoS", transform=ax.transAxes, va="bottom", ha="left", fontsize=9,
+                color="#333333")
+        ax.set_title(f"{b} − {reference}" + (f" (median of {n_seeds} seeds)" if n_seeds > 1 else ""))
+        ax.set_xlabel("effective time since the fork, t_eff − t_fork (Σ η)" if relative else T_EFF)
+        ax.set_xlim(float(d.x.min()), float(d.x.max()))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Δℓ_k = ℓ_k(branch) − ℓ_k(EoS)")
+    handles = [Line2D([], [], color=colors[g], linewidth=1.8, label=g) for g in groups]
+    if n_seeds > 1:
+        handles.append(Patch(color=GREY, alpha=0.3, label=f"inter-quartile range\nacross {n_seeds} seeds"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False, title="group")
+    fig.suptitle("branch effect Δℓ_k per group (Δ > 0: loss lower at EoS)")
+    return _save(fig, path)
+
+
+ALIGNMENT_ROWS = [
+    ("cos2_v1", "cos²θ_k = ⟨g_k, v1⟩² / ‖g_k‖²", False),
+    ("curvature_influence", "C_k = ⟨g_k, v1⟩² (log)", True),
+    ("grad_norm", "‖g_k‖ (log)", True),
+]
+
+
+def plot_alignment(run: StudyRun, path, colors: dict[str, str]) -> Path:
+    """Figure 4: cos²θ_k, C_k and ‖g_k‖ per group (columns) and branch (line style), on the window."""
+    groups = [g for g in run.groups("cos2_v1")]
+    if not groups:
+        raise NothingToPlot("no per-group probes were recorded (measure.probes off, or no groups)")
+    fig = _new_figure(2.9 * len(groups) + 2.6, 7.2)
+    axes = fig.subplots(len(ALIGNMENT_ROWS), len(groups), squeeze=False, sharex=True, sharey="row")
+    for j, g in enumerate(groups):
+        for i, (metric, ylabel, log) in enumerate(ALIGNMENT_ROWS):
+            ax = axes[i, j]
+            for b in run.lines:
+                s = run.curve(b, metric, g)
+                if s.empty:
+                    continue
+                st = {"color": colors[g], **_style(run, b)}
+                line, = ax.plot(s.index, s.values, marker="o" if len(s) < 40 else None, markersize=2.5, **st)
+                line.set_gid(f"group:{g}")
+            _shade_window(run, ax)
+            _xlim_window(run, ax)
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(g, color=colors[g], fontweight="bold")
+            if j == 0:
+                ax.set_ylabel(ylabel, fontsize=9)
+            if i == len(ALIGNMENT_ROWS) - 1:
+                ax.set_xlabel(T_EFF, fontsize=9)
+    for i, (metric, _, log) in enumerate(ALIGNMENT_ROWS):  # shared y per row: everything visible in the row
+        _autoscale_visible(axes[i], log=log, floor=0.0 if metric == "cos2_v1" else None)
+    fig.legend(handles=_style_legend(run) + _window_patch(run),
+               loc="outside right upper", fontsize=8, frameon=False)
+    fig.suptitle(f"{run.name}: alignment with the top eigenvector v1, curvature influence and gradient norm "
+                 f"(seed {run.seed})")
+    return _save(fig, path)
+
+
+OPPOSING_SERIES = ("rise", "fall", "full", "random")
+
+
+def plot_opposing(traces: list[dict], path, colors: dict[str, str]) -> Path:
+    """Figure 5: an opposing pair's group losses against the full loss and a random subset of the
+    same size, step by step over the detection window; left the losses, right their change since
+    the window's first step (antiphase: the two groups move in opposite directions).
+
+    Each trace: ``title``, ``names`` (rise and fall group names), ``frame`` (columns step, series
+    in rise/fall/full/random, loss), ``note`` (one line of statistics)."""
+    if not traces:
+        raise NothingToPlot("no opposing pair was found for these runs")
+    fig = _new_figure(11, 3.6 * len(traces) + 0.9)
+    rows = fig.subfigures(len(traces), 1, squeeze=False)[:, 0]
+    handles = {}
+    for sub, tr in zip(rows, traces):
+        ax_abs, ax_rel = sub.subplots(1, 2)
+        rise, fall = tr["names"]
+        style = {
+            "rise": (colors[rise], "-", f"{rise} (loss rose at the first step)"),
+            "fall": (colors[fall], "-", f"{fall} (loss fell at the first step)"),
+            "full": (BLACK, "-", "full training loss"),
+            "random": (GREY, "--", f"random subset of the same size ({tr['size']} points)"),
+        }
+        f = tr["frame"]
+        first = int(f.step.min())
+        for key in OPPOSING_SERIES:
+            s = f[f.series == key].sort_values("step")
+            color, ls, label = style[key]
+            for ax, y in ((ax_abs, s.loss.to_numpy()), (ax_rel, s.loss.to_numpy() - s.loss.iloc[0])):
+                line, = ax.plot(s.step, y, color=color, linestyle=ls, linewidth=1.6, marker="o", markersize=2.5,
+                                label=label)
+                if key in ("rise", "fall"):
+                    line.set_gid(f"group:{rise if key == 'rise' else fall}")
+            handles.setdefault(label, line)
+        _autoscale_visible(ax_abs, log=True)
+        ax_abs.set_ylabel("mean loss (log)")
+        ax_abs.set_title("group losses", fontsize=10)
+        ax_rel.axhline(0, color=BLACK, linewidth=0.6)
+        ax_rel.set_ylabel(f"loss − loss at step {first}")
+        ax_rel.set_title(f"change since step {first}", fontsize=10)
+        ax_rel.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        for ax in (ax_abs, ax_rel):
+            ax.set_xlabel("steps")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        sub.suptitle(f"{tr['title']}\n{tr['note']}", fontsize=10)
+    fig.legend(handles=list(handles.values()), loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.suptitle("opposing signals: the pair's group losses against the full loss and a random subset")
+    return _save(fig, path)
+
+
+TIME_POINTS = ("at the fork (t*)", "mid-window", "window end")
+TIME_POINTS_TRUNK = ("at t* (or the first measurement)", "midway", "last measurement")  # a run without branches
+TIME_COLORS = ("#C6DBEF", "#6BAED6", "#08519C")  # one hue, light to dark: readable without colour vision
+
+
+def curvature_steps(run: StudyRun, label: str) -> list[tuple[str, int, float]]:
+    """(role, step, t_eff) of the measurements nearest to t_fork, the window's middle and its end
+    (for a run without branches: t* or its first measurement, the middle, the last)."""
+    m = run.lines[label]
+    m = m[m.metric == "curvature_fraction"]
+    if m.empty:
+        return []
+    pts = m.drop_duplicates("step")[["step", "t_eff"]].sort_values("step")
+    if label == run.parent and run.reference != run.parent:
+        return []
+    lo, hi = run.window()
+    if not len(run.comparison):
+        lo = run.t_star if np.isfinite(run.t_star) else float(pts.t_eff.min())
+        hi = float(pts.t_eff.max())
+    out = []
+    for role, t in zip(TIME_POINTS if len(run.comparison) else TIME_POINTS_TRUNK, (lo, (lo + hi) / 2, hi)):
+        i = int(np.argmin(np.abs(pts.t_eff.to_numpy() - t)))
+        out.append((role, int(pts.step.iloc[i]), float(pts.t_eff.iloc[i])))
+    return out
+
+
+def plot_curvature_fraction(run: StudyRun, path) -> Path:
+    """Figure 6: the fraction of curvature ‖v1[p]‖² per parameter tensor at the fork, mid-window and
+    the window's end, as grouped bars, one panel per branch."""
+    labels = [b for b in [run.reference, *run.others] if curvature_steps(run, b)]
+    if not labels:
+        raise NothingToPlot("no curvature_fraction was recorded (measure.curvature_fraction off, or no sharpness)")
+    first = run.lines[labels[0]]
+    tensors = list(dict.fromkeys(first.loc[first.metric == "curvature_fraction", "group"]))
+    n = len(tensors)
+    fig = _new_figure(max(4.2 * len(labels) + 1.2, 8.0), 0.42 * n + 2.4)
+    axes = fig.subplots(1, len(labels), squeeze=False, sharey=True, sharex=True)[0]
+    y = np.arange(n)
+    h = 0.8 / len(TIME_POINTS)
+    for ax, b in zip(axes, labels):
+        m = run.lines[b]
+        m = m[m.metric == "curvature_fraction"]
+        steps = curvature_steps(run, b)
+        for k, (role, step, t) in enumerate(steps):
+            v = m[m.step == step].set_index("group")["value"].reindex(tensors).to_numpy()
+            ax.barh(y - 0.4 + h * (k + 0.5), v, height=h, color=TIME_COLORS[k], edgecolor="#333333",
+                    linewidth=0.4, label=role)
+        ax.set_yticks(y, tensors)
+        ax.set_xlabel("fraction of curvature ‖v1[p]‖²")
+        ax.set_title(f"{_describe(run, b)}\nsteps " + " / ".join(str(s) for _, s, _ in steps), fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].invert_yaxis()  # model order from the top (shared y: invert once)
+    axes[0].set_ylabel("parameter tensor")
+    roles = TIME_POINTS if len(run.comparison) else TIME_POINTS_TRUNK
+    handles = [Patch(facecolor=c, edgecolor="#333333", label=r) for r, c in zip(roles, TIME_COLORS)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    fig.suptitle(f"{run.name}: share of the top eigenvector per parameter tensor (seed {run.seed})")
+    return _save(fig, path)

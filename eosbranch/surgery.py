@@ -1,0 +1,61 @@
+"""Gradient surgery: remove the top-eigenvector component from part of each step's gradient.
+
+With ``group`` set, the group's contribution c_k to the training-loss gradient (its terms of the
+(weighted) mean over the batch) loses its component along v1: g' = g - <c_k, v1> v1, so the
+group can no longer push along the sharpest direction while every other point can. Without a
+group, the whole update loses it: g' = g - <g, v1> v1.
+
+v1 is the top eigenvector of the training-loss Hessian at the current parameters, recomputed by
+a warm-started Lanczos solve every ``refresh_every`` steps; it is kept in the training state (and
+so in checkpoints), which keeps a resumed branch bit-identical to an uninterrupted one.
+Every step records ``surgery_cos2``: cos2 of the edited part with v1 (certificate 4: <= 1e-6),
+and ``surgery_removed``: the removed coefficient <c, v1>.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .curvature import flatten, top_eigenpairs, unflatten
+from .interventions import GradientSurgeryParams, Intervention, _group
+
+
+class Surgery(Intervention):
+    def __init__(self, p: GradientSurgeryParams):
+        self.p = p
+
+    def configure(self, exp) -> None:
+        if self.p.group is not None:
+            _group(exp, self.p.group, "gradient_surgery")
+        exp.grad_hook = self.hook
+
+    def _v1(self, exp, st) -> torch.Tensor:
+        from .measure import training_hessian
+
+        mem = st.intervention
+        fork = st.measured.get("fork_step", 0)
+        if "surgery_v1" not in mem or (st.step - fork) % self.p.refresh_every == 0:
+            prev = mem.get("surgery_v1")
+            v0 = prev[:, None] if prev is not None else (None if st.eig_vectors is None else st.eig_vectors[:, :1])
+            ms = exp.spec.measure
+            dim = sum(p.numel() for p in exp.params)
+            res = top_eigenpairs(training_hessian(exp), dim, k=1, tol=ms.tol, v0=v0, max_matvecs=ms.max_matvecs)
+            mem["surgery_v1"] = res.vectors[:, 0].detach()
+        return mem["surgery_v1"]
+
+    def hook(self, exp, st, idx, per, grads, record):
+        v1 = self._v1(exp, st).to(grads[0].dtype)
+        g = flatten(grads)
+        if self.p.group is None:
+            c = g
+        else:
+            member = torch.isin(exp.rows(idx), exp.groups[self.p.group]).to(per.dtype)
+            w = exp.train_weight
+            w = torch.ones_like(per) if w is None else (w if idx is None else w[idx]).to(per.dtype)
+            share = (per * w * member).sum() / w.sum().clamp_min(1e-30)  # the group's terms of the objective
+            c = flatten(torch.autograd.grad(share, exp.params, allow_unused=True, materialize_grads=True))
+        coef = c @ v1
+        edited = c - coef * v1
+        record(self.p.group or "all", "surgery_removed", coef.item())
+        record(self.p.group or "all", "surgery_cos2", ((edited @ v1) ** 2 / (edited @ edited).clamp_min(1e-300)).item())
+        return unflatten(g - coef * v1, exp.params)

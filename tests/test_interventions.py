@@ -1,0 +1,208 @@
+"""Each intervention kind against an oracle computed independently from the parent's state."""
+
+import copy
+
+import pytest
+import torch
+
+import eosbranch
+from eosbranch.curvature import flatten, hessian_matvec, top_eigenpairs
+from eosbranch.errors import EosbranchError
+from eosbranch.fork import load_branches
+from eosbranch.loss import get_loss
+from eosbranch.spec import parse_spec
+from eosbranch.train import build
+
+S = 10  # fork step: a checkpoint step of the parent, so its exact state is at hand
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory, request):
+    from conftest import TINY
+
+    spec = copy.deepcopy(TINY)
+    spec.update(steps=20, dtype="float64", groups={"kind": "prototypes", "per_class": 2, "knn_k": 8},
+                checkpoint={"every": 5}, measure={"every": 2, "sharpness": True, "tol": 1e-8})
+    return eosbranch.train(spec, tmp_path_factory.mktemp("interventions"))
+
+
+def state_at(run, step):
+    """The experiment of ``run`` with the parameters of its checkpoint at ``step``."""
+    exp = build(run.spec)
+    exp.model.load_state_dict(run.checkpoint(step)["model"])
+    return exp
+
+
+def fork1(parent, *interventions, steps=4, name="b"):
+    (b,) = eosbranch.fork(parent, at=("step", S), branches={"name": name, "interventions": list(interventions)},
+                          steps=steps)
+    return b
+
+
+def params_at(run, step):
+    return flatten(list(run.checkpoint(step)["model"].values()))
+
+
+def test_enter_eos_sets_the_threshold_below_the_sharpness(parent):
+    b = fork1(parent, {"kind": "enter_eos", "margin": 1.5}, name="enter")
+    s, thr = b.metric("sharpness")[S], b.metric("threshold")[S]
+    assert s / thr == pytest.approx(1.5, rel=1e-6)
+    assert b.metrics.lr.iloc[-1] == pytest.approx(1.5 * 2 / s, rel=1e-6)
+
+
+def test_stable_margin_sets_the_threshold_above_the_sharpness(parent):
+    b = fork1(parent, {"kind": "lr", "stable_margin": 0.5}, name="margin")
+    assert b.metric("sharpness")[S] / b.metric("threshold")[S] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_loss_switch_trains_on_cross_entropy(parent):
+    b = fork1(parent, {"kind": "loss_switch", "to": "ce"}, name="ce")
+    exp = state_at(parent, S)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(exp.model(exp.train_X), exp.train_y).item()
+    assert b.metric("loss")[S] == pytest.approx(expected, rel=1e-12)
+    assert b.metric("loss")[S] != parent.metric("loss")[S]
+
+
+def test_label_flip_flips_the_group(parent):
+    b = fork1(parent, {"kind": "label_flip", "group": "inlier"}, name="flip")
+    exp = state_at(parent, S)
+    y = exp.data.y.clone()
+    y[exp.groups["inlier"]] = 1 - y[exp.groups["inlier"]]
+    with torch.no_grad():
+        expected = get_loss("mse")(exp.model(exp.data.X), y).item()
+    assert b.metric("loss")[S] == pytest.approx(expected, rel=1e-12)
+
+
+def test_reweight_zero_is_training_without_the_group(parent):
+    b = fork1(parent, {"kind": "reweight", "group": "output_outlier", "weight": 0.0}, name="drop")
+    exp = state_at(parent, S)
+    keep = torch.ones(len(exp.data.X), dtype=torch.bool)
+    keep[exp.groups["output_outlier"]] = False
+    X, y = exp.data.X[keep], exp.data.y[keep]
+    with torch.no_grad():
+        assert b.metric("loss")[S] == pytest.approx(get_loss("mse")(exp.model(X), y).item(), rel=1e-12)
+    dim = sum(p.numel() for p in exp.params)
+    top = top_eigenpairs(hessian_matvec(exp.model, "mse", (X, y)), dim, tol=1e-10).values[0].item()
+    assert b.metric("sharpness")[S] == pytest.approx(top, rel=1e-6)  # the Hessian of the reweighted loss
+    # Weight 2 doubles the group's terms: sum w l / sum w.
+    b2 = fork1(parent, {"kind": "reweight", "group": "output_outlier", "weight": 2.0}, name="double")
+    with torch.no_grad():
+        per = get_loss("mse")(exp.model(exp.data.X), exp.data.y, reduction="none")
+    w = torch.ones_like(per)
+    w[exp.groups["output_outlier"]] = 2.0
+    assert b2.metric("loss")[S] == pytest.approx(((per * w).sum() / w.sum()).item(), rel=1e-12)
+
+
+def test_optimizer_switch_matches_torch_optim(parent):
+    b = fork1(parent, {"kind": "optimizer_switch", "to": {"kind": "momentum", "lr": 0.01, "beta": 0.9},
+                       "state": "fresh"}, steps=5, name="mom")
+    exp = state_at(parent, S)
+    opt = torch.optim.SGD(exp.params, lr=0.01, momentum=0.9)
+    for _ in range(5):
+        opt.zero_grad()
+        exp.loss_fn(exp.model(exp.train_X), exp.train_y).backward()
+        opt.step()
+    assert torch.allclose(flatten(exp.params), params_at(b, S + 5), rtol=0, atol=1e-12)
+    assert b.metric("threshold")[S] == pytest.approx((2 + 2 * 0.9) / 0.01)
+    with pytest.raises(EosbranchError, match="optimizer_switch.state: cannot carry"):
+        fork1(parent, {"kind": "optimizer_switch", "to": {"kind": "adam", "lr": 0.001}, "state": "carried"},
+              name="adam_carried")
+
+
+def test_whole_update_surgery_removes_the_v1_component(parent):
+    b = fork1(parent, {"kind": "gradient_surgery"}, steps=1, name="surg_all")
+    exp = state_at(parent, S)
+    dim = sum(p.numel() for p in exp.params)
+    v1 = top_eigenpairs(hessian_matvec(exp.model, "mse", (exp.train_X, exp.train_y)), dim, tol=1e-10).vectors[:, 0]
+    step = params_at(b, S + 1) - params_at(parent, S)
+    g = flatten(torch.autograd.grad(exp.loss_fn(exp.model(exp.train_X), exp.train_y), exp.params))
+    assert abs(step @ v1) <= 1e-6 * step.norm()
+    assert torch.allclose(step, -0.05 * (g - (g @ v1) * v1), atol=1e-8)
+    cert = b.events.query("event == 'certificate_surgery'")
+    assert len(cert) == 1 and cert.value.iloc[0] <= 1e-6
+
+
+def test_group_surgery_removes_only_the_groups_component(parent):
+    b = fork1(parent, {"kind": "gradient_surgery", "group": "input_outlier"}, steps=1, name="surg_group")
+    exp = state_at(parent, S)
+    dim = sum(p.numel() for p in exp.params)
+    v1 = top_eigenpairs(hessian_matvec(exp.model, "mse", (exp.train_X, exp.train_y)), dim, tol=1e-10).vectors[:, 0]
+    per = exp.loss_fn(exp.model(exp.data.X), exp.data.y, reduction="none")
+    n = len(per)
+    g = flatten(torch.autograd.grad(per.mean(), exp.params, retain_graph=True))
+    c = flatten(torch.autograd.grad(per[exp.groups["input_outlier"]].sum() / n, exp.params))
+    step = params_at(b, S + 1) - params_at(parent, S)
+    assert torch.allclose(step, -0.05 * (g - (c @ v1) * v1), atol=1e-8)
+    removed = b.metrics.query("metric == 'surgery_removed' and step == @S").value.iloc[0]
+    assert removed == pytest.approx((c @ v1).item(), rel=1e-4)
+
+
+def test_random_direction_moves_outliers_orthogonally_at_equal_distance(parent):
+    exp0 = build(parent.spec)
+    exp = build(parent.spec)
+    (b,) = load_branches("random_direction")
+    (iv,) = b.compose()
+    iv.configure(exp)
+    idx = exp.groups["input_outlier"]
+    v = exp0.group_info["v_diff"]
+    alpha = exp0.group_info["alpha"]["input_outlier"]
+    sign = (2 * exp0.data.y[idx].double() - 1)[:, None]
+    source = exp0.data.X[idx].flatten(1).double() - sign * alpha * v
+    disp = exp.data.X[idx].flatten(1).double() - source
+    assert (disp @ v).abs().max() <= 1e-6 * v.norm()
+    assert disp.norm(dim=1) == pytest.approx(torch.full((len(idx),), alpha * v.norm().item()), rel=1e-6)
+    others = torch.ones(len(exp.data.X), dtype=torch.bool)
+    others[idx] = False
+    assert torch.equal(exp.data.X[others], exp0.data.X[others])
+    # As a fork: the certificate records cos2 before/after, its percentile, and the distances.
+    br = fork1(parent, {"kind": "random_direction", "group": "input_outlier"}, name="rd")
+    names = set(br.events.event)
+    assert {"certificate_perturbation_cos2_before", "certificate_perturbation_cos2_after",
+            "certificate_perturbation_percentile", "certificate_perturbation_distance_before",
+            "certificate_perturbation_distance_after"} <= names
+
+
+def test_random_cos2_percentile_matches_sampling():
+    from eosbranch.certificate import random_cos2_percentile
+
+    g = torch.Generator().manual_seed(0)
+    d = 50
+    z = torch.randn(20000, d, generator=g, dtype=torch.float64)
+    c = (z[:, 0] / z.norm(dim=1)) ** 2
+    q = c.quantile(0.9).item()
+    assert random_cos2_percentile(q, d) == pytest.approx(90.0, abs=1.0)
+
+
+def test_branches_with_interventions_resume_bit_for_bit(parent, tmp_path):
+    """Extending a finished branch resumes it from its checkpoint and re-applies its interventions
+    (data, weights, gradient transform): the result equals one uninterrupted branch."""
+    ivs = [{"kind": "reweight", "group": "boundary", "weight": 3.0},
+           {"kind": "gradient_surgery", "group": "input_outlier", "refresh_every": 2},
+           {"kind": "random_direction"}]
+    short = fork1(parent, *ivs, steps=3, name="combo")
+    longer = fork1(parent, *ivs, steps=8, name="combo")  # resumes from step 13 (last) to 18
+    assert longer.path == short.path
+    import shutil
+
+    other = tmp_path / "copy"
+    shutil.copytree(parent.path, other / parent.name, ignore=shutil.ignore_patterns("*--*"))
+    (straight,) = eosbranch.fork(other / parent.name, at=("step", S), branches={"name": "combo", "interventions": ivs},
+                                 steps=8)
+    assert torch.equal(params_at(longer, S + 8), params_at(straight, S + 8))
+    cols = ["step", "group", "metric", "value"]
+    a = longer.metrics[cols].sort_values(cols[:3]).reset_index(drop=True)
+    c = straight.metrics[cols].sort_values(cols[:3]).reset_index(drop=True)
+    assert a.equals(c)
+
+
+def test_intervention_errors_name_the_field(parent, tmp_path):
+    bad = tmp_path / "b.yaml"
+    bad.write_text("name: x\ninterventions: [{kind: reweight, group: inlier, weight: -1}]\n")
+    with pytest.raises(eosbranch.errors.SpecError, match=r"b.yaml: interventions\[0\].weight"):
+        load_branches(bad)
+    bad.write_text("name: x\ninterventions: [{kind: optimizer_switch, to: {kind: adam, lr: 0.1}}]\n")
+    with pytest.raises(eosbranch.errors.SpecError, match=r"interventions\[0\].state"):
+        load_branches(bad)
+    with pytest.raises(EosbranchError, match="label_flip.group: no group 'nope'"):
+        fork1(parent, {"kind": "label_flip", "group": "nope"}, name="nope")
