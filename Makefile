@@ -18,6 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,ray,slurm]"   # the sweep's Ray and submitit executors are tested here
 	$(PY) -m pytest -q -m slow
 
 test-all: $(STAMP)

@@ -50,8 +50,12 @@ from .store import atomic_write
 EXECUTORS = Registry("executor")
 MANIFEST = "sweep.json"
 FORK_KINDS = ("step", "onset", "teff")
-# Imported once by the local executor's fork server (an ImportError there is ignored).
-PRELOAD = ["eosbranch.sweep", "eosbranch.train", "eosbranch.fork", "eosbranch.compare", "sklearn.datasets"]
+# Imported once by the local executor's fork server, so workers start warm (in this order: probes
+# silences a warning the jvp decompositions raise; an ImportError there is ignored). The torch
+# modules are ones a job otherwise imports on first use (about 2 s per worker).
+PRELOAD = ["eosbranch.sweep", "eosbranch.train", "eosbranch.fork", "eosbranch.compare", "eosbranch.probes",
+           "sklearn.datasets", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
+           "torch._decomp.decompositions_for_jvp"]
 
 
 @dataclass(frozen=True)
@@ -357,7 +361,8 @@ def sweep(spec: Any, seeds: list[int], out: Union[str, Path] = "runs", fork: Opt
           branches: Any = "exit_eos", until: Optional[str] = None, steps: Optional[int] = None,
           teff: Optional[float] = None, jobs: int = 1, executor: str = "local", *,
           threads: Optional[int] = None, on_start: Callable[[list[Job]], None] = lambda jobs: None,
-          on_done: Callable[[JobResult], None] = lambda r: None, warn: Callable[[str], None] = lambda m: None, **executor_options) -> SweepResult:
+          on_done: Callable[[JobResult], None] = lambda r: None, warn: Callable[[str], None] = lambda m: None,
+          **executor_options) -> SweepResult:
     """Train ``spec`` once per seed (and fork each run at ``fork``) through an executor.
 
     ``fork``: ``(kind, value)`` with kind ``step``, ``onset`` or ``teff`` (None: train only).

@@ -19,8 +19,8 @@ import torch
 from typer.testing import CliRunner
 
 import eosbranch
-from eosbranch import tables
 from conftest import TINY, write_spec
+from eosbranch import tables
 from eosbranch.cli import app
 from eosbranch.compare import COLUMNS, SEED_COLUMNS, compare, summarize
 from eosbranch.errors import EosbranchError
@@ -32,6 +32,9 @@ from eosbranch.train import run_dir_for
 train_module = importlib.import_module("eosbranch.train")  # the package binds `train` to the function
 runner = CliRunner()
 FORK = ("step", 10)
+# Wide enough that some measured quantities (curvature_fraction) are reductions whose rounding
+# depends on the number of torch threads (see test_the_sweeps_thread_count_decides_the_bits).
+SPEC = {**TINY, "model": {"kind": "mlp", "width": 64, "depth": 1}, "steps": 20, "measure": {"every": 10}}
 
 
 @contextlib.contextmanager
@@ -44,12 +47,20 @@ def torch_threads(n: int):
         torch.set_num_threads(previous)
 
 
-def one_by_one(out: Path, seeds, threads: int = 1) -> None:
+def one_by_one(out: Path, seeds, threads: int = 1, spec: dict = SPEC) -> None:
     """The oracle: the same runs made with the public API, one after another, in this process."""
     with torch_threads(threads):
         for s in seeds:
-            run = eosbranch.train(TINY, out, seed=s)
+            run = eosbranch.train(spec, out, seed=s)
             eosbranch.fork(run, at=FORK, branches="exit_eos", steps=10)
+
+
+def same_runs(a: Path, b: Path) -> bool:
+    try:
+        assert_same_runs(a, b)
+    except AssertionError:
+        return False
+    return True
 
 
 def assert_same_runs(a: Path, b: Path) -> None:
@@ -76,7 +87,7 @@ def training_files(*dirs: Path) -> dict:
 
 
 def test_parallel_sweep_equals_runs_made_one_by_one(tmp_path):
-    res = sweep(TINY, [1, 2, 3], tmp_path / "sweep", fork=FORK, steps=10, jobs=2)
+    res = sweep(SPEC, [1, 2, 3], tmp_path / "sweep", fork=FORK, steps=10, jobs=2)
     assert res.ok, [j.describe() for j in res.jobs]
     # Three jobs on two worker processes (so one worker runs two jobs), none in this process,
     # each at the sweep's thread count.
@@ -89,7 +100,9 @@ def test_parallel_sweep_equals_runs_made_one_by_one(tmp_path):
     assert [r["seed"] for r in manifest["runs"]] == [1, 2, 3] and manifest["threads"] == 1
     for r, job in zip(manifest["runs"], res.jobs):
         assert r["status"] == "done" and (tmp_path / "sweep" / r["run"]) == Path(job.run)
-        assert r["branches"] == [f"{Path(job.run).name}--exit_eos-at10-" + r["branches"][0].rsplit("-", 1)[1]]
+        assert r["branches"] == [Path(b).name for b in job.branches]
+        assert r["branches"][0].startswith(f"{Path(job.run).name}--exit_eos-at10-")
+        assert eosbranch.load(tmp_path / "sweep" / r["branches"][0]).lineage["parent"] == Path(job.run).name
     assert [r.spec.seed for r in res.runs] == [1, 2, 3] and len(res.branches) == 3
 
 
@@ -138,6 +151,29 @@ def test_any_exception_fails_only_its_job_with_one_line(tmp_path, monkeypatch):
     assert torch.get_num_threads() == threads  # the in-process jobs restored the caller's count
 
 
+def test_fork_options_are_passed_on_only_when_given(tmp_path, monkeypatch):
+    fork_module = importlib.import_module("eosbranch.fork")
+    seen = []
+
+    def fork(run, at, branches="exit_eos", steps=None, until=None, teff=None, warn=None):
+        seen.append({"at": at, "branches": branches, "steps": steps, "until": until, "teff": teff})
+        return []
+
+    monkeypatch.setattr(fork_module, "fork", fork)
+    for kw in ({"until": "tss"}, {"teff": 2.5}, {"steps": 7}):
+        assert sweep(TINY, [1], tmp_path, fork=("onset", 0), branches="eos", **kw).ok
+    assert [(d["until"], d["teff"], d["steps"]) for d in seen] == [("tss", None, None), (None, 2.5, None), (None, None, 7)]
+    assert all(d["at"] == ("onset", 0) and d["branches"] == "eos" for d in seen)
+
+    def older_fork(run, at, branches="exit_eos", steps=None, warn=None):  # before --until existed
+        return []
+
+    monkeypatch.setattr(fork_module, "fork", older_fork)
+    assert sweep(TINY, [1], tmp_path, fork=FORK).ok  # works without the new options
+    with pytest.raises(EosbranchError, match="until: this version of eosbranch.fork does not take it"):
+        sweep(TINY, [1], tmp_path, fork=FORK, until="tss")
+
+
 def test_ctrl_c_stops_the_sweep_instead_of_failing_one_job(tmp_path, monkeypatch):
     calls = []
 
@@ -149,6 +185,18 @@ def test_ctrl_c_stops_the_sweep_instead_of_failing_one_job(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         sweep(TINY, [1, 2], tmp_path)
     assert calls == [1]
+
+
+def test_the_sweeps_thread_count_decides_the_bits(tmp_path):
+    one_by_one(tmp_path / "one", [1], threads=1)
+    one_by_one(tmp_path / "two", [1], threads=2)
+    if same_runs(tmp_path / "one", tmp_path / "two"):
+        pytest.skip("here 1 and 2 torch threads round this spec's reductions alike: nothing to tell apart")
+    # The caller runs at 1 thread; the sweep's serial job must still run (and match) at 2.
+    with torch_threads(1):
+        res = sweep(SPEC, [1], tmp_path / "sweep", fork=FORK, steps=10, threads=2)
+    assert res.ok and res.jobs[0].pid == os.getpid()
+    assert_same_runs(tmp_path / "sweep", tmp_path / "two")
 
 
 def test_the_thread_count_is_set_inside_the_job_and_restored(tmp_path):
@@ -290,10 +338,14 @@ def test_cli_sweep_then_compare_the_sweep(tmp_path):
     assert res.stdout.strip().splitlines()[-1] == str(out / "comparison_seeds.parquet")
     df = pd.read_parquet(out / "comparison_seeds.parquet")
     assert list(df.columns) == SEED_COLUMNS and sorted(set(df.seed)) == [1, 2] and set(df.branch) == {"exit_eos"}
-    # Each seed's rows are that parent's own comparison.
+    # Each seed's rows are that parent's own comparison, which `compare RUN` still gives alone.
     for seed, line in zip([1, 2], lines):
         mine = df[df.seed == seed].drop(columns="seed").reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, pd.read_parquet(Path(line) / "comparison.parquet"))
+        one = runner.invoke(app, ["compare", line])
+        assert one.exit_code == 0, one.output
+        assert one.stdout.strip().splitlines()[-1] == str(Path(line) / "comparison.parquet")
+        assert list(pd.read_parquet(Path(line) / "comparison.parquet").columns) == COLUMNS
 
 
 def test_cli_sweep_failure_exits_2_naming_the_job(tmp_path):
@@ -320,7 +372,7 @@ def test_ray_executor_equals_runs_made_one_by_one(tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'eosbranch[ray]')")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=80 * 2**20)
     try:
-        res = sweep(TINY, [1, 2], tmp_path / "sweep", fork=FORK, steps=10, jobs=2, executor="ray")
+        res = sweep(SPEC, [1, 2], tmp_path / "sweep", fork=FORK, steps=10, jobs=2, executor="ray")
         assert ray.is_initialized()  # the sweep did not shut down an instance it did not start
     finally:
         ray.shutdown()
@@ -333,7 +385,7 @@ def test_ray_executor_equals_runs_made_one_by_one(tmp_path):
 @pytest.mark.slow
 def test_submitit_local_executor_equals_runs_made_one_by_one(tmp_path):
     pytest.importorskip("submitit", reason="submitit is not installed (pip install 'eosbranch[slurm]')")
-    res = sweep(TINY, [1, 2], tmp_path / "sweep", fork=FORK, steps=10, jobs=2, executor="slurm",
+    res = sweep(SPEC, [1, 2], tmp_path / "sweep", fork=FORK, steps=10, jobs=2, executor="slurm",
                 cluster="local", folder=str(tmp_path / "submitit"), poll_seconds=0.2)
     assert res.ok, [j.describe() for j in res.jobs]
     assert os.getpid() not in {j.pid for j in res.jobs}
