@@ -387,7 +387,7 @@ def opposing(
 @_user_errors
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="Parent run (its branches are found next to it); several "
-                                          "parents = seeds of one study."),
+                                          "parents (seeds of one spec) or a sweep directory."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for the figures and summary.md "
                                            "(default: RUN/report, RUN the first run)."),
 ) -> None:

@@ -72,6 +72,8 @@ def branch_effect(t_branch, loss_branch, t_eos, loss_eos, start: float, end: flo
 
 
 def effect(delta: float) -> str:
+    if delta == 0:
+        return "no difference"  # e.g. a null branch: exactly the EoS reference
     return "learns faster at EoS" if delta > 0 else "learns slower at EoS"
 
 

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
@@ -193,7 +194,7 @@ def _sibling_ends(parent: Run, s: int) -> list[float]:
 
 def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, progress: bool, warn) -> Run:
     from .spec import load_spec
-    from .train import Trainer, _progress, build, restore_state, resume
+    from .train import Trainer, _progress, build, pinned_threads, restore_state, resume
 
     path = parent.path.parent / f"{parent.name}--{b.name}-at{s}-{b.digest()}"
     store = RunStore(path)
@@ -208,11 +209,12 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
         _check_replay(parent, branch, s)
         return branch
     spec = parent.spec.model_copy(update={"steps": total})
+    threads = parent.lineage.get("threads") or torch.get_num_threads()
     store.path.mkdir(parents=True, exist_ok=True)
     store.write_text(SPEC, spec.to_yaml())
     store.write_json(LINEAGE, {"parent": parent.name, "fork_step": s, "branch": b.name,
                                "branch_spec": b.model_dump(), "branch_hash": b.digest(),
-                               "until": rule, "code_version": __version__})
+                               "until": rule, "code_version": __version__, "threads": threads})
     store.lock()
     try:
         exp = build(load_spec(path / SPEC))
@@ -221,7 +223,7 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
         tr.fork_at, tr.interventions = s, b.compose()
         tr.check_fork = lambda loss: _check_replay(parent, None, s, loss)
         tr.until = stop_rule({"until": rule})
-        with _progress(progress, total, tr.st.step) as show:
+        with pinned_threads(threads), _progress(progress, total, tr.st.step) as show:
             tr.run(total, show)
     finally:
         store.unlock()

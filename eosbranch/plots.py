@@ -56,8 +56,8 @@ def group_colors(names: Iterable[str]) -> dict[str, str]:
     """One colour per group name, deterministic and independent of the order of ``names``.
 
     Names eosbranch produces (``all``, the prototype roles, the opposing pair) have fixed colours;
-    any other name takes the next colour of :data:`CYCLE` not used by a fixed name, in sorted name
-    order. Beyond the palette's size, colours repeat (chosen by a hash of the name). The report
+    any other name takes the next colour of :data:`CYCLE` not taken by a fixed name of the same
+    call, in sorted name order. Beyond the palette's size, colours repeat (chosen by a hash of the name). The report
     builds this mapping once, over every group of every run, and hands it to every figure.
     """
     names = sorted(set(names))
@@ -209,7 +209,7 @@ def plot_sharpness(run: StudyRun, path) -> Path:
     fig = _new_figure(14 if zoom else 10, 5.0)
     axes = fig.subplots(1, 2 if zoom else 1, squeeze=False, width_ratios=[3, 2] if zoom else None)[0]
     top = max(float(np.nanmax(run.curve(b, metric).values)) for b in labels)
-    off_scale = []
+    off_scale, shown = [], []  # thresholds too high to draw; thresholds drawn
     for k, ax in enumerate(axes):
         for b in labels:
             s = run.curve(b, metric)
@@ -224,14 +224,14 @@ def plot_sharpness(run: StudyRun, path) -> Path:
                 if k == 0:
                     off_scale.append(text + " (above the axis)")
                 continue
+            shown.append(float(thr.max()))
             ax.plot(thr.index, thr.values, color=GREY, linewidth=1.3, label=text,
                     linestyle="-" if b == run.reference else _style(run, b)["linestyle"])
         _time_lines(run, ax)
         _shade_window(run, ax, label=True)
         ax.set_xlabel(T_EFF)
         ax.grid(alpha=0.3)
-    axes[0].set_ylim(0, 1.08 * max([top] + [float(line.get_ydata().max()) for line in axes[0].get_lines()
-                                              if line.get_color() == GREY and len(line.get_ydata())]))
+    axes[0].set_ylim(0, 1.08 * max([top, *shown]))
     axes[0].set_ylabel("sharpness λ1(∇²L)" if metric == "sharpness" else "preconditioned sharpness λ1(P⁻¹H)")
     axes[0].set_title("whole run", fontsize=10)
     if zoom:
@@ -270,7 +270,7 @@ def plot_group_losses(run: StudyRun, path, colors: dict[str, str]) -> Path:
                 continue
             st = {"color": colors[g], **_style(run, b)}
             line, = ax.plot(s.index, s.values, marker="o" if len(s) < 40 else None, markersize=2.5, **st)
-            line.set_gid(f"group:{g}")
+            line.set_gid(f"group:{g}" if st["color"] == colors[g] else f"context:{g}")  # parent before the fork: grey
         _shade_window(run, ax)
         _time_lines(run, ax, label=False)
         _xlim_window(run, ax)
@@ -319,7 +319,9 @@ def _autoscale_visible(axes, log: bool = False, floor: Optional[float] = None) -
             ax.yaxis.set_minor_formatter(NullFormatter())
             if hi / lo < 10:  # under a decade log ticks are sparse or crowded: place a few evenly spaced ones
                 ticks = [t for t in MaxNLocator(5).tick_values(lo, hi) if lo <= t <= hi]
+                digits = next((d for d in range(3, 8) if len({f"{t:.{d}g}" for t in ticks}) == len(ticks)), 8)
                 ax.yaxis.set_major_locator(FixedLocator(ticks))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _, d=digits: f"{v:.{d}g}"))
                 ax.yaxis.set_minor_locator(NullLocator())
             elif hi / lo < 1000:  # two or three decades: label 1, 2, 5 of each
                 ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -401,7 +403,7 @@ def plot_alignment(run: StudyRun, path, colors: dict[str, str]) -> Path:
                     continue
                 st = {"color": colors[g], **_style(run, b)}
                 line, = ax.plot(s.index, s.values, marker="o" if len(s) < 40 else None, markersize=2.5, **st)
-                line.set_gid(f"group:{g}")
+                line.set_gid(f"group:{g}" if st["color"] == colors[g] else f"context:{g}")
             _shade_window(run, ax)
             _xlim_window(run, ax)
             ax.grid(alpha=0.3)

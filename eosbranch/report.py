@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .compare import COLUMNS as COMPARE_COLUMNS
-from .compare import branch_effect, branches_of, effect
+from .compare import branch_effect, branches_of
 from .errors import EosbranchError
 from .run import Run
 
@@ -181,8 +181,15 @@ def _delta(v: float) -> str:
     return "—" if not np.isfinite(v) else f"{v:+.3e}"
 
 
+def _reading(delta: float, effect: str) -> str:
+    """compare's reading of Δ, except that an exact zero (e.g. a null branch) is no difference."""
+    return "no difference (Δ = 0)" if delta == 0 else effect
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
 
 
 def write_summary(path: Path, runs: list[Run], seeds: list, figures: dict, skipped: dict, opposing_notes: list) -> Path:
@@ -218,7 +225,7 @@ def write_summary(path: Path, runs: list[Run], seeds: list, figures: dict, skipp
         if not multi:
             c = seeds[0].comparison
             lines += _table(["branch", "group", "Δℓ_k at t**", "mean Δℓ_k over the window", "reading"],
-                            [[r.branch, r.group, _delta(r.delta_at_end), _delta(r.delta_mean), r.effect]
+                            [[r.branch, r.group, _delta(r.delta_at_end), _delta(r.delta_mean), _reading(r.delta_at_end, r.effect)]
                              for r in c.itertuples()]) + [""]
         else:
             from .compare import summarize
@@ -233,7 +240,8 @@ def write_summary(path: Path, runs: list[Run], seeds: list, figures: dict, skipp
                             [[r.branch, r.group, str(r.n_seeds),
                               f"{_delta(r.delta_at_end_median)} [{_delta(r.delta_at_end_q25)}, {_delta(r.delta_at_end_q75)}]",
                               f"{_delta(r.delta_mean_median)} [{_delta(r.delta_mean_q25)}, {_delta(r.delta_mean_q75)}]",
-                              f"{r.n_faster}/{r.n_seeds}", r.effect] for r in summ.itertuples()]) + [""]
+                              f"{r.n_faster}/{r.n_seeds}", _reading(r.delta_at_end_median, r.effect)]
+                             for r in summ.itertuples()]) + [""]
             lines += ["Per seed, Δℓ_k at t**:", ""]
             per = []
             for b in dict.fromkeys(summ.branch):
@@ -274,12 +282,19 @@ def write_summary(path: Path, runs: list[Run], seeds: list, figures: dict, skipp
 def report(run_or_runs: Union[Run, str, Path, Iterable], out: Union[str, Path, None] = None,
            progress: Callable[[str], None] = lambda m: None) -> Path:
     """Write a study's figures and ``summary.md`` into ``out`` (default ``RUN/report/``, RUN the
-    first run); returns the path of ``summary.md``. Several runs are seeds of one study."""
+    first run); returns the path of ``summary.md``. Several runs (or a sweep directory, whose
+    report defaults to ``SWEEP/report/``) are seeds of one study."""
     from . import plots
 
     items = [run_or_runs] if isinstance(run_or_runs, (Run, str, Path)) else list(run_or_runs)
     if not items:
         raise EosbranchError("report needs at least one run directory")
+    if len(items) == 1 and not isinstance(items[0], Run) and not (Path(items[0]) / "spec.yaml").exists():
+        from .sweep import is_sweep, sweep_runs
+
+        if is_sweep(items[0]):  # a sweep directory: its parents are the seeds; the report goes next to them
+            out = Path(out) if out is not None else Path(items[0]) / "report"
+            items = sweep_runs(items[0], warn=progress)
     runs = [r if isinstance(r, Run) else Run(r) for r in items]
     paths = [r.path.resolve() for r in runs]
     if len(set(paths)) < len(paths):

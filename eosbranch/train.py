@@ -475,7 +475,7 @@ def open_run(spec: Spec, path: Path, lineage: Optional[dict] = None) -> RunStore
         store.write_text(SPEC, spec.to_yaml())
         store.write_json(LINEAGE, lineage or {
             "parent": None, "fork_step": None, "branch": "trunk", "branch_spec": None,
-            "branch_hash": None, "code_version": __version__,
+            "branch_hash": None, "code_version": __version__, "threads": torch.get_num_threads(),
         })
     return store
 
@@ -524,7 +524,27 @@ def resume(run_dir: Union[str, Path], steps: Optional[int] = None, progress: boo
     return _drive(spec, store, progress, warn)
 
 
+@contextlib.contextmanager
+def pinned_threads(n: Optional[int]):
+    """Run with the CPU thread count a run was started with: float reductions (sums over
+    thousands of points) can round differently with another count, and a resumed run or a fork
+    must reproduce its parent bit for bit."""
+    old = torch.get_num_threads()
+    if n and n != old:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)
+
+
 def _drive(spec: Spec, store: RunStore, progress: bool, warn) -> Run:
+    with pinned_threads(_lineage(store).get("threads")):
+        return _drive_pinned(spec, store, progress, warn)
+
+
+def _drive_pinned(spec: Spec, store: RunStore, progress: bool, warn) -> Run:
     store.warn = warn
     store.lock()
     try:

@@ -171,3 +171,23 @@ def test_teff_stops_at_the_effective_time(prototypes_parent):
     assert b.spec.steps == 14 and b.metrics.t_eff.max() == pytest.approx(t0 + 0.02)
     with pytest.raises(EosbranchError, match="at most one of --steps, --until, --teff"):
         eosbranch.fork(prototypes_parent, at=("step", 10), branches="exit_eos", teff=0.02, steps=3)
+
+
+def test_a_fork_runs_with_its_parents_thread_count(tmp_path, tiny_spec):
+    """Reductions over many points can round differently with another thread count (this spec
+    does: see test_sweep); a fork pins the count the parent recorded, so the null branch still
+    equals its parent bit for bit when the caller uses another count."""
+    tiny_spec.update(model={"kind": "mlp", "width": 64, "depth": 1}, steps=20, checkpoint={"every": 5},
+                     groups="classes", data={"kind": "digits", "classes": [3, 5]},
+                     measure={"every": 4, "sharpness": True})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        parent = eosbranch.train(tiny_spec, tmp_path)
+        torch.set_num_threads(2)
+        (b,) = eosbranch.fork(parent, at=("step", 12), branches="null")
+        assert torch.get_num_threads() == 2  # restored after the fork
+    finally:
+        torch.set_num_threads(before)
+    assert parent.lineage["threads"] == 1 and b.lineage["threads"] == 1
+    assert b.events.query("event == 'certificate_null'").value.tolist() == [0.0]

@@ -2,6 +2,7 @@
 per group in every figure, the CLI, seeds with an inter-quartile band, reduced reports."""
 
 import copy
+import json
 import shutil
 import struct
 
@@ -42,11 +43,24 @@ def study(quick_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reported(study):
-    return eosbranch.report(study)
+    """`eosbranch report RUN` through the CLI, keeping every figure object it saves."""
+    drawn, save = {}, plots._save
+
+    def keep(fig, path):
+        drawn[path.name] = fig
+        return save(fig, path)
+
+    plots._save = keep
+    try:
+        res = CliRunner().invoke(app, ["report", str(study.path)])
+    finally:
+        plots._save = save
+    assert res.exit_code == 0, res.output
+    return study.path / "report" / "summary.md", res, drawn
 
 
 def test_every_figure_is_a_readable_png(study, reported):
-    assert reported == study.path / "report" / "summary.md"
+    reported, res, _ = reported
     for file, _ in FIGURES.values():
         path = reported.parent / file
         assert path.is_file(), f"{file} missing"
@@ -59,7 +73,7 @@ def test_every_figure_is_a_readable_png(study, reported):
 
 
 def test_summary_holds_the_numbers_compare_returns(study, reported):
-    text = reported.read_text()
+    text = reported[0].read_text()
     df = eosbranch.compare(study)
     assert set(df.branch) == {"exit"} and len(df) == 5
     t_star = df.t_star.iloc[0]
@@ -68,7 +82,14 @@ def test_summary_holds_the_numbers_compare_returns(study, reported):
     for r in df.itertuples():
         assert r.effect == ("learns faster at EoS" if r.delta_at_end > 0 else "learns slower at EoS")
         assert f"| exit | {r.group} | {r.delta_at_end:+.3e} | {r.delta_mean:+.3e} | {r.effect} |" in text
-    assert "No certificate events" in text or "## Integrity certificate\n\n| run |" in text
+    events = [eosbranch.load(p).events for p in study.path.parent.glob(f"{study.name}--*")]
+    certs = [e[e.event.str.startswith("certificate")] for e in events]
+    rows = [r for c in certs for r in c.itertuples()]
+    if not rows:
+        assert "No certificate events in these runs." in text
+    for r in rows:
+        detail = str(r.detail).replace("|", "\\|")
+        assert f"| {r.run} | {r.branch} | {r.event} | {r.step} | {r.value:.6g} | {detail} |" in text
 
 
 def test_figure_3_ends_at_the_delta_compare_reports(study):
@@ -91,21 +112,14 @@ def test_group_colors_are_deterministic_distinct_and_fixed_for_known_names():
     assert len(set(a.values())) == len(names)
     assert a["all"] == "#000000" and a["inlier"] == plots.KNOWN_GROUPS["inlier"]
     assert plots.group_colors(["inlier"])["inlier"] == a["inlier"]
-    assert plots.group_colors(["alpha", "mid"])["alpha"] not in (a["inlier"], a["output_outlier"])
+    assert not {a["alpha"], a["mid"], a["zeta"]} & {a["inlier"], a["output_outlier"], a["all"]}
     many = plots.group_colors(f"g{i}" for i in range(40))  # beyond the palette: colours repeat, never fail
     assert len(many) == 40 and set(many.values()) <= set(plots.CYCLE)
 
 
-def test_a_group_has_the_same_colour_in_every_figure(study, tmp_path, monkeypatch):
-    drawn = {}
-    save = plots._save
-
-    def keep(fig, path):
-        drawn[path.name] = fig
-        return save(fig, path)
-
-    monkeypatch.setattr(plots, "_save", keep)
-    eosbranch.report(study, out=tmp_path)
+def test_a_group_has_the_same_colour_in_every_figure(study, reported):
+    drawn = reported[2]
+    assert set(drawn) == {file for file, _ in FIGURES.values()}
     seed = load_study_run(study)
     trace, _ = opposing_trace(study, seed)
     colors = plots.group_colors(set(seed.groups("loss")) | set(trace["names"]))
@@ -114,9 +128,11 @@ def test_a_group_has_the_same_colour_in_every_figure(study, tmp_path, monkeypatc
         for ax in fig.axes:
             for line in ax.get_lines():
                 gid = line.get_gid() or ""
+                if gid.startswith("context:"):  # the parent before the fork, drawn grey behind the branches
+                    assert to_hex(line.get_color()) == plots.LIGHT_GREY.lower()
                 if gid.startswith("group:"):
                     g = gid.split(":", 1)[1]
-                    assert to_hex(line.get_color()) == colors[g], (name, g)
+                    assert to_hex(line.get_color()) == colors[g].lower(), (name, g)
                     seen.setdefault(g, set()).add(name)
     for g in ("inlier", "boundary", "input_outlier", "output_outlier"):
         assert {FIGURES[k][0] for k in (2, 3, 4)} <= seen[g], g
@@ -136,10 +152,10 @@ def test_opposing_trace_replays_the_recorded_full_loss(study):
     assert set(f.series) == {"rise", "fall", "full", "random"} and "alternation" in note
 
 
-def test_cli_report_prints_the_summary_path_last(study, tmp_path):
-    res = CliRunner().invoke(app, ["report", str(study.path), "--out", str(tmp_path / "r")])
-    assert res.exit_code == 0, res.output
-    assert res.stdout.strip().splitlines()[-1] == str(tmp_path / "r" / "summary.md")
+def test_cli_report_prints_the_summary_path_last(study, reported, tmp_path):
+    summary, res, _ = reported
+    assert res.stdout.strip().splitlines()[-1] == str(summary)
+    assert "figure 1: " in res.stderr  # progress goes to stderr, the result to stdout
     res = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "not a run directory" in res.output
 
@@ -169,7 +185,8 @@ def test_a_run_without_branches_gets_a_reduced_report(tmp_path):
 
 def test_several_seeds_give_the_median_and_interquartile_band(tmp_path):
     spec = copy.deepcopy(TINY)
-    spec.update({"groups": "prototypes", "steps": 40, "measure": {"every": 5, "warmup": 5},
+    spec.update({"groups": "prototypes", "steps": 25,  # group losses only: no curvature, fast
+                 "measure": {"every": 5, "sharpness": False, "alignment": False, "curvature_fraction": False},
                  "checkpoint": {"every": 10}, "optimizer": {"kind": "gd", "lr": 0.3}})
     spec["data"]["n_per_class"] = 60
     spec["model"].update({"width": 32, "depth": 2, "activation": "tanh", "init_scale": 0.3})
@@ -177,7 +194,7 @@ def test_several_seeds_give_the_median_and_interquartile_band(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     runs = [eosbranch.train(path, tmp_path / "runs", seed=s) for s in (0, 1)]
     for r in runs:
-        eosbranch.fork(r, at=("step", 10), branches=BRANCHES, steps=20)
+        eosbranch.fork(r, at=("step", 10), branches=BRANCHES, steps=15)
     summary = eosbranch.report(runs)
     assert summary == runs[0].path / "report" / "summary.md"
     text = summary.read_text()
@@ -187,7 +204,7 @@ def test_several_seeds_give_the_median_and_interquartile_band(tmp_path):
     for g in ("inlier", "input_outlier", "all"):
         per_seed = []
         for s in seeds:
-            c = eosbranch.compare(s.path if hasattr(s, "path") else runs[seeds.index(s)])
+            c = eosbranch.compare(runs[seeds.index(s)])
             row = c[(c.branch == "exit") & (c.group == g)].iloc[0]
             assert f"{row.delta_at_end:+.3e}" in text
             lb = s.curve("exit", "loss", g)
@@ -203,3 +220,13 @@ def test_several_seeds_give_the_median_and_interquartile_band(tmp_path):
         assert np.ptp(per_seed[0] - per_seed[1]) > 0  # the seeds differ: the band has width
     w, h = png_size(summary.parent / FIGURES[3][0])
     assert w >= 600 and h >= 300
+    # A sweep directory names the same seeds (sweep.json as `eosbranch sweep` writes it): same report.
+    (tmp_path / "runs" / "sweep.json").write_text(json.dumps({"runs": [
+        {"seed": r.spec.seed, "run": r.name, "branches": [], "status": "done", "stage": None, "error": None}
+        for r in runs]}))
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "runs")])
+    assert res.exit_code == 0, res.output
+    swept = tmp_path / "runs" / "report" / "summary.md"
+    assert res.stdout.strip().splitlines()[-1] == str(swept)
+    assert swept.read_text().split("## Integrity")[0].split("## Branch effect")[1] == \
+        text.split("## Integrity")[0].split("## Branch effect")[1]
