@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow test-all bench clean
+.PHONY: demo test test-slow test-all bench clean cli-docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/curvature.py
 	$(PY) benchmarks/probes.py
+
+cli-docs: $(STAMP)
+	$(PY) -c "from eosbranch.cli import write_reference; write_reference('cli')"
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

@@ -62,3 +62,16 @@ def test_runs_lists_runs(tmp_path, tiny_spec):
     eosbranch.train(tiny_spec, tmp_path)
     res = runner.invoke(app, ["runs", "--out", str(tmp_path)])
     assert res.exit_code == 0 and "tiny-s0-" in res.stdout and "30/30" in res.stdout
+
+
+def test_cli_reference_and_completion_are_current():
+    """cli/ is generated from the typer app (`make cli-docs`): it must match the app as it is."""
+    from eosbranch.cli import reference
+
+    root = Path(__file__).resolve().parents[1] / "cli"
+    files = reference()
+    assert {"README.md", "completion/eosbranch.bash", "completion/eosbranch.zsh", "completion/eosbranch.fish"} <= set(files)
+    for name, text in files.items():
+        assert (root / name).is_file() and (root / name).read_text() == text, f"cli/{name} is stale: run `make cli-docs`"
+    assert "## `eosbranch fork`" in files["README.md"] and "--until" in files["README.md"]
+    assert "_EOSBRANCH_COMPLETE" in files["completion/eosbranch.bash"]
