@@ -166,6 +166,9 @@ def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "e
         if total <= s:
             raise EosbranchError(f"nothing to run: the fork is at step {s} and the branch would end at {total}")
         done[b.name] = _run_branch(parent, s, b, rule, total, progress, warn)
+        if rule["kind"] == "tss" and not (done[b.name].events.event == "t_star_star").any():
+            warn(f"branch {b.name}: its sharpness never reached its threshold within {total - s} steps after "
+                 "the fork (--max-steps); its window ends at its last step")
     out = [done[b.name] for b in specs]
     certify(parent, out)
     return out
