@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow test-all bench clean cli-docs
+.PHONY: demo test test-slow test-examples test-all bench clean cli-docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,ray,slurm]"   # the sweep's Ray and submitit executors are tested here
 	$(PY) -m pytest -q -m slow
+
+test-examples: $(STAMP)   # every example of examples/ at reduced size, with its robust claims (~TIME)
+	$(PY) -m pytest -q -m examples tests/test_examples.py
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"

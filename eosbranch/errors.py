@@ -35,7 +35,8 @@ class EosbranchWarning(UserWarning):
 
 def _loc(prefix: str, loc: tuple) -> str:
     parts = [prefix] if prefix else []
-    parts += [str(p) for p in loc if p not in ("function-after",)]
+    # a key quoted from the user's file stays on one line (e.g. a YAML key holding a newline)
+    parts += [str(p) if str(p).isprintable() else repr(str(p)) for p in loc if p not in ("function-after",)]
     return ".".join(parts) or "<root>"
 
 

@@ -6,12 +6,13 @@ Initialisation follows the 2026 study: Kaiming-normal weights times ``init_scale
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from .errors import SpecError
 from .registry import Params, Registry
 
 MODELS = Registry("model")
@@ -39,7 +40,7 @@ def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     n = math.prod(input_shape)
     side = math.isqrt(n)
     if side * side != n:
-        raise ValueError(f"a conv model needs image inputs (C,H,W) or a square flat input; got {input_shape}")
+        raise SpecError(f"model.kind: a conv model needs image inputs (C,H,W) or a square flat input; got {input_shape}")
     return (1, side, side)
 
 
@@ -63,7 +64,7 @@ def mlp(p: MLPParams, input_shape, num_outputs) -> nn.Module:
 
 
 class CNNParams(Params):
-    channels: list[int] = Field(default_factory=lambda: [32, 32], min_length=1)
+    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 32], min_length=1)
     activation: Activation = "relu"
     init_scale: float = Field(1.0, gt=0)
     pool: bool = True
@@ -102,7 +103,7 @@ class _Block(nn.Module):
 
 
 class ResNetParams(Params):
-    widths: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
+    widths: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
     blocks_per_stage: int = Field(1, ge=1)
     batchnorm: bool = False
     activation: Activation = "relu"
@@ -139,7 +140,7 @@ def vgg11(p: VGGParams, input_shape, num_outputs) -> nn.Module:
 
     c, h, w = _image_shape(input_shape)
     if c != 3:
-        raise ValueError(f"vgg11 expects 3-channel images; got input shape {input_shape}")
+        raise SpecError(f"model.kind: vgg11 expects 3-channel images; got input shape {input_shape}")
     net = (vgg11_bn if p.batchnorm else tv_vgg11)(weights=None)
     model = nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_outputs))
     return scaled_kaiming_(model, p.init_scale)
@@ -167,7 +168,8 @@ class Linear2Params(Params):
 @MODELS.register("linear2", Linear2Params)
 def linear2(p: Linear2Params, input_shape, num_outputs) -> nn.Module:
     if num_outputs != 1:
-        raise ValueError(f"linear2 has one output; the data has {num_outputs}")
+        raise SpecError(f"model.kind: linear2 has one output; the data has {num_outputs} "
+                        "(use it with a one-output regression set such as linear_opposing)")
     return Linear2(math.prod(input_shape), p.c)
 
 

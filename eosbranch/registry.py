@@ -11,7 +11,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import SpecError, format_validation_error
 
@@ -19,7 +19,15 @@ from .errors import SpecError, format_validation_error
 class Params(BaseModel):
     """Base for registry parameter models: unknown fields are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("seed", check_fields=False)
+    @classmethod
+    def _seed_range(cls, v):
+        # numpy's and torch's generators take seeds in 0..2**32-1; beyond, they raise or wrap
+        if isinstance(v, int) and not 0 <= v < 2**32:
+            raise ValueError(f"a seed is an integer in 0..{2**32 - 1}, got {v}")
+        return v
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from .errors import SpecError, format_validation_error
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class MeasureSpec(_Section):
@@ -74,7 +74,7 @@ class CheckpointSpec(_Section):
 
 class Spec(_Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**32)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
     data: dict[str, Any]
@@ -146,7 +146,12 @@ def read_yaml(path: Union[str, Path]) -> Any:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+        why = " ".join(str(getattr(err, "problem", None) or err).split())  # one line, whatever the reader says
+        raise SpecError(f"{path}:{where} not valid YAML ({why})") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not valid YAML (not UTF-8 text: byte {err.start} is {err.object[err.start:err.start + 1]!r})") from None
+    except RecursionError:
+        raise SpecError(f"{path}: not valid YAML for a spec (nested too deeply)") from None
 
 
 def load_spec(path: Union[str, Path], **overrides) -> Spec:

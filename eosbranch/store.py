@@ -88,6 +88,8 @@ _CKPT_FILE = re.compile(r"step_\d{8}\.pt")
 _SEGMENT_FILE = re.compile(r"(step|end)_\d{8}\.(metrics|events|examples)\.parquet")
 _SHA = re.compile(r"[0-9a-f]{64}")
 _WRITE_CHUNK = 1 << 20
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: files get the usual 0o666 & ~umask, not mkstemp's private 0o600
 
 Warn = Callable[[str], None]
 
@@ -116,6 +118,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view[:_WRITE_CHUNK]):]
@@ -143,9 +146,12 @@ def sha256(data: bytes) -> str:
 
 def rows_digest(name: str, df: pd.DataFrame) -> str:
     """sha256 of a table's rows (values, not bytes on disk), as stored in its Parquet metadata."""
-    cols = df[tables.COLUMNS[name]].reset_index(drop=True)
-    cols = cols.astype({c: object for c in cols.columns if not pd.api.types.is_numeric_dtype(cols[c])})
-    return sha256(pd.util.hash_pandas_object(cols, index=False).to_numpy().tobytes())
+    h = hashlib.sha256()
+    for c in tables.COLUMNS[name]:
+        col = df[c]
+        values = col.to_numpy() if pd.api.types.is_numeric_dtype(col) else col.to_numpy(dtype=object)
+        h.update(c.encode() + b"\0" + pd.util.hash_array(values).tobytes())
+    return h.hexdigest()
 
 
 def encode_table(name: str, df: pd.DataFrame) -> bytes:
@@ -208,8 +214,11 @@ class RunStore:
     def lock(self) -> None:
         """Take the run's write lock; a second writer fails fast instead of interleaving."""
         self.check_writable()
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:  # e.g. .lock planted as a symlink (ELOOP), a read-only directory
+            raise StorageError(f"{self.path / LOCK}: cannot open the run's lock file: {_why(err)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -319,6 +328,9 @@ class RunStore:
     def _write_segments(self, stem: str, rows: dict) -> dict:
         out = {}
         for name in TABLES:
+            if len(rows[name]) == 0:  # nothing new: no file
+                out[name] = {"file": None, "sha256": None, "rows": 0}
+                continue
             data = encode_table(name, rows[name])
             file = f"{stem}.{name}.parquet"
             atomic_write(self.checkpoint_dir / file, data)
@@ -412,6 +424,8 @@ class RunStore:
             parts = []
             for seg in segments:
                 info = seg["tables"][name]
+                if info["file"] is None:
+                    continue
                 f = self.checkpoint_dir / info["file"]
                 try:
                     data = f.read_bytes()
@@ -423,7 +437,9 @@ class RunStore:
                     parts.append(decode_table(name, pa.BufferReader(data)))
                 except _Damaged as err:
                     raise _Damaged(f"{f}: {err}") from None
-            out[name] = pd.concat(parts, ignore_index=True) if parts else tables.empty(name)
+            if not parts:  # as pandas reads an empty table back (string columns keep their dtype)
+                parts = [decode_table(name, pa.BufferReader(encode_table(name, tables.empty(name))))]
+            out[name] = pd.concat(parts, ignore_index=True)
         return out
 
     def rows_before(self, step: int, warn: Optional[Warn] = None) -> tuple[Optional[dict], bool]:
@@ -537,6 +553,8 @@ def _check_rows(rows) -> None:
         raise ValueError("segment 'from' must be a step or null")
     for name in TABLES:
         info = rows["tables"][name]
+        if info["file"] is None and info["sha256"] is None and info["rows"] == 0:
+            continue
         if not (_SEGMENT_FILE.fullmatch(info["file"]) and _SHA.fullmatch(info["sha256"])):
             raise ValueError(f"bad segment record {info!r}")
 

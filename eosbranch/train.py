@@ -337,6 +337,8 @@ class Trainer:
     def save(self) -> None:
         s = self.st.step
         self.flush(before=s)
+        if s == self._seg_start:
+            return  # the checkpoint this run just resumed from: kept as it is, never rewritten
         self.store.save_checkpoint(s, checkpoint_state(self.exp, self.st), rows=self._segment(self._seg_start, s),
                                    rows_from=self._seg_start)
         self._seg_start = s

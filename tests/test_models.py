@@ -39,7 +39,7 @@ def test_linear2_is_c_times_linear():
     m = build_model({"kind": "linear2", "c": 1.0}, (6,), 1)
     x = torch.randn(5, 6)
     assert torch.allclose(m(x)[:, 0], m.c * (x @ m.w))
-    with pytest.raises(ValueError, match="one output"):
+    with pytest.raises(SpecError, match="one output"):
         build_model({"kind": "linear2"}, (6,), 2)
 
 
