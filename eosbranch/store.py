@@ -316,8 +316,11 @@ class RunStore:
                 entry["rows"] = old["rows"]  # the checkpoint a resume started from, saved again
             elif rows_from is None or rows_from < step:
                 entry["rows"] = {"from": rows_from, "tables": self._write_segments(stem, rows)}
-        atomic_write(self.checkpoint_dir / entry["file"], data)
+        # The entry before the data: a reader (e.g. `eosbranch runs` while this run trains) never
+        # sees a checkpoint file that nothing indexes; an entry whose file is not there yet is
+        # only an unverifiable checkpoint, which loading skips.
         atomic_write(self.checkpoint_dir / f"{stem}.json", json.dumps(entry, indent=2).encode())
+        atomic_write(self.checkpoint_dir / entry["file"], data)
         manifest["checkpoints"] = sorted([e for e in manifest["checkpoints"] if e["step"] != step] + [entry],
                                          key=lambda e: e["step"])
         if manifest.get("complete") is not None and manifest["complete"] < step:
