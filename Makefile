@@ -21,7 +21,7 @@ test-slow: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,ray,slurm]"   # the sweep's Ray and submitit executors are tested here
 	$(PY) -m pytest -q -m slow
 
-test-examples: $(STAMP)   # every example of examples/ at reduced size, with its robust claims (~TIME)
+test-examples: $(STAMP)   # every example of examples/ at reduced size, with its robust claims (4-7 min on 2 cores)
 	$(PY) -m pytest -q -m examples tests/test_examples.py
 
 test-all: $(STAMP)

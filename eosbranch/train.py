@@ -332,6 +332,9 @@ class Trainer:
             df = rows[name]
             cols = tables.COLUMNS[name][3:]
             setattr(self, name, list(df.loc[df.step < s, cols].itertuples(index=False, name=None)))
+        # Events of step s recorded before the checkpoint (a branch's fork_* and certificate rows)
+        # are not recomputed by re-running step s: the checkpoint carries them.
+        self.events += [tuple(r) for r in ckpt.get("events_at_step", [])]
         self._seg_start = s if chained else None
 
     def save(self) -> None:
@@ -339,8 +342,9 @@ class Trainer:
         self.flush(before=s)
         if s == self._seg_start:
             return  # the checkpoint this run just resumed from: kept as it is, never rewritten
-        self.store.save_checkpoint(s, checkpoint_state(self.exp, self.st), rows=self._segment(self._seg_start, s),
-                                   rows_from=self._seg_start)
+        state = checkpoint_state(self.exp, self.st)
+        state["events_at_step"] = [list(r) for r in self.events if r[1] == s]  # see resume()
+        self.store.save_checkpoint(s, state, rows=self._segment(self._seg_start, s), rows_from=self._seg_start)
         self._seg_start = s
 
     def _segment(self, lo: Optional[int], hi: Optional[int]) -> dict:

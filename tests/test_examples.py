@@ -224,20 +224,26 @@ def test_linear_opposing_bound_at_init_then_decrease_then_sharpening(tmp_path):
 @pytest.mark.examples
 @pytest.mark.slow
 def test_adam_vs_gd_shares_the_reference_and_gd_oscillates_along_v1(tmp_path):
-    run = eosbranch.train(load_spec(EXAMPLES / "adam_vs_gd.yaml", steps=150), tmp_path)
+    # Only the projection is checked: per-group probes and per-example rows off (a measurement
+    # every step of the window is the cost here).
+    raw = spec_dict("adam_vs_gd", steps=150, measure={"probes": False, "alignment": False, "examples": "off",
+                                                      "curvature_fraction": False})
+    run = eosbranch.train(parse_spec(raw), tmp_path)
     assert t_star(run) == 110  # measure.reference in the spec is seed 0's t*
-    branches = eosbranch.fork(run, at=("onset", 0), branches=EXAMPLES / "branches" / "optimizers.yaml", steps=30)
+    branches = eosbranch.fork(run, at=("onset", 0), branches=EXAMPLES / "branches" / "optimizers.yaml", steps=90)
     check_certificates(run)
     proj = {b.lineage["branch"]: b.metric("weight_projection") for b in branches}
     assert set(proj) == {"eos", "sgd", "momentum", "adam"}
     for name, p in proj.items():
         assert p.index.min() == 110 and p[110] == 0.0, name  # theta_ref = theta(t*) in every branch
-        assert len(p) == 31, name  # the dense window: every step
-    gd = np.abs(np.diff(proj["eos"].to_numpy()))
+        assert len(p) == 91, name  # the dense window: every step
+    gd = np.diff(proj["eos"].to_numpy())
     mom = np.abs(np.diff(proj["momentum"].to_numpy()))
-    # At the EoS, GD's step along v1 grows (period-two oscillation); stable momentum's does not.
-    assert gd[-5:].mean() > 10 * gd[:5].mean()
-    assert gd[-5:].mean() > 10 * mom[-5:].mean()
+    # At the EoS GD's step along v1 grows into a period-two oscillation (it builds up over ~70
+    # steps from a v1 component near 0 at t*); stable momentum only drifts.
+    assert np.abs(gd[-5:]).mean() > 100 * np.abs(gd[:5]).mean()
+    assert np.abs(gd[-5:]).mean() > 100 * mom[-5:].mean()
+    assert np.all(gd[-6:-1] * gd[-5:] < 0)  # the sign alternates step by step
     adam = next(b for b in branches if b.lineage["branch"] == "adam")
     assert "preconditioned_sharpness" in set(adam.metrics.metric)
     assert adam.metric("threshold").iloc[-1] == pytest.approx(38 / 0.0005)

@@ -140,7 +140,10 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
+FAST = {"truncated", "byte flipped", "manifest sha edited", "manifest missing", "manifest points outside"}
+
+
+@pytest.mark.parametrize("damage", [d if d in FAST else pytest.param(d, marks=pytest.mark.slow) for d in DAMAGE])
 def test_damaged_checkpoint_or_manifest_resume_falls_back(tmp_path, reference, crashed, damage):
     inject, fragments, falls_back = DAMAGE[damage]
     path = copy_run(crashed, tmp_path)
@@ -300,10 +303,10 @@ class FullDisk:
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 @pytest.mark.parametrize("target,nth", [
     ("step_00000030.pt", 1),                 # the checkpoint file itself
-    ("step_00000030.metrics.parquet", 1),    # its row segment
+    pytest.param("step_00000030.metrics.parquet", 1, marks=pytest.mark.slow),    # its row segment
     ("manifest.json", 1),                    # the commit of checkpoint 30
-    ("examples.parquet", 2),                 # the table flush before checkpoint 30 (after the resume's)
-    ("end_00000030.metrics.parquet", 1),     # the end segment written on completion
+    pytest.param("examples.parquet", 2, marks=pytest.mark.slow),  # the table flush before checkpoint 30
+    pytest.param("end_00000030.metrics.parquet", 1, marks=pytest.mark.slow),     # the end segment
 ])
 def test_no_space_left_during_a_checkpoint_write(tmp_path, reference, crashed, monkeypatch, target, nth):
     path = copy_run(crashed, tmp_path)
