@@ -213,13 +213,15 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
         return branch
     spec = parent.spec.model_copy(update={"steps": total})
     threads = parent.lineage.get("threads") or torch.get_num_threads()
+    store.check_writable()  # a planted symlink must not redirect the branch's files
+    created = not store.path.exists()
     store.path.mkdir(parents=True, exist_ok=True)
-    store.write_text(SPEC, spec.to_yaml())
-    store.write_json(LINEAGE, {"parent": parent.name, "fork_step": s, "branch": b.name,
-                               "branch_spec": b.model_dump(), "branch_hash": b.digest(),
-                               "until": rule, "code_version": __version__, "threads": threads})
-    store.lock()
+    store.lock()  # before any write: a second fork into the same branch fails fast and changes nothing
     try:
+        store.write_text(SPEC, spec.to_yaml())
+        store.write_json(LINEAGE, {"parent": parent.name, "fork_step": s, "branch": b.name,
+                                   "branch_spec": b.model_dump(), "branch_hash": b.digest(),
+                                   "until": rule, "code_version": __version__, "threads": threads})
         exp = build(load_spec(path / SPEC))
         tr = Trainer(exp, store, branch=b.name, warn=warn)
         tr.st = restore_state(exp, parent.store.load_checkpoint(s, warn=warn))
@@ -228,9 +230,25 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
         tr.until = stop_rule({"until": rule})
         with pinned_threads(threads), _progress(progress, total, tr.st.step) as show:
             tr.run(total, show)
+    except BaseException:
+        if created and not _has_checkpoints(store):
+            # Failed before the fork step's checkpoint (replay mismatch, an intervention that does
+            # not fit this run, no space): leave no half-made branch for `runs` to list.
+            import shutil
+
+            store.unlock()
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     finally:
         store.unlock()
     return Run(path)
+
+
+def _has_checkpoints(store: RunStore) -> bool:
+    try:
+        return bool(store.checkpoint_steps())
+    except EosbranchError:
+        return True  # damaged, not absent: keep it for the user to look at
 
 
 def _reaches(branch: Run, rule: dict, total: int) -> bool:

@@ -316,6 +316,8 @@ class RunStore:
                 entry["rows"] = old["rows"]  # the checkpoint a resume started from, saved again
             elif rows_from is None or rows_from < step:
                 entry["rows"] = {"from": rows_from, "tables": self._write_segments(stem, rows)}
+        if not (self.checkpoint_dir / MANIFEST).exists():  # a run's first checkpoint: an index exists
+            self._write_manifest(manifest)  # before any entry, so a reader never sees one "missing"
         # The entry before the data: a reader (e.g. `eosbranch runs` while this run trains) never
         # sees a checkpoint file that nothing indexes; an entry whose file is not there yet is
         # only an unverifiable checkpoint, which loading skips.

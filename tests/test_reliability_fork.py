@@ -250,12 +250,8 @@ def test_a_fork_into_a_branch_being_written_fails_fast_and_changes_nothing(tmp_p
     assert {f: f.read_bytes() for f in d.rglob("*") if f.is_file()} == before
 
 
-# -------------------------------------------------------------- what fork.py still needs (xfail)
+# -------------------------------------------------------------- a second fork, a failed fork
 
-@pytest.mark.xfail(strict=True, reason="fork.py: _run_branch writes spec.yaml and lineage.json before "
-                   "store.lock(); a second fork (here with other --steps) into a branch whose first writer "
-                   "has not saved a checkpoint yet overwrites its spec.yaml before failing on the lock. "
-                   "Take store.lock() right after the mkdir, before any write.")
 def test_a_refused_second_fork_writes_nothing(tmp_path, small_parent):
     p = copy_parent(small_parent, tmp_path)
     d = small_branch(p)
@@ -276,12 +272,6 @@ def test_a_refused_second_fork_writes_nothing(tmp_path, small_parent):
     assert {f.name: f.read_bytes() for f in d.iterdir() if f.is_file() and f.name != ".lock"} == before
 
 
-@pytest.mark.xfail(strict=True, reason="fork.py: an error at the fork step (here an intervention naming a "
-                   "group the run does not have) leaves the branch directory behind with spec.yaml, "
-                   "lineage.json and .lock but no checkpoint; `eosbranch runs` then lists it. Remove a "
-                   "branch directory this call created when the branch fails before its first checkpoint "
-                   "(as train does: train._remove_unstarted), or check the interventions against the "
-                   "built experiment before the mkdir.")
 def test_a_fork_that_fails_at_the_fork_step_leaves_no_branch_directory(tmp_path, small_parent):
     p = copy_parent(small_parent, tmp_path)
     f = tmp_path / "bad.yaml"

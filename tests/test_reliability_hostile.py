@@ -338,9 +338,6 @@ def test_fork_into_a_symlinked_branch_directory_is_refused(tmp_path, parent):
     assert "is a symlink" in error and list(outside.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="fork.py: _run_branch calls path.mkdir(exist_ok=True) before any store "
-                   "check; on a dangling symlink that raises FileExistsError (a traceback). Needs "
-                   "store.check_writable() (or store.lock()) before the mkdir.")
 def test_fork_into_a_dangling_symlinked_branch_directory_is_refused(tmp_path, parent):
     run = copy_run(parent, tmp_path / "p")
     outside = tmp_path / "outside"
