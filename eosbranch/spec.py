@@ -41,6 +41,12 @@ class MeasureSpec(_Section):
     reference: Optional[int] = Field(
         None, ge=0, description="step of theta_ref, v1_ref for weight_projection (a measurement step; default t*)")
 
+    @field_validator("examples", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        # YAML 1.1 reads an unquoted `off` as false: take it as the word the user wrote.
+        return "off" if v is False else v
+
     @field_validator("windows")
     @classmethod
     def _windows(cls, v):

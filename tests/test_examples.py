@@ -12,8 +12,9 @@ the claims that are robust at that size checked against their definitions (DESIG
 - the random-orthogonal control moves the input-outliers the same distance;
 - at the EoS about half of the points' losses rise on a step, and the opposing pair moves far
   more than a random pair of the same size;
-- every branch of adam_vs_gd projects on the same reference, and GD's displacement along v1 is
-  exactly -η⟨∇L, v1_ref⟩ in effect (it equals the trunk's bit for bit).
+- every branch of adam_vs_gd projects on the same reference θ(t*) (projection 0.0 at the fork),
+  and GD's step along v1 grows into a sign-alternating oscillation while stable momentum's does
+  not.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import eosbranch
@@ -38,6 +40,16 @@ EXAMPLES = ROOT / "examples"
 README = EXAMPLES / "README.md"
 NAMES = ["selective_mse", "cross_entropy_shift", "random_direction_control", "opposing_signals", "chebyshev",
          "linear_opposing", "adam_vs_gd", "cifar10_pair"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as a sweep's jobs run (``--threads`` 1): on a shared 2-core machine two
+    threads per process waiting on each other make the run times swing tenfold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def commands() -> list[str]:

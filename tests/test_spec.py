@@ -93,3 +93,11 @@ def test_groups_are_resolved_and_stored(tiny_spec):
     assert parse_spec({**tiny_spec, "groups": inline}).groups == inline
     with pytest.raises(SpecError, match="groups.*unknown group kind 'clas'"):
         parse_spec({**tiny_spec, "groups": [{"kind": "clas", "label": 0}]})
+
+
+def test_unquoted_off_means_off():
+    from eosbranch.spec import parse_spec
+    from conftest import TINY
+
+    spec = parse_spec({**TINY, "measure": {"every": 10, "examples": False}})  # YAML `examples: off`
+    assert spec.measure.examples == "off"
