@@ -240,7 +240,7 @@ def plot_sharpness(run: StudyRun, path) -> Path:
         axes[1].set_title("the comparison window, zoomed in", fontsize=10)
     handles, _ = axes[0].get_legend_handles_labels()
     handles += [Line2D([], [], color="none", label=t) for t in off_scale]
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     fig.suptitle(f"{run.name}: sharpness per branch (seed {run.seed})")
     return _save(fig, path)
 
@@ -283,7 +283,7 @@ def plot_group_losses(run: StudyRun, path, colors: dict[str, str]) -> Path:
         ax.set_xlabel(T_EFF)
         ax.xaxis.set_tick_params(labelbottom=True)
     handles = _style_legend(run) + [Line2D([], [], color=BLACK, linestyle=(0, (1, 2)), label="t*")] + _window_patch(run)
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     fig.suptitle(f"{run.name}: group losses per branch (seed {run.seed})")
     return _save(fig, path)
 
@@ -375,7 +375,7 @@ def plot_branch_effect(bands: pd.DataFrame, path, colors: dict[str, str], refere
     handles = [Line2D([], [], color=colors[g], linewidth=1.8, label=g) for g in groups]
     if n_seeds > 1:
         handles.append(Patch(color=GREY, alpha=0.3, label=f"inter-quartile range\nacross {n_seeds} seeds"))
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False, title="group")
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False, title="group")
     fig.suptitle("branch effect Δℓ_k per group (Δ > 0: loss lower at EoS)")
     return _save(fig, path)
 
@@ -416,7 +416,7 @@ def plot_alignment(run: StudyRun, path, colors: dict[str, str]) -> Path:
     for i, (metric, _, log) in enumerate(ALIGNMENT_ROWS):  # shared y per row: everything visible in the row
         _autoscale_visible(axes[i], log=log, floor=0.0 if metric == "cos2_v1" else None)
     fig.legend(handles=_style_legend(run) + _window_patch(run),
-               loc="outside right upper", fontsize=8, frameon=False)
+               loc="outside right center", fontsize=8, frameon=False)
     fig.suptitle(f"{run.name}: alignment with the top eigenvector v1, curvature influence and gradient norm "
                  f"(seed {run.seed})")
     return _save(fig, path)
