@@ -422,12 +422,11 @@ def reference() -> dict[str, str]:
     """The generated documentation in ``cli/``: the command reference (Markdown, from the typer
     app, as ``typer ... utils docs`` makes it) and shell-completion scripts. ``make cli-docs``
     writes them; a test fails when the committed files are stale."""
-    import click
-    from click.shell_completion import get_completion_class
+    from typer._completion_shared import get_completion_script
     from typer.cli import get_docs_for_click
 
     command = typer.main.get_command(app)
-    ctx = click.Context(command, info_name="eosbranch")
+    ctx = typer.Context(command, info_name="eosbranch")
     ctx.ensure_object(dict)
     head = "<!-- Generated from the typer app by `make cli-docs`; tests/test_cli.py fails when it is stale. -->\n\n"
     tail = ("\n## Shell completion\n\n`eosbranch --install-completion` installs it for the current shell; or "
@@ -435,9 +434,9 @@ def reference() -> dict[str, str]:
             "`source cli/completion/eosbranch.bash`.\n")
     docs = get_docs_for_click(obj=command, ctx=ctx, name="eosbranch").strip() + "\n"
     files = {"README.md": head + docs + tail}
-    for shell, suffix in (("bash", "bash"), ("zsh", "zsh"), ("fish", "fish")):
-        cls = get_completion_class(shell)
-        files[f"completion/eosbranch.{suffix}"] = cls(command, {}, "eosbranch", "_EOSBRANCH_COMPLETE").source()
+    for shell in ("bash", "zsh", "fish"):  # what `eosbranch --show-completion` prints in that shell
+        files[f"completion/eosbranch.{shell}"] = get_completion_script(
+            prog_name="eosbranch", complete_var="_EOSBRANCH_COMPLETE", shell=shell) + "\n"
     return files
 
 
