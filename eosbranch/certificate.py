@@ -94,7 +94,7 @@ def perturbation_certificate(tr: "Trainer", group: str, apply: Callable[[], None
     v_before = tr.fork_curvature()["v1"]
     cos_before, dist_before = measure_group(v_before)
     apply()
-    v_after = solve_sharpness(exp, tr.st, v0=v_before[:, None])["v1"]  # v1 of the perturbed loss
+    v_after = solve_sharpness(exp, tr.st, v0=v_before[:, None], preconditioned=False)["v1"]  # of the perturbed loss
     cos_after, dist_after = measure_group(v_after)
     dim = v_after.numel()
     pct_before, pct_after = random_cos2_percentile(cos_before, dim), random_cos2_percentile(cos_after, dim)

@@ -198,7 +198,7 @@ def compare(run_dirs: list[Path] = typer.Argument(
     _compare_seeds(parents, where)
 
 
-def _print_comparison(run, df, certificate: bool = True) -> None:
+def _print_comparison(run, df) -> None:
     head = df.iloc[0] if len(df) else None
     where = "" if head is None else f", fork step {head.fork_step}, t* = {head.t_star:.4g} (t_eff)"
     table = Table("branch", "group", "t**", "Δl at end", "mean Δl", "effect",
@@ -207,8 +207,7 @@ def _print_comparison(run, df, certificate: bool = True) -> None:
         table.add_row(r.branch, r.group, f"{r.t_star_star:.4g}", f"{r.delta_at_end:+.2e}", f"{r.delta_mean:+.2e}",
                       r.effect.replace("learns ", ""))
     err.print(table)
-    if certificate:
-        _print_certificate(run.path)
+    _print_certificate(run.path)
 
 
 def _compare_seeds(parents, where) -> None:

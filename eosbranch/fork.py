@@ -112,8 +112,13 @@ def stop_rule(lineage: dict) -> Optional[Callable]:
         return lambda tr: "t_star_star" in tr.st.measured and tr.st.step >= tr.st.measured["t_star_star"] + margin
     if until.get("kind") == "teff":
         target = float(until["teff"])
-        return lambda tr: tr.st.t_eff >= target - 1e-12 * max(1.0, abs(target))
+        return lambda tr: _reached(tr.st.t_eff, target)
     return None
+
+
+def _reached(t_eff: float, target: float) -> bool:
+    # t_eff is a running sum of step sizes: allow its rounding, not a whole extra step.
+    return t_eff >= target - 1e-12 * max(1.0, abs(target))
 
 
 def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "exit_eos",
@@ -255,7 +260,7 @@ def _reaches(branch: Run, rule: dict, total: int) -> bool:
     """Whether a finished branch already covers what ``rule`` asks for."""
     end = branch.spec.steps
     if rule["kind"] == "teff":
-        return float(branch.metrics.t_eff.max()) >= rule["teff"] - 1e-12 * max(1.0, abs(rule["teff"]))
+        return _reached(float(branch.metrics.t_eff.max()), rule["teff"])
     if rule["kind"] == "tss":
         hit = branch.events.query("event == 't_star_star'")
         return len(hit) > 0 and end >= int(hit.step.iloc[0]) + int(rule["margin"])

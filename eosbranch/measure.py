@@ -79,32 +79,35 @@ def training_hessian(exp: "Experiment"):
                           subset=curvature_subset(exp), weights=exp.train_weight)
 
 
-def solve_sharpness(exp: "Experiment", st, v0=None) -> dict:
-    """Top eigenpair at the current parameters, warm-started from ``v0`` (default: the state's
-    vectors) without touching the state: ``sharpness``, ``v1``, ``compared`` (the quantity the
-    optimizer's threshold applies to: lambda_1(P^-1 H) for Adam) and ``threshold``."""
+def solve_curvature(exp: "Experiment", st, k: int = 1, v0=None, preconditioned: bool = True):
+    """``(res, pres)``: the top-``k`` eigenpairs of the training Hessian at the current parameters,
+    warm-started from ``v0`` (default: the state's vectors), and, for a preconditioned optimizer
+    (Adam), the top pair of P^-1 H (else None). The state is not changed."""
     ms = exp.spec.measure
     H = training_hessian(exp)
     dim = sum(p.numel() for p in exp.params)
-    start = st.eig_vectors[:, :1] if v0 is None and st.eig_vectors is not None else v0
-    res = top_eigenpairs(H, dim, k=1, tol=ms.tol, v0=start, max_matvecs=ms.max_matvecs)
-    out = {"sharpness": res.values[0].item(), "v1": res.vectors[:, 0].detach(),
-           "threshold": exp.optimizer.threshold(st.lr), "matvecs": res.n_matvecs}
-    out["compared"] = out["sharpness"]
-    if exp.optimizer.preconditioned and st.opt_state:
+    res = top_eigenpairs(H, dim, k=k, tol=ms.tol, v0=st.eig_vectors if v0 is None else v0,
+                         max_matvecs=ms.max_matvecs)
+    pres = None
+    if preconditioned and exp.optimizer.preconditioned:
         diag = flatten(exp.optimizer.preconditioner(st.opt_state))
         pres = top_eigenpairs(preconditioned_matvec(H, diag), dim, k=1, tol=ms.tol, v0=st.precond_vectors,
                               max_matvecs=ms.max_matvecs)
-        out["compared"] = pres.values[0].item()
-    return out
+    return res, pres
+
+
+def solve_sharpness(exp: "Experiment", st, v0=None, preconditioned: bool = True) -> dict:
+    """``sharpness``, unit ``v1`` and ``compared`` (what the optimizer's threshold applies to:
+    lambda_1(P^-1 H) for Adam) at the current parameters, without touching the state."""
+    res, pres = solve_curvature(exp, st, 1, v0, preconditioned)
+    sharp = res.values[0].item()
+    return {"sharpness": sharp, "v1": res.vectors[:, 0].detach(),
+            "compared": sharp if pres is None else pres.values[0].item()}
 
 
 def measure_curvature(tr: "Trainer") -> None:
     exp, st, ms = tr.exp, tr.st, tr.exp.spec.measure
-    H = training_hessian(exp)
-    dim = sum(p.numel() for p in exp.params)
-    v0 = st.eig_vectors
-    res = top_eigenpairs(H, dim, k=ms.top_k, tol=ms.tol, v0=v0, max_matvecs=ms.max_matvecs)
+    res, pres = solve_curvature(exp, st, k=ms.top_k)
     st.eig_vectors = res.vectors.detach()
     values = res.values.tolist()
     for i, value in enumerate(values):
@@ -115,10 +118,7 @@ def measure_curvature(tr: "Trainer") -> None:
     threshold = exp.optimizer.threshold(st.lr)
     tr.record("all", "threshold", threshold)
     compared = values[0]
-    if exp.optimizer.preconditioned:
-        diag = flatten(exp.optimizer.preconditioner(st.opt_state))
-        pres = top_eigenpairs(preconditioned_matvec(H, diag), dim, k=1, tol=ms.tol,
-                              v0=st.precond_vectors, max_matvecs=ms.max_matvecs)
+    if pres is not None:
         compared = pres.values[0].item()
         tr.record("all", "preconditioned_sharpness", compared)
         st.precond_vectors = pres.vectors.detach()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .curvature import flatten, top_eigenpairs, unflatten
+from .curvature import flatten, unflatten
 from .interventions import GradientSurgeryParams, Intervention, _group
 
 
@@ -30,17 +30,14 @@ class Surgery(Intervention):
         exp.grad_hook = self.hook
 
     def _v1(self, exp, st) -> torch.Tensor:
-        from .measure import training_hessian
+        from .measure import solve_sharpness
 
         mem = st.intervention
         fork = st.measured.get("fork_step", 0)
         if "surgery_v1" not in mem or (st.step - fork) % self.p.refresh_every == 0:
             prev = mem.get("surgery_v1")
             v0 = prev[:, None] if prev is not None else (None if st.eig_vectors is None else st.eig_vectors[:, :1])
-            ms = exp.spec.measure
-            dim = sum(p.numel() for p in exp.params)
-            res = top_eigenpairs(training_hessian(exp), dim, k=1, tol=ms.tol, v0=v0, max_matvecs=ms.max_matvecs)
-            mem["surgery_v1"] = res.vectors[:, 0].detach()
+            mem["surgery_v1"] = solve_sharpness(exp, st, v0=v0, preconditioned=False)["v1"]
         return mem["surgery_v1"]
 
     def hook(self, exp, st, idx, per, grads, record):

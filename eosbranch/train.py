@@ -439,7 +439,8 @@ class Trainer:
         if self._fork_curvature is None:
             from .measure import solve_sharpness
 
-            self._fork_curvature = solve_sharpness(self.exp, self.st)
+            vs = self.st.eig_vectors
+            self._fork_curvature = solve_sharpness(self.exp, self.st, v0=None if vs is None else vs[:, :1])
         return self._fork_curvature
 
     def record_step_loss(self, value: float, per: torch.Tensor, full_batch: bool) -> None:
@@ -546,11 +547,12 @@ def pinned_threads(n: Optional[int]):
 
 
 def _drive(spec: Spec, store: RunStore, progress: bool, warn) -> Run:
-    with pinned_threads(_lineage(store).get("threads")):
-        return _drive_pinned(spec, store, progress, warn)
+    lineage = _lineage(store)
+    with pinned_threads(lineage.get("threads")):
+        return _drive_pinned(spec, store, lineage, progress, warn)
 
 
-def _drive_pinned(spec: Spec, store: RunStore, progress: bool, warn) -> Run:
+def _drive_pinned(spec: Spec, store: RunStore, lineage: dict, progress: bool, warn) -> Run:
     store.warn = warn
     store.lock()
     try:
@@ -563,12 +565,8 @@ def _drive_pinned(spec: Spec, store: RunStore, progress: bool, warn) -> Run:
         if done is not None and done == spec.steps and store.repair_tables(warn):
             return Run(store.path)  # complete (damaged tables rewritten from the checkpoints' rows)
         exp = build(spec)
-        lineage = _lineage(store)
         trainer = Trainer(exp, store, branch=lineage.get("branch") or "trunk", warn=warn)
         if store.checkpoint_steps():
-            if spec.steps < max(store.checkpoint_steps()):
-                raise EosbranchError(f"{store.path}: has checkpoints past step {spec.steps}; "
-                                     "a run can be extended, not shortened")
             if lineage.get("fork_step") is not None:
                 # A branch's checkpoints all follow its fork: rebuild what its interventions changed.
                 from .fork import BranchSpec, stop_rule
