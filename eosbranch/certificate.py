@@ -88,7 +88,8 @@ def perturbation_certificate(tr: "Trainer", group: str, apply: Callable[[], None
                       chunk_size=exp.spec.measure.chunk_size)
         cos2 = dict(((m, v) for _, m, v in group_probes(ctx, ("loss", "cos2_v1"))))["cos2_v1"]
         d = centroid_distance(exp)
-        dist = float("nan") if d is None else float(d[exp.groups[group].cpu()].median())
+        # np.median: the mean of the two middle values for an even count (torch's median takes the lower)
+        dist = float("nan") if d is None else float(np.median(d[exp.groups[group].cpu()].numpy()))
         return cos2, dist
 
     v_before = tr.fork_curvature()["v1"]

@@ -31,6 +31,7 @@ from .run import Run
 COLUMNS = ["branch", "group", "fork_step", "t_star", "t_fork", "t_star_star", "t_end", "delta_at_end",
            "delta_mean", "effect"]
 SEED_COLUMNS = ["seed", *COLUMNS]  # compare() over several seeds
+CURVE_COLUMNS = ["branch", "group", "t_eff", "delta"]  # comparison_curves.parquet: Δl_k(t_eff) on the grid
 SUMMARY_COLUMNS = ["branch", "group", "n_seeds", "delta_at_end_median", "delta_at_end_q25", "delta_at_end_q75",
                    "delta_mean_median", "delta_mean_q25", "delta_mean_q75", "effect"]
 
@@ -80,8 +81,10 @@ def effect(delta: float) -> str:
 def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000) -> pd.DataFrame:
     """Per branch and group: fork step, t*, t**, Δl_k at the window's end and its mean over the window.
 
-    ``run`` is one parent run (saves ``comparison.parquet`` in it), or several parents of one spec
-    with different seeds, or a sweep directory (rows per seed, see :func:`compare_seeds`)."""
+    ``run`` is one parent run (saves ``comparison.parquet`` in it, and the curves themselves,
+    Δl_k(t_eff) on the ``grid`` points of each branch's window, as ``comparison_curves.parquet``
+    with :data:`CURVE_COLUMNS`; see :func:`curves`), or several parents of one spec with different
+    seeds, or a sweep directory (rows per seed, see :func:`compare_seeds`)."""
     if isinstance(run, (list, tuple)):
         return compare_seeds(run, grid)
     if not isinstance(run, Run) and not (Path(run) / "spec.yaml").exists():
@@ -97,7 +100,7 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000) -> pd.DataFr
     ev = parent.events
     hit = ev[ev.event == "t_star"]
     t_star = float(hit.t_eff.iloc[0]) if len(hit) else float("nan")
-    rows = []
+    rows, curve_parts = [], []
     for b in branches:
         if b is reference:
             continue
@@ -115,12 +118,26 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000) -> pd.DataFr
             if len(lb) < 2 or len(lr) < 2:
                 continue
             delta = branch_effect(lb.index, lb.values, lr.index, lr.values, t_fork, t_end, grid)
+            curve_parts.append(pd.DataFrame({"branch": b.lineage["branch"], "group": g,
+                                             "t_eff": np.linspace(t_fork, t_end, grid), "delta": delta}))
             rows.append({"branch": b.lineage["branch"], "group": g, "fork_step": s, "t_star": t_star,
                          "t_fork": t_fork, "t_star_star": tss, "t_end": t_end, "delta_at_end": float(delta[-1]),
                          "delta_mean": float(delta.mean()), "effect": effect(delta[-1])})
     df = pd.DataFrame(rows, columns=COLUMNS)
     parent.store.write_frame("comparison", df)
+    curve = pd.concat(curve_parts, ignore_index=True) if curve_parts else pd.DataFrame(columns=CURVE_COLUMNS)
+    parent.store.write_frame("comparison_curves", curve[CURVE_COLUMNS])
     return df
+
+
+def curves(run: Union[Run, str, Path]) -> pd.DataFrame:
+    """Δl_k(t_eff) per branch and group on the common grid of the last :func:`compare` of ``run``
+    (``comparison_curves.parquet``; columns :data:`CURVE_COLUMNS`)."""
+    parent = run if isinstance(run, Run) else Run(run)
+    path = parent.path / "comparison_curves.parquet"
+    if not path.is_file():
+        raise EosbranchError(f"{parent.path}: no comparison_curves.parquet; run `eosbranch compare {parent.path}` first")
+    return pd.read_parquet(path)
 
 
 def compare_seeds(runs: Sequence[Union[Run, str, Path]], grid: int = 3000,

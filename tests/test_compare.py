@@ -1,12 +1,22 @@
 """Comparing branches: t** interpolation, the sign convention of Δl_k, compare on real forks."""
 
+import copy
+import shutil
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 import eosbranch
+from conftest import TINY
+from eosbranch import tables
 from eosbranch.cli import app
-from eosbranch.compare import branch_effect, crossing, effect
+from eosbranch.compare import CURVE_COLUMNS, branch_effect, crossing, curves, effect
+from eosbranch.spec import parse_spec
+from eosbranch.store import RunStore
+from eosbranch.train import run_dir_for
 
 
 def test_crossing_is_interpolated_between_measurements():
@@ -29,7 +39,13 @@ def test_delta_sign_convention_on_hand_made_curves():
     assert branch_effect([0, 2], [1, 0.6], t, eos, 0, 2, grid=2) == pytest.approx([0.0, 0.4])
 
 
-def test_compare_on_forks_at_onset(quick_run):
+def private_parent(run, root: Path):
+    """A copy of ``run`` without its branches (other tests fork the session's quick run too)."""
+    return eosbranch.load(shutil.copytree(run.path, root / run.name, ignore=shutil.ignore_patterns("*--*")))
+
+
+def test_compare_on_forks_at_onset(quick_run, tmp_path):
+    quick_run = private_parent(quick_run, tmp_path)
     eosbranch.fork(quick_run, at=("onset", 0), branches={"branches": [
         {"name": "eos"}, {"name": "exit", "interventions": [{"kind": "lr", "factor": 0.1}]}]}, steps=100)
     df = eosbranch.compare(quick_run)
@@ -42,3 +58,58 @@ def test_compare_on_forks_at_onset(quick_run):
     assert (quick_run.path / "comparison.parquet").is_file()
     res = CliRunner().invoke(app, ["compare", str(quick_run.path)])
     assert res.exit_code == 0 and res.stdout.strip().splitlines()[-1].endswith("comparison.parquet")
+    # compare shows the integrity certificate the fork stored: the eos branch equals the parent.
+    assert "integrity certificate" in res.stderr and "null" in res.stderr and "fork_state" in res.stderr
+    # The curves themselves: 3,000 grid points per group over [t_fork, t_end].
+    c = curves(quick_run)
+    assert list(c.columns) == CURVE_COLUMNS and len(c) == 3000 * len(df)
+    for g, d in c.groupby("group"):
+        row = df[df.group == g].iloc[0]
+        assert d.t_eff.iloc[0] == row.t_fork and d.t_eff.iloc[-1] == pytest.approx(row.t_end)
+        assert d.delta.iloc[-1] == row.delta_at_end and d.delta.mean() == pytest.approx(row.delta_mean)
+
+
+def synthetic_parent(root: Path) -> Path:
+    """A parent with an ``eos`` and an ``exit`` branch forked at t_eff 0, on different clocks:
+    eos measured every 0.1 in t_eff with l = 1 - 2t; exit every 0.25 with l = 1 - t, and its
+    sharpness 9 at t = 0.5 and 11 at t = 0.75 against the threshold 10, so t** = 0.625 (linear
+    interpolation) and Δl(t) = (1 - t) - (1 - 2t) = t exactly on [0, 0.625]."""
+    spec = parse_spec(copy.deepcopy(TINY))
+    parent = run_dir_for(spec, root)
+    series = {
+        None: [(0.0, {"loss": 1.0})],
+        "eos": [(t, {"loss": 1 - 2 * t, "sharpness": 10.5, "threshold": 10.0}) for t in np.linspace(0, 1, 11)],
+        "exit": [(t, {"loss": 1 - t, "sharpness": s, "threshold": 10.0})
+                 for t, s in zip(np.linspace(0, 1, 5), [5.0, 7.0, 9.0, 11.0, 12.0])],
+    }
+    for branch, points in series.items():
+        path = parent if branch is None else Path(f"{parent}--{branch}-at0-00000000")
+        store = RunStore(path)
+        path.mkdir(parents=True)
+        store.write_text("spec.yaml", spec.to_yaml())
+        store.write_json("lineage.json", {"parent": None if branch is None else parent.name,
+                                          "branch": branch or "trunk", "fork_step": None if branch is None else 0})
+        rows = [(i, float(t), 0.1, g, m, float(v)) for i, (t, values) in enumerate(points)
+                for m, v in values.items() for g in (["all", "a"] if m == "loss" else ["all"])]
+        store.write_table("metrics", tables.frame("metrics", rows, path.name, branch or "trunk", 0))
+        if branch is None:
+            store.write_table("events", tables.frame("events", [("t_star", 0, 0.0, 10.5, "")], path.name, "trunk", 0))
+    return parent
+
+
+def test_compare_on_synthetic_series_interpolates_t_star_star_and_saves_the_curves(tmp_path):
+    parent = synthetic_parent(tmp_path)
+    df = eosbranch.compare(parent)
+    assert set(df.branch) == {"exit"} and sorted(df.group) == ["a", "all"]
+    assert (df.t_star == 0.0).all() and (df.t_fork == 0.0).all()
+    assert df.t_star_star.tolist() == pytest.approx([0.625, 0.625]) and df.t_end.tolist() == pytest.approx([0.625] * 2)
+    # Δl(t) = t: at the window's end 0.625, its mean over [0, 0.625] is 0.3125; positive: faster at EoS.
+    assert df.delta_at_end.tolist() == pytest.approx([0.625] * 2, abs=1e-12)
+    assert df.delta_mean.tolist() == pytest.approx([0.3125] * 2, abs=1e-12)
+    assert set(df.effect) == {"learns faster at EoS"}
+    c = curves(parent)
+    assert len(c) == 2 * 3000 and set(c.branch) == {"exit"}
+    for _, d in c.groupby("group"):
+        assert np.allclose(d.t_eff, np.linspace(0, 0.625, 3000), rtol=0, atol=1e-15)
+        assert np.allclose(d.delta, d.t_eff, rtol=0, atol=1e-12)
+    pd.testing.assert_frame_equal(pd.read_parquet(parent / "comparison_curves.parquet"), c)

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -161,6 +162,76 @@ def test_random_direction_moves_outliers_orthogonally_at_equal_distance(parent):
     assert {"certificate_perturbation_cos2_before", "certificate_perturbation_cos2_after",
             "certificate_perturbation_percentile", "certificate_perturbation_distance_before",
             "certificate_perturbation_distance_after"} <= names
+
+
+def dense_top(exp, X, y):
+    """The top eigenpair of the dense Hessian of the mean loss on (X, y) (torch.func.hessian + eigh)."""
+    named = [(n, p) for n, p in exp.model.named_parameters()]
+    theta = flatten([p for _, p in named]).detach()
+
+    def loss(flat):
+        params, i = {}, 0
+        for n, p in named:
+            params[n] = flat[i:i + p.numel()].view_as(p)
+            i += p.numel()
+        return exp.loss_fn(torch.func.functional_call(exp.model, params, (X,)), y)
+
+    w, V = torch.linalg.eigh(torch.func.hessian(loss)(theta))
+    return w[-1].item(), V[:, -1]
+
+
+def group_cos2(exp, X, y, idx, v1):
+    g = flatten(torch.autograd.grad(exp.loss_fn(exp.model(X[idx]), y[idx]), exp.params))
+    return ((g @ v1) ** 2 / (g @ g)).item()
+
+
+def test_perturbation_certificate_values_against_dense_hessians(parent):
+    """Certificate 3 of random_direction, value by value: cos2 of the group's gradient with the top
+    eigenvector of the dense Hessian before (original data) and after (moved data), its percentile
+    under Beta(1/2, (d-1)/2), and the median (np.median: 4 points) distance to the class centroid."""
+    from scipy.stats import beta
+
+    br = fork1(parent, {"kind": "random_direction", "group": "input_outlier", "seed": 3}, name="rd_values")
+    ev = br.events.set_index("event")
+    before, after = state_at(parent, S), state_at(parent, S)
+    (iv,) = load_branches({"name": "x", "interventions": [{"kind": "random_direction", "seed": 3}]})[0].compose()
+    iv.configure(after)
+    idx = before.groups["input_outlier"]
+    dim = sum(p.numel() for p in before.params)
+    values = {}
+    for name, exp in (("before", before), ("after", after)):
+        X, y = exp.data.X, exp.data.y
+        _, v1 = dense_top(exp, X, y)
+        values[name] = group_cos2(exp, X, y, idx, v1)
+        mu = before.group_info["mu"]
+        d = (X[idx].flatten(1).double() - mu[y[idx]]).norm(dim=1)
+        assert ev.loc[f"certificate_perturbation_distance_{name}", "value"] == pytest.approx(
+            float(np.median(d.numpy())), rel=1e-12)
+    assert values["before"] != pytest.approx(values["after"], rel=1e-3)  # the move changed the alignment
+    for name, v in values.items():
+        assert ev.loc[f"certificate_perturbation_cos2_{name}", "value"] == pytest.approx(v, rel=1e-5, abs=1e-9)
+    pct = 100 * beta.cdf(values["after"], 0.5, (dim - 1) / 2)
+    assert ev.loc["certificate_perturbation_percentile", "value"] == pytest.approx(pct, rel=1e-4, abs=1e-6)
+    # The distance the move preserves: every point stays alpha * ||v_diff|| from its source.
+    moved = after.data.X[idx].flatten(1).double() - before.data.X[idx].flatten(1).double()
+    assert moved.norm(dim=1).max() > 0
+
+
+def test_fork_state_certificate_values_against_direct_evaluation(parent):
+    """Certificate 2's inputs, recorded by a branch at the fork before its change: the full-loss
+    gradient norm and each group's gradient norm and cos2 with v1 of the dense Hessian."""
+    b = fork1(parent, {"kind": "label_flip", "group": "inlier"}, steps=1, name="flip_state")
+    rows = b.events.query("event == 'fork_state'").set_index("detail").value
+    exp = state_at(parent, S)
+    X, y = exp.data.X, exp.data.y
+    _, v1 = dense_top(exp, X, y)
+    g = flatten(torch.autograd.grad(exp.loss_fn(exp.model(X), y), exp.params))
+    assert rows["loss/all"] == parent.metric("loss")[S]  # bit for bit: the replay check
+    assert rows["grad_norm/all"] == pytest.approx(g.norm().item(), rel=1e-10)
+    for name, idx in exp.groups.items():
+        gk = flatten(torch.autograd.grad(exp.loss_fn(exp.model(X[idx]), y[idx]), exp.params))
+        assert rows[f"grad_norm/{name}"] == pytest.approx(gk.norm().item(), rel=1e-10)
+        assert rows[f"cos2_v1/{name}"] == pytest.approx(((gk @ v1) ** 2 / (gk @ gk)).item(), rel=1e-5, abs=1e-9)
 
 
 def test_random_cos2_percentile_matches_sampling():
