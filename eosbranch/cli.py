@@ -148,7 +148,8 @@ def fork(
     from .fork import fork as fork_run
 
     if run_dir is None:
-        candidates = [p for p in Path("runs").glob("*") if (p / "spec.yaml").is_file()]
+        # Parent runs only: a branch is written after its parent, but forking it again is rarely meant.
+        candidates = [p for p in Path("runs").glob("*") if (p / "spec.yaml").is_file() and not _is_branch(p)]
         if not candidates:
             raise EosbranchError("no runs under ./runs; pass --run RUN")
         run_dir = max(candidates, key=lambda p: (p / "spec.yaml").stat().st_mtime)
@@ -158,6 +159,15 @@ def fork(
     _print_certificate(done[0].path.parent / done[0].lineage["parent"], {b.lineage["fork_step"] for b in done})
     for b in done:
         print(b.path)
+
+
+def _is_branch(path: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((path / "lineage.json").read_text()).get("parent") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _print_certificate(parent_dir, fork_steps=None) -> None:

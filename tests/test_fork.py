@@ -138,6 +138,70 @@ def test_cli_fork_prints_branch_dirs(tmp_path, tiny_spec, monkeypatch):
     assert res.exit_code == 2 and "step, onset or teff" in res.output
 
 
+def test_cli_fork_defaults_to_the_newest_parent_run_and_forks_at_teff(tmp_path, tiny_spec, monkeypatch):
+    """--run: the newest run under ./runs that is not itself a branch; --at teff T: the first
+    step whose t_eff reaches T (GD, lr 0.05: t_eff = 0.05 s, so T = 0.61 is step 13)."""
+    older = eosbranch.train(parent_spec(tiny_spec, {"kind": "gd", "lr": 0.05}), tmp_path / "runs")
+    newer = eosbranch.train({**parent_spec(tiny_spec, {"kind": "gd", "lr": 0.05}), "seed": 1}, tmp_path / "runs")
+    import os
+
+    os.utime(older.path / "spec.yaml", (1, 1))  # whatever the clock's resolution: newer is newer
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["fork", "--run", str(older.path), "--at", "step", "20", "--steps", "2"])
+    assert res.exit_code == 0, res.output  # this branch of `older` is now the newest directory
+    res = CliRunner().invoke(app, ["fork", "--at", "teff", "0.61", "--branches", "null", "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    branch = eosbranch.load(res.stdout.strip().splitlines()[-1])
+    assert branch.lineage["parent"] == newer.name and branch.lineage["fork_step"] == 13
+    t = newer.metrics.query("metric == 'loss' and group == 'all'").set_index("step").t_eff
+    assert t[12] < 0.61 <= t[13]
+    # The lineage names the branch spec and its hash (sha256 of its canonical JSON), also in the name.
+    import hashlib
+    import json
+
+    spec = {"name": "null_branch", "interventions": []}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    assert branch.lineage["branch_spec"] == spec and branch.lineage["branch_hash"] == digest
+    assert branch.name == f"{newer.name}--null_branch-at13-{digest}"
+    res = CliRunner().invoke(app, ["fork", "--at", "teff", "99", "--branches", "null"])
+    assert res.exit_code == 2 and "never reaches t_eff 99" in res.output
+
+
+def test_certificates_detect_a_difference(tmp_path, tiny_spec):
+    """The certificates are measurements, not assertions: doctor a null branch's rows or a branch's
+    fork-state record and the value is exactly the difference, with the verdict FAIL."""
+    from eosbranch.certificate import certify, null_difference
+
+    parent = eosbranch.train(parent_spec(tiny_spec, {"kind": "gd", "lr": 0.05}), tmp_path)
+    null, exit_ = eosbranch.fork(parent, at=("step", 17), branches={"branches": [
+        {"name": "same"}, {"name": "exit", "interventions": [{"kind": "lr", "factor": 0.1}]}]}, steps=5)
+    cert = certify(parent, [null, exit_]).set_index(["branch", "check"])
+    assert cert.loc[("same", "null"), "value"] == 0.0 and cert.loc[("same", "null"), "verdict"] == "pass"
+    assert cert.loc[("exit", "fork_state"), "value"] == 0.0 and ("exit", "null") not in cert.index
+
+    m = null.metrics
+    at = (m.metric == "loss") & (m.step == 19)
+    x = float(m.loc[at, "value"].iloc[0])
+    m.loc[at, "value"] = x + 0.25
+    null.store.write_table("metrics", m)
+    assert null_difference(parent, null)[0] == abs((x + 0.25) - x)
+    cert = certify(parent, [null]).set_index(["branch", "check"])
+    assert cert.loc[("same", "null"), "value"] == abs((x + 0.25) - x) and cert.loc[("same", "null"), "verdict"] == "FAIL"
+
+    ev = exit_.events
+    at = (ev.event == "fork_state") & (ev.detail == "grad_norm/all")
+    g = float(ev.loc[at, "value"].iloc[0])
+    ev.loc[at, "value"] = g + 1e-3
+    exit_.store.write_table("events", ev)
+    cert = certify(parent, [exit_]).set_index(["branch", "check"])
+    for b in ("same", "exit"):
+        assert cert.loc[(b, "fork_state"), "value"] == (g + 1e-3) - g and cert.loc[(b, "fork_state"), "verdict"] == "FAIL"
+    ev.loc[ev.event == "fork_params", "detail"] = "0" * 64  # other parameters at the fork
+    exit_.store.write_table("events", ev)
+    cert = certify(parent, [exit_]).set_index(["branch", "check"])
+    assert cert.loc[("exit", "fork_state"), "value"] == float("inf") and "DIFFER" in cert.loc[("exit", "fork_state"), "detail"]
+
+
 def test_until_tss_runs_each_branch_to_its_own_t_star_star(quick_run, tmp_path):
     """--until tss: the exit branch stops two measurements after its sharpness first reaches its
     own threshold (and stays below it before); the EoS reference runs as far in t_eff."""
