@@ -111,6 +111,92 @@ def test_optimizer_switch_matches_torch_optim(parent):
               name="adam_carried")
 
 
+def test_optimizer_switch_to_adam_matches_torch_optim(parent):
+    b = fork1(parent, {"kind": "optimizer_switch", "to": {"kind": "adam", "lr": 0.001}, "state": "fresh"},
+              steps=5, name="to_adam")
+    exp = state_at(parent, S)
+    opt = torch.optim.Adam(exp.params, lr=0.001)
+    for _ in range(5):
+        opt.zero_grad()
+        exp.loss_fn(exp.model(exp.train_X), exp.train_y).backward()
+        opt.step()
+    assert torch.allclose(flatten(exp.params), params_at(b, S + 5), rtol=0, atol=1e-12)
+    assert b.metric("threshold")[S] == pytest.approx(38 / 0.001)  # (2 + 2 beta1) / ((1 - beta1) eta)
+    assert "preconditioned_sharpness" in set(b.metrics.metric)
+
+
+def test_optimizer_switch_to_splitsgd_matches_the_papers_rule(parent):
+    """GD -> SplitSGD, fresh state, against the rule written out here: m <- beta m + (1 - tau) g,
+    m_hat = m (1 - beta) / ((1 - tau)(1 - beta^t)), r = 10% quantile of |g_1| (linear), and each
+    parameter steps by -eta_2 sign(m_hat) where |m_hat| > r, else by -eta_1 m_hat."""
+    eta1, eta2, beta, tau = 0.05, 0.001, 0.9, 0.9
+    b = fork1(parent, {"kind": "optimizer_switch", "to": {"kind": "splitsgd", "lr": eta1, "lr_sign": eta2},
+                       "state": "fresh"}, steps=4, name="to_split")
+    exp = state_at(parent, S)
+    m = [torch.zeros_like(p) for p in exp.params]
+    r = None
+    for t in range(1, 5):
+        g = torch.autograd.grad(exp.loss_fn(exp.model(exp.train_X), exp.train_y), exp.params)
+        if r is None:
+            r = float(np.quantile(torch.cat([x.abs().flatten() for x in g]).numpy(), 0.1))
+        with torch.no_grad():
+            for p, mi, gi in zip(exp.params, m, g):
+                mi.mul_(beta).add_((1 - tau) * gi)
+                m_hat = mi * (1 - beta) / ((1 - tau) * (1 - beta ** t))
+                p -= torch.where(m_hat.abs() > r, eta2 * m_hat.sign(), eta1 * m_hat)
+    assert torch.allclose(flatten(exp.params), params_at(b, S + 4), rtol=0, atol=1e-12)
+    assert b.checkpoint(S + 4)["optimizer"]["r"].item() == pytest.approx(r, rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def ce_momentum_parent(tmp_path_factory):
+    from conftest import TINY
+
+    spec = copy.deepcopy(TINY)
+    spec.update(steps=12, dtype="float64", loss="ce", optimizer={"kind": "momentum", "lr": 0.05, "beta": 0.9},
+                checkpoint={"every": 5}, measure={"every": 4, "sharpness": False})
+    return eosbranch.train(spec, tmp_path_factory.mktemp("ce_momentum"))
+
+
+def test_optimizer_switch_carries_the_momentum_buffer(ce_momentum_parent):
+    """momentum (beta 0.9, lr 0.05) -> momentum (beta 0.5, lr 0.02) with the state carried: the
+    parent's buffer at the fork continues, as torch.optim.SGD given that buffer."""
+    parent = ce_momentum_parent
+    b = fork1(parent, {"kind": "optimizer_switch", "to": {"kind": "momentum", "lr": 0.02, "beta": 0.5},
+                       "state": "carried"}, steps=5, name="carried")
+    exp = state_at(parent, S)
+    buf = parent.checkpoint(S)["optimizer"]["buf"]
+    assert any(x.abs().max() > 0 for x in buf)
+    opt = torch.optim.SGD(exp.params, lr=0.02, momentum=0.5)
+    for p, x in zip(exp.params, buf):
+        opt.state[p]["momentum_buffer"] = x.clone()
+    for _ in range(5):
+        opt.zero_grad()
+        exp.loss_fn(exp.model(exp.train_X), exp.train_y).backward()
+        opt.step()
+    assert torch.allclose(flatten(exp.params), params_at(b, S + 5), rtol=0, atol=1e-12)
+    assert b.metrics.lr.unique().tolist() == [0.02]
+    # fresh instead: the first step of the new optimizer copies the gradient into a zero buffer.
+    fresh = fork1(parent, {"kind": "optimizer_switch", "to": {"kind": "momentum", "lr": 0.02, "beta": 0.5},
+                           "state": "fresh"}, steps=1, name="fresh")
+    exp = state_at(parent, S)
+    g = flatten(torch.autograd.grad(exp.loss_fn(exp.model(exp.train_X), exp.train_y), exp.params))
+    assert torch.allclose(params_at(fresh, S + 1), params_at(parent, S) - 0.02 * g, rtol=0, atol=1e-12)
+
+
+def test_loss_switch_from_cross_entropy_to_mse(ce_momentum_parent):
+    parent = ce_momentum_parent
+    b = fork1(parent, {"kind": "loss_switch", "to": "mse"}, steps=2, name="to_mse")
+    exp = state_at(parent, S)
+    with torch.no_grad():
+        out = exp.model(exp.train_X)
+        onehot = torch.nn.functional.one_hot(exp.train_y, out.shape[1]).to(out.dtype)
+        expected = ((out - onehot) ** 2).sum(1).mean().item()  # DESIGN §2: sum over outputs, mean over samples
+    assert b.metric("loss")[S] == pytest.approx(expected, rel=1e-12)
+    assert parent.metric("loss")[S] == pytest.approx(
+        torch.nn.functional.cross_entropy(out, exp.train_y).item(), rel=1e-12)
+
+
 def test_whole_update_surgery_removes_the_v1_component(parent):
     b = fork1(parent, {"kind": "gradient_surgery"}, steps=1, name="surg_all")
     exp = state_at(parent, S)
