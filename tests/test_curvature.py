@@ -358,3 +358,59 @@ def test_preconditioned_sharpness_matches_dense():
     torch.testing.assert_close(r.values[0], dense, rtol=1e-8, atol=0)
     w = r.vectors[:, 0] / diag.sqrt()  # mapped back: an eigenvector of P^-1 H
     torch.testing.assert_close((H @ w) / diag, r.values[0] * w, rtol=1e-7, atol=1e-9)
+
+
+# ------------------------------------------------------------------ cold start along a free hint
+def test_start_hint_is_the_full_batch_gradient_when_free():
+    model, X, y = setting("mlp")
+    loss = get_loss("mse")(model(X), y)
+    grad = flatten(torch.autograd.grad(loss, list(model.parameters())))
+    hint = hessian_matvec(model, "mse", (X, y)).start_hint()
+    torch.testing.assert_close(hint, grad, rtol=1e-12, atol=1e-14)
+    # Not free with chunks (each product rebuilds its graph) or forward-over-reverse: no hint.
+    assert hessian_matvec(model, "mse", (X, y), chunk_size=7).start_hint() is None
+    assert hessian_matvec(model, "mse", (X, y), method="forward_over_reverse").start_hint() is None
+
+
+class _Hinted:
+    """A dense symmetric operator offering a start direction, counting products."""
+
+    def __init__(self, A, hint):
+        self.A, self.hint, self.dim, self.dtype = A, hint, A.shape[0], A.dtype
+
+    def __call__(self, x):
+        return self.A @ x
+
+    def start_hint(self):
+        return self.hint
+
+
+def test_cold_start_along_an_aligned_hint_saves_products():
+    evals = torch.cat([torch.tensor([10.0, 9.0]), torch.linspace(-8.0, 8.5, 298)])
+    A = sym_matrix(300, evals)
+    w, U = dense_top(A, 2)
+    hint = U[:, 0] + 0.3 * U[:, 1] + 0.05 * torch.randn(300, generator=torch.Generator().manual_seed(5), dtype=F64)
+    plain = top_eigenpairs(lambda x: A @ x, 300, k=1, tol=1e-8, dtype=F64)
+    hinted = top_eigenpairs(_Hinted(A, hint), 300, k=1, tol=1e-8)
+    assert plain.converged and hinted.converged
+    assert hinted.n_matvecs < plain.n_matvecs, (hinted.n_matvecs, plain.n_matvecs)
+    torch.testing.assert_close(hinted.values, w[:1], rtol=1e-10, atol=0)
+
+
+def test_hint_orthogonal_to_the_top_eigenvector_still_finds_it():
+    # The hint spans only the second eigenvector: Krylov from it alone would certify lambda_2.
+    A = sym_matrix(200, torch.cat([torch.tensor([6.0, 5.0]), torch.linspace(-1.0, 4.0, 198)]))
+    w, U = dense_top(A, 2)
+    res = top_eigenpairs(_Hinted(A, U[:, 1].clone()), 200, k=1, tol=1e-8)
+    assert res.converged
+    torch.testing.assert_close(res.values, w[:1], rtol=1e-10, atol=0)
+    assert abs(float(res.vectors[:, 0] @ U[:, 0])) > 1 - 1e-8
+
+
+def test_unusable_hint_falls_back_to_random():
+    A = sym_matrix(60, torch.linspace(-2.0, 3.0, 60))
+    w, _ = dense_top(A, 1)
+    for hint in (torch.zeros(60, dtype=F64), torch.full((60,), float("nan"), dtype=F64), None):
+        res = top_eigenpairs(_Hinted(A, hint), 60, k=1, tol=1e-8)
+        assert res.converged and not torch.isnan(res.values).any()
+        torch.testing.assert_close(res.values, w, rtol=1e-10, atol=0)
