@@ -40,12 +40,17 @@ class BranchSpec(BaseModel):
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
 
-    def compose(self, source: str = "") -> list[Intervention]:
-        """The interventions, validated (errors name the file and the field)."""
+    def compose(self, source: str = "", where: str = "") -> list[Intervention]:
+        """The interventions, validated (errors name the file and the field; ``where``: this
+        branch's place in its file, e.g. ``branches[1]``)."""
         out = []
         for i, section in enumerate(self.interventions):
-            entry, params = INTERVENTIONS.parse(section, f"interventions[{i}]", source)
-            out.append(entry.fn(params))
+            loc = f"{where + '.' if where else ''}interventions[{i}]"
+            entry, params = INTERVENTIONS.parse(section, loc, source)
+            try:
+                out.append(entry.fn(params))
+            except SpecError as err:  # a nested section (loss_switch.to, optimizer_switch.to): name its place
+                raise SpecError(f"{source + ': ' if source else ''}{loc}.{err}") from None
         return out
 
 
@@ -70,7 +75,7 @@ def load_branches(branches: Union[str, Path, dict, list]) -> list[BranchSpec]:
         except ValidationError as err:
             raise SpecError(format_validation_error(err, source, f"branches[{i}]" if len(items) > 1 else "",
                                                     model=BranchSpec)) from None
-        b.compose(source)  # validate every intervention now, before anything runs
+        b.compose(source, f"branches[{i}]" if len(items) > 1 else "")  # validate every intervention now
         out.append(b)
     names = [b.name for b in out]
     dup = sorted({n for n in names if names.count(n) > 1})

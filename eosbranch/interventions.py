@@ -126,9 +126,8 @@ class _RandomDirection(Intervention):
     def __init__(self, p: RandomDirectionParams):
         self.p = p
 
-    def configure(self, exp):
-        from .groups import _orthogonal_units
-
+    def _fits(self, exp):
+        """The group's indices, v_diff and alpha, or a one-line error saying why this run has none."""
         p = self.p
         idx = _group(exp, p.group, "random_direction")
         v = exp.group_info.get("v_diff")
@@ -136,6 +135,13 @@ class _RandomDirection(Intervention):
         if v is None or alpha is None:
             raise EosbranchError(f"random_direction.group: {p.group!r} is not a coherent input-outlier group of "
                                  "a prototypes construction (no v_diff/alpha); give alpha or use prototype groups")
+        return idx, v, alpha
+
+    def configure(self, exp):
+        from .groups import _orthogonal_units
+
+        p = self.p
+        idx, v, alpha = self._fits(exp)
         X = exp.data.X
         cpu = idx.cpu()
         x = X[idx].flatten(1).double().cpu()
@@ -154,6 +160,7 @@ class _RandomDirection(Intervention):
     def at_fork(self, tr):
         from .certificate import perturbation_certificate
 
+        self._fits(tr.exp)  # before the certificate measures the group
         perturbation_certificate(tr, self.p.group, lambda: self.configure(tr.exp))
 
 
@@ -229,10 +236,11 @@ class LossSwitchParams(Params):
 
 class _LossSwitch(Intervention):
     def __init__(self, p: LossSwitchParams):
-        from .loss import get_loss
+        from .loss import LOSSES
 
         self.p = p
-        self.loss = get_loss(p.to)  # validates now, before anything runs
+        entry, params = LOSSES.parse(p.to, where="to")  # validates now, before anything runs
+        self.loss = entry.fn(params)
 
     def configure(self, exp):
         kind = self.p.to if isinstance(self.p.to, str) else self.p.to.get("kind")
@@ -256,10 +264,11 @@ class OptimizerSwitchParams(Params):
 
 class _OptimizerSwitch(Intervention):
     def __init__(self, p: OptimizerSwitchParams):
-        from .optimizer import build_optimizer
+        from .optimizer import OPTIMIZERS
 
         self.p = p
-        self.optimizer = build_optimizer(p.to)
+        entry, params = OPTIMIZERS.parse(p.to, where="to")  # errors name to.<field>; see BranchSpec.compose
+        self.optimizer = entry.fn(params)
 
     def configure(self, exp):
         exp.optimizer = self.optimizer

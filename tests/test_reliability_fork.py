@@ -272,15 +272,58 @@ def test_a_refused_second_fork_writes_nothing(tmp_path, small_parent):
     assert {f.name: f.read_bytes() for f in d.iterdir() if f.is_file() and f.name != ".lock"} == before
 
 
-def test_a_fork_that_fails_at_the_fork_step_leaves_no_branch_directory(tmp_path, small_parent):
+MISFITS = [  # valid branch files whose interventions do not fit this run (groups class_0, class_1; 2 classes)
+    ([{"kind": "reweight", "group": "nosuch", "weight": 2.0}], "reweight.group: no group 'nosuch'"),
+    ([{"kind": "label_flip", "group": "nosuch"}], "label_flip.group: no group 'nosuch'"),
+    ([{"kind": "label_flip", "group": "class_0", "to": 5}], "label_flip.to: 5 is not a class"),
+    ([{"kind": "gradient_surgery", "group": "nosuch"}], "gradient_surgery.group: no group 'nosuch'"),
+    ([{"kind": "random_direction"}], "random_direction.group: no group 'input_outlier'"),
+    ([{"kind": "random_direction", "group": "class_0"}], "not a coherent input-outlier group"),
+    ([{"kind": "reweight", "group": "class_0", "weight": 0.0}, {"kind": "reweight", "group": "class_1", "weight": 0.0}],
+     "every training point would have weight 0"),
+    ([{"kind": "optimizer_switch", "to": {"kind": "adam", "lr": 0.01}, "state": "carried"}],
+     "optimizer_switch.state: cannot carry"),
+]
+
+
+@pytest.mark.parametrize("interventions,message", MISFITS, ids=[m[1].split(":")[0] for m in MISFITS])
+def test_a_fork_that_fails_at_the_fork_step_leaves_no_branch_directory(tmp_path, small_parent, interventions,
+                                                                       message):
     p = copy_parent(small_parent, tmp_path)
     f = tmp_path / "bad.yaml"
-    f.write_text(yaml.safe_dump({"name": "bad", "interventions": [{"kind": "reweight", "group": "nosuch",
-                                                                    "weight": 2.0}]}))
+    f.write_text(yaml.safe_dump({"name": "bad", "interventions": interventions}))
     siblings = set(p.parent.iterdir())
     res = CliRunner().invoke(app, ["fork", "--run", str(p), "--at", "step", str(SMALL_AT), "--branches", str(f),
                                    "--steps", "5"])
     assert res.exit_code == 2 and "Traceback" not in res.output
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "reweight.group" in errors[0]
+    assert len(errors) == 1 and message in errors[0], res.stderr
     assert set(p.parent.iterdir()) == siblings
+
+
+def test_a_branch_that_diverges_stops_cleanly_and_keeps_its_last_good_state(tmp_path, small_parent):
+    """lr 50 from the fork at 25: the loss overflows a few steps later. The branch is kept with its
+    valid, finite checkpoints and a `diverged` event at that step; asking again says the same."""
+    p = copy_parent(small_parent, tmp_path)
+    f = tmp_path / "boom.yaml"
+    f.write_text(yaml.safe_dump({"name": "boom", "interventions": [{"kind": "lr", "value": 50.0}]}))
+    args = ["fork", "--run", str(p), "--at", "step", str(SMALL_AT), "--branches", str(f), "--steps", "40"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    (error,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    (d,) = [x for x in p.parent.iterdir() if x.name.startswith(f"{p.name}--boom-at{SMALL_AT}-")]
+    b = eosbranch.load(d)
+    (row,) = b.events[b.events.event == "diverged"].itertuples()
+    t = int(row.step)
+    last = max(b.checkpoints)
+    assert SMALL_AT < t and f"at step {t}" in error and f"Last good checkpoint: step {last}" in error and last <= t
+    loss = b.metric("loss")
+    assert loss.index.max() == t - 1 and torch.isfinite(torch.tensor(loss.values)).all()
+    for s in b.checkpoints:
+        assert all(torch.isfinite(v).all() for v in b.checkpoint(s)["model"].values())
+    assert b.events.query("event == 'fork_step'").step.tolist() == [SMALL_AT] and not b.complete
+    before = {x.name: x.read_bytes() for x in (d / "checkpoints").glob("*.pt")}
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and [ln for ln in res.stderr.splitlines() if ln.startswith("error:")] == [error]
+    assert (eosbranch.load(d).events.event == "diverged").sum() == 1
+    assert {x.name: x.read_bytes() for x in (d / "checkpoints").glob("*.pt")} == before

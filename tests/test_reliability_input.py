@@ -404,6 +404,39 @@ BRANCH_CASES = [
 ]
 
 
+def one(**section):
+    return {"name": "b", "interventions": [section]}
+
+
+NONNEG_FLOAT_BAD = st.one_of(st.floats(-1e6, -1e-9), st.sampled_from([float("inf"), float("nan")]), NOT_A_NUMBER)
+NOT_A_STRING = st.one_of(st.integers(), st.floats(allow_nan=False), CONTAINERS)
+# Every intervention kind of the catalog: wrong values and missing fields are named, nested
+# sections (loss_switch.to, optimizer_switch.to) included.
+BRANCH_CASES += [
+    (NONNEG_FLOAT_BAD.map(lambda v: one(kind="reweight", group="inlier", weight=v)), "interventions[0].weight"),
+    (st.just(one(kind="reweight", group="inlier")), "interventions[0].weight"),
+    (NOT_A_STRING.map(lambda v: one(kind="reweight", group=v, weight=1.0)), "interventions[0].group"),
+    (NONNEG_INT_BAD.map(lambda v: one(kind="label_flip", group="inlier", to=v)), "interventions[0].to"),
+    (st.just(one(kind="label_flip")), "interventions[0].group"),
+    (st.one_of(st.floats(-1e6, 1.0), st.sampled_from([float("inf"), float("nan")]), NOT_A_NUMBER).map(
+        lambda v: one(kind="enter_eos", margin=v)), "interventions[0].margin"),
+    (NONNEG_FLOAT_BAD.map(lambda v: one(kind="random_direction", alpha=v)), "interventions[0].alpha"),
+    (SEED_BAD.map(lambda v: one(kind="random_direction", seed=v)), "interventions[0].seed"),
+    (POSITIVE_INT_BAD.map(lambda v: one(kind="gradient_surgery", refresh_every=v)), "interventions[0].refresh_every"),
+    (unknown(LOSSES).map(lambda v: one(kind="loss_switch", to=v)), "interventions[0].to.kind"),
+    (st.just(one(kind="loss_switch")), "interventions[0].to"),
+    (unknown(OPTIMIZERS).map(lambda v: one(kind="optimizer_switch", to={"kind": v, "lr": 0.1}, state="fresh")),
+     "interventions[0].to.kind"),
+    (POSITIVE_FLOAT_BAD.map(lambda v: one(kind="optimizer_switch", to={"kind": "adam", "lr": v}, state="fresh")),
+     "interventions[0].to.lr"),
+    (unknown(["fresh", "carried"]).map(lambda v: one(kind="optimizer_switch", to={"kind": "gd", "lr": 0.1}, state=v)),
+     "interventions[0].state"),
+    (st.tuples(st.sampled_from(sorted(INTERVENTIONS)), st.from_regex(r"\A[a-z]{1,8}\Z")).filter(
+        lambda t: t[1] not in INTERVENTIONS[t[0]].params.model_fields and t[1] != "kind").map(
+        lambda t: one(kind=t[0], **{t[1]: 1})), "unknown field"),
+]
+
+
 @st.composite
 def bad_branches(draw):
     doc, fragment = draw(st.sampled_from(BRANCH_CASES))
@@ -413,7 +446,7 @@ def bad_branches(draw):
     return dump(doc), fragment
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=200)
 @given(bad_branches())
 def test_invalid_branch_files_load_branches(case):
     text, fragment = case
@@ -431,7 +464,7 @@ def parent(tmp_path_factory):
     return eosbranch.train(base(), tmp_path_factory.mktemp("parent"))
 
 
-@settings(SETTINGS, max_examples=25)
+@settings(SETTINGS, max_examples=50)
 @given(bad_branches())
 def test_invalid_branch_files_through_the_fork_cli(parent, case):
     text, fragment = case
