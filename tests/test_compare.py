@@ -113,3 +113,49 @@ def test_compare_on_synthetic_series_interpolates_t_star_star_and_saves_the_curv
         assert np.allclose(d.t_eff, np.linspace(0, 0.625, 3000), rtol=0, atol=1e-15)
         assert np.allclose(d.delta, d.t_eff, rtol=0, atol=1e-12)
     pd.testing.assert_frame_equal(pd.read_parquet(parent / "comparison_curves.parquet"), c)
+
+
+def test_t_star_and_t_star_star_on_a_synthetic_sharpness_series(tmp_path, monkeypatch):
+    """The trainer, fork and compare on a sharpness series written here (the eigen-solver replaced
+    by a table lookup). GD, lr 0.05: threshold 40; warm-up 12; measured every 5. S = 50 at step 5
+    (before the warm-up: ignored), 35 at 15, 41 at 20, so t* = step 20. The exit branch (lr x 0.5,
+    threshold 80) measures 70 at 25 and 90 at 30: its t** event is step 30 and compare interpolates
+    t** = t_eff(25) + (80 - 70) / (90 - 70) * (t_eff(30) - t_eff(25)); --until tss stops it two
+    measurement intervals later, at step 40."""
+    import importlib
+    from types import SimpleNamespace
+
+    import torch
+
+    measure = importlib.import_module("eosbranch.measure")
+    parent_series = {0: 10.0, 5: 50.0, 10: 30.0, 15: 35.0, 20: 41.0, 25: 39.0, 30: 45.0, 35: 44.0, 40: 43.0}
+    exit_series = {20: 41.0, 25: 70.0, 30: 90.0, 35: 95.0, 40: 99.0}
+
+    def fake(exp, st, k=1, v0=None, preconditioned=True):
+        dim = sum(p.numel() for p in exp.params)
+        v = torch.zeros(dim, k, dtype=exp.dtype)
+        v[0, 0] = 1.0
+        value = (exit_series if st.lr == 0.025 else parent_series)[st.step]
+        return SimpleNamespace(values=torch.tensor([value] * k, dtype=torch.float64), vectors=v,
+                               residuals=torch.zeros(k, dtype=torch.float64), n_matvecs=0), None
+
+    monkeypatch.setattr(measure, "solve_curvature", fake)
+    spec = copy.deepcopy(TINY)
+    spec.update(steps=40, measure={"every": 5, "warmup": 12, "sharpness": True}, checkpoint={"every": 10})
+    parent = eosbranch.train(spec, tmp_path)
+    ev = parent.events.query("event == 't_star'")
+    assert ev.step.tolist() == [20] and ev.value.tolist() == [41.0]
+    t = parent.metrics.query("metric == 'loss' and group == 'all'").set_index("step").t_eff
+    assert ev.t_eff.iloc[0] == t[20]
+
+    eos, exit_ = eosbranch.fork(parent, at=("onset", 0), until="tss", branches={"branches": [
+        {"name": "eos"}, {"name": "exit", "interventions": [{"kind": "lr", "factor": 0.5}]}]})
+    assert exit_.events.query("event == 't_star_star'").step.tolist() == [30]
+    assert exit_.spec.steps == 40 and exit_.complete
+    te = exit_.metrics.query("metric == 'loss' and group == 'all'").set_index("step").t_eff
+    df = eosbranch.compare(parent)
+    assert (df.t_star == t[20]).all() and (df.t_fork == t[20]).all() and (df.fork_step == 20).all()
+    assert df.t_star_star.iloc[0] == pytest.approx(te[25] + 0.5 * (te[30] - te[25]), rel=1e-12)
+    assert df.t_end.iloc[0] == df.t_star_star.iloc[0]
+    # The EoS reference ran as far in t_eff as the exit branch (lr 0.05 vs 0.025: half the steps).
+    assert eos.metrics.t_eff.max() >= te[40] - 1e-12 and eos.spec.steps == 30
