@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .curvature import _running_stats_frozen, flatten, unflatten
+from .input_layer import group_curvature, split as input_split
 from .loss import get_loss
 from .registry import Registry
 
@@ -63,6 +64,7 @@ KEYS = {
     "group_accuracy": "group_accuracy",               # name -> accuracy (classification only)
     "group_hessian_quadratic": "group_hessian_quadratic",  # name -> g_k^T H g_k
     "sharpness_gradient": "sharpness_gradient_v1_global",  # flat grad_theta(v1^T H v1), v1 fixed
+    "sharpness_coupling": "sharpness_coupling_v1_global",  # name -> Q_k = <g_k, grad S>
     "v1_hessian_quadratic": "v1_hessian_quadratic_v1_global",  # v1^T H v1 (= sharpness if v1 is top)
     "per_example_loss": "per_example_loss",           # [N]
     "per_example_projection": "per_example_projection_v1_global",  # [N] <grad l_i, v1>
@@ -91,13 +93,16 @@ class Context:
     points; ``rayleigh`` and ``sharpness_coupling`` then use that same Hessian.
     ``grad_norm_method``: "auto" (per-layer identity for all-``nn.Linear`` models, else vmap),
     "linear" or "vmap". ``batched_vjp``: one vmapped backward for K cotangents (default) rather
-    than K sequential ones; both give the same numbers.
+    than K sequential ones; both give the same numbers. ``curvature_method``: "auto" (the
+    input-layer factorisation of ``eosbranch.input_layer`` for R_k and Q_k when the model starts
+    with an ``nn.Linear``, else the generic pass), "generic" or "input_layer"; the same numbers.
     """
 
     def __init__(self, model: nn.Module, loss_fn, X: Tensor, y: Tensor,
                  groups: dict[str, Tensor] | None = None, v1: Tensor | None = None,
                  chunk_size: int | None = None, hessian_subset: Tensor | None = None,
-                 grad_norm_method: str = "auto", batched_vjp: bool = True, weights: Tensor | None = None):
+                 grad_norm_method: str = "auto", batched_vjp: bool = True, weights: Tensor | None = None,
+                 curvature_method: str = "auto"):
         self.model = model
         # Per-point weights of the training loss (a reweighting branch): the Hessian behind v1,
         # R_k and Q_k is then that of sum_i w_i l_i / sum_i w_i. Group losses stay unweighted.
@@ -127,6 +132,13 @@ class Context:
         self.groups = {name: self._indices(idx, f"group {name!r}") for name, idx in (groups or {}).items()}
         self.hessian_subset = None if hessian_subset is None else self._indices(hessian_subset, "hessian_subset")
         self.v1 = None if v1 is None else self._unit(v1)
+        if curvature_method not in ("auto", "generic", "input_layer"):
+            raise ValueError("Context: curvature_method must be 'auto', 'generic' or 'input_layer', "
+                             f"got {curvature_method!r}")
+        self.input_split = None if curvature_method == "generic" else input_split(model, self.param_names)
+        if curvature_method == "input_layer" and self.input_split is None:
+            raise ValueError("Context: curvature_method='input_layer' needs an nn.Sequential whose first module "
+                             "with tensors is an nn.Linear with trainable weights; use 'auto' or 'generic'")
         self.cache: dict[str, object] = {}
 
     # ------------------------------------------------------------------ input checks
@@ -200,6 +212,18 @@ class Context:
         return (pred == yc.reshape(pred.shape)).to(self.dtype)
 
     # ------------------------------------------------------------------ group pass
+    def group_weights(self) -> tuple[Tensor, Tensor]:
+        """(union, W): the sorted union of the groups' indices and the [K, |union|] matrix whose
+        row k holds 1/|G_k| on G_k, so that l_k = W[k] @ l[union]."""
+        names = list(self.groups)
+        union = torch.unique(torch.cat([self.groups[k] for k in names]))  # sorted
+        W = torch.zeros(len(names), union.numel(), dtype=self.dtype)
+        for k, name in enumerate(names):
+            idx = self.groups[name]
+            share = torch.full((idx.numel(),), 1.0 / idx.numel(), dtype=self.dtype)
+            W[k].index_add_(0, torch.searchsorted(union, idx), share)
+        return union, W.to(self.device)
+
     def _group_pass(self) -> None:
         """g_k, l_k and accuracy for every group from one forward over the union of their points
         and one K-batched vjp with a [K, M] weight matrix (row k: 1/|G_k| on G_k)."""
@@ -208,13 +232,7 @@ class Context:
             self.cache[KEYS["group_grads"]], self.cache[KEYS["group_loss"]] = {}, {}
             self.cache[KEYS["group_accuracy"]] = {} if self.classification else None
             return
-        union = torch.unique(torch.cat([self.groups[k] for k in names]))  # sorted
-        W = torch.zeros(len(names), union.numel(), dtype=self.dtype)
-        for k, name in enumerate(names):
-            idx = self.groups[name]
-            share = torch.full((idx.numel(),), 1.0 / idx.numel(), dtype=self.dtype)
-            W[k].index_add_(0, torch.searchsorted(union, idx), share)
-        W = W.to(self.device)
+        union, W = self.group_weights()
         grads = torch.zeros(len(names), self.dim, dtype=self.dtype, device=self.device)
         losses = torch.zeros(len(names), dtype=self.dtype, device=self.device)
         correct = torch.zeros(len(names), dtype=self.dtype, device=self.device)
@@ -248,9 +266,52 @@ class Context:
         return self._get(KEYS["group_accuracy"], self._group_pass)
 
     # ------------------------------------------------------------------ curvature pass
-    def curvature(self, sharpness_gradient: bool = True, group_quadratic: bool = True) -> None:
-        """Compute (and cache) whichever of grad S and the g_k^T H g_k are asked for and missing,
-        sharing one gradient graph per chunk when both are.
+    def _hessian_chunks(self):
+        """(X_c, y_c, positions, weight, objective) over the points of the Hessian (all, or
+        ``hessian_subset``): ``objective(outputs, y_c, positions)`` is the chunk's (weighted) mean
+        loss and ``weight`` its share of the whole, so sum_c weight_c objective_c is the loss."""
+        n_h = self.n if self.hessian_subset is None else self.hessian_subset.numel()
+        w = self.weights
+        if w is not None:
+            w = w.to(self.device, self.dtype)
+            w_h = w.sum() if self.hessian_subset is None else w[self.hessian_subset.to(self.device)].sum()
+        for Xc, yc, pos in self._chunks(self.hessian_subset):
+            if w is None:
+                yield Xc, yc, pos, pos.numel() / n_h, lambda out, yc, pos: self.loss_fn(out, yc)
+            else:
+                wc = w[(pos if self.hessian_subset is None else self.hessian_subset[pos]).to(self.device)]
+
+                def objective(out, yc, pos, wc=wc):
+                    return (self.loss_fn(out, yc, reduction="none") * wc).sum() / wc.sum().clamp_min(1e-30)
+
+                yield Xc, yc, pos, wc.sum() / w_h, objective
+
+    def curvature(self, sharpness_gradient: bool = True, group_quadratic: bool = True,
+                  sharpness_coupling: bool = False) -> None:
+        """Compute (and cache) whichever of grad S (the flat vector), the g_k^T H g_k and the
+        Q_k = <g_k, grad S> are asked for and missing. R_k and Q_k come from the input-layer
+        factorisation (``eosbranch.input_layer``) where the model allows it, never forming grad S;
+        otherwise, and for the flat grad S, from the generic pass."""
+        want_quad = group_quadratic and KEYS["group_hessian_quadratic"] not in self.cache
+        want_coup = sharpness_coupling and KEYS["sharpness_coupling"] not in self.cache
+        if want_coup:
+            self._need_v1("sharpness_coupling")
+        names = list(self.groups)
+        if self.input_split is not None and names and (want_quad or want_coup):
+            r = group_curvature(self, coupling=want_coup, quadratic=want_quad)
+            if want_quad:
+                self.cache[KEYS["group_hessian_quadratic"]] = dict(zip(names, r["quadratic"].tolist()))
+            if want_coup:
+                self.cache[KEYS["sharpness_coupling"]] = dict(zip(names, r["coupling"].tolist()))
+                self.cache.setdefault(KEYS["v1_hessian_quadratic"], r["s"].item())
+            want_quad = want_coup = False
+        self._generic_curvature(sharpness_gradient or want_coup, want_quad)
+        if want_coup:
+            dS = self.cache[KEYS["sharpness_gradient"]]
+            self.cache[KEYS["sharpness_coupling"]] = {k: (self.group_grads[k] @ dS).item() for k in names}
+
+    def _generic_curvature(self, sharpness_gradient: bool, group_quadratic: bool) -> None:
+        """grad S and the g_k^T H g_k for any model, sharing one gradient graph per chunk.
 
         Per chunk c (weight n_c / n): g = grad L_c with create_graph; H v1 by a backward through g,
         itself with a graph; grad S = backward of <H v1, v1> (the one extra reverse pass); the K
@@ -266,24 +327,13 @@ class Context:
         names = list(self.groups) if want_quad else []
         G = torch.stack([self.group_grads[k] for k in names]) if names else None
         v_parts = unflatten(self.v1, self.params) if want_dS else None
-        n_h = self.n if self.hessian_subset is None else self.hessian_subset.numel()
-        w = self.weights
-        if w is not None:
-            w = w.to(self.device, self.dtype)
-            w_h = w.sum() if self.hessian_subset is None else w[self.hessian_subset.to(self.device)].sum()
         dS = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         s_total = torch.zeros((), dtype=self.dtype, device=self.device)
         quad = torch.zeros(len(names), dtype=self.dtype, device=self.device)  # g_k^T H g_k
         with _running_stats_frozen(self.model), torch.enable_grad():
-            for Xc, yc, pos in self._chunks(self.hessian_subset):
+            for Xc, yc, pos, weight, objective in self._hessian_chunks():
                 leaves = self._leaves()
-                if w is None:
-                    weight = pos.numel() / n_h
-                    loss = self.loss_fn(self._outputs(leaves, Xc), yc)
-                else:
-                    wc = w[pos.to(self.device)]
-                    weight = wc.sum() / w_h
-                    loss = (self.loss_fn(self._outputs(leaves, Xc), yc, reduction="none") * wc).sum() / wc.sum().clamp_min(1e-30)
+                loss = objective(self._outputs(leaves, Xc), yc, pos)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
                 if not used:  # loss at most linear in the parameters: H = 0 and grad S = 0
@@ -314,6 +364,12 @@ class Context:
     def v1_hessian_quadratic(self) -> float:
         """v1^T H v1: equals the sharpness when v1 is the converged top eigenvector (a check)."""
         return self._get(KEYS["v1_hessian_quadratic"], lambda: self.curvature(group_quadratic=False))
+
+    @property
+    def sharpness_coupling(self) -> dict[str, float]:
+        """name -> Q_k = <g_k, grad S> with the global v1 held fixed."""
+        return self._get(KEYS["sharpness_coupling"],
+                         lambda: self.curvature(sharpness_gradient=False, group_quadratic=False, sharpness_coupling=True))
 
     @property
     def group_hessian_quadratic(self) -> dict[str, float]:
@@ -478,7 +534,8 @@ def group_probes(ctx: Context, metrics: Iterable[str] = GROUP_METRICS) -> list[R
     if not ctx.groups:
         return rows
     has_v1 = ctx.v1 is not None
-    ctx.curvature(sharpness_gradient=has_v1 and "sharpness_coupling" in want, group_quadratic="rayleigh" in want)
+    ctx.curvature(sharpness_gradient=False, group_quadratic="rayleigh" in want,
+                  sharpness_coupling=has_v1 and "sharpness_coupling" in want)
     grads, losses, acc = ctx.group_grads, ctx.group_loss, ctx.group_accuracy
     for name, g in grads.items():
         sq = (g @ g).item()
@@ -490,7 +547,7 @@ def group_probes(ctx: Context, metrics: Iterable[str] = GROUP_METRICS) -> list[R
             values["cos2_v1"] = _ratio(c, sq)
             values["curvature_influence"] = c
             if "sharpness_coupling" in want:
-                values["sharpness_coupling"] = (g @ ctx.sharpness_gradient).item()
+                values["sharpness_coupling"] = ctx.sharpness_coupling[name]
         if "rayleigh" in want:
             values["rayleigh"] = _ratio(ctx.group_hessian_quadratic[name], sq)
         rows += [(name, m, values[m]) for m in GROUP_METRICS if m in want and m in values]

@@ -78,14 +78,16 @@ def rows_to_dict(rows):
 # ---------------------------------------------------------------------- group probes
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("chunk_size,batched", [(None, True), (7, True), (5, False)])
-def test_group_probes_match_dense_oracles(loss, chunk_size, batched):
+@pytest.mark.parametrize("method", ["auto", "generic"])
+def test_group_probes_match_dense_oracles(loss, chunk_size, batched, method):
     model, X, y = tiny()
     d = Dense(model, loss, X, y)
     lam, v1, w = d.top()
     assert w[-1] - w[-2] > 1e-3 * abs(w[-1])  # lambda_1 simple, so v1 is well defined
     J, H = d.per_example_grads(), d.hessian()
     dS = torch.func.jacrev(lambda f: v1 @ d.hessian(f) @ v1)(d.theta)  # third-derivative oracle
-    ctx = Context(model, loss, X, y, GROUPS, v1, chunk_size=chunk_size, batched_vjp=batched)
+    ctx = Context(model, loss, X, y, GROUPS, v1, chunk_size=chunk_size, batched_vjp=batched, curvature_method=method)
+    assert (ctx.input_split is not None) == (method == "auto")  # this MLP starts with an nn.Linear
     got = rows_to_dict(group_probes(ctx))
     assert [m for g, m in got if g == "a"] == list(GROUP_METRICS)
     for name, idx in GROUPS.items():
@@ -165,7 +167,7 @@ def test_metric_subset_skips_the_curvature_pass():
     assert [(g, m) for g, m, _ in rows] == [(k, m) for k in GROUPS for m in ("loss", "cos2_v1")]
     g = J[GROUPS["b"]].mean(0)
     assert rows_to_dict(rows)[("b", "cos2_v1")] == pytest.approx(((g @ v1) ** 2 / (g @ g)).item(), rel=1e-9)
-    assert KEYS["sharpness_gradient"] not in ctx.cache and KEYS["group_hessian_quadratic"] not in ctx.cache
+    assert not {KEYS["sharpness_gradient"], KEYS["sharpness_coupling"], KEYS["group_hessian_quadratic"]} & set(ctx.cache)
     with pytest.raises(ValueError, match="unknown metrics"):
         group_probes(ctx, metrics=["sharpness"])
 
@@ -259,3 +261,87 @@ def test_weight_projection_by_hand():
 def test_fraction_loss_increased_by_hand():
     assert fraction_loss_increased([1.0, 2.0, 3.0, 4.0], torch.tensor([1.5, 2.0, 2.0, 5.0])) == 0.5
     assert fraction_loss_increased([1.0, 1.0], [0.5, 0.9]) == 0.0
+
+
+# ---------------------------------------------------------------------- input-layer factorisation
+def wide(activation=nn.Tanh, n=30, d=40, width=16, seed=0):
+    """Inputs much wider than the groups are large, so R_k and Q_k take the low-rank route
+    (A A_U^T)(w_k * Delta_U); a Flatten in front, as eosbranch's mlp has."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, width), activation(), nn.Linear(width, 3)).to(F64)
+    X = torch.randn(n, 4, d // 4, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    groups = {"p": torch.tensor([0, 1, 2]), "q": torch.tensor([2, 9]), "r": torch.tensor([29])}
+    return model, X, y, groups
+
+
+def dense_weighted(d: Dense, w, idx=None):
+    """The Hessian of sum_i w_i l_i / sum_i w_i over idx (default all points)."""
+    idx = torch.arange(d.X.shape[0]) if idx is None else idx
+
+    def loss(f):
+        per = d.loss(d.out(f, d.X[idx]), d.y[idx], reduction="none")
+        return (per * w[idx]).sum() / w[idx].sum()
+
+    return loss
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("weighted,subset", [(False, False), (True, False), (True, True)])
+def test_input_layer_factorisation_matches_dense_oracles(monkeypatch, activation, loss, weighted, subset):
+    from eosbranch import input_layer
+
+    ranks = []
+    original = input_layer._lowrank_factors
+    monkeypatch.setattr(input_layer, "_lowrank_factors", lambda *a: ranks.append(r := original(*a)) or r)
+    model, X, y, groups = wide(activation)
+    d = Dense(model, loss, X, y)
+    w = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(7), dtype=F64) + 0.5
+    sub = torch.arange(1, 30, 3) if subset else None
+    objective = dense_weighted(d, w if weighted else torch.ones(X.shape[0], dtype=F64), sub)
+    H = torch.func.hessian(objective)(d.theta)
+    evals, U = torch.linalg.eigh(H)
+    v1 = U[:, -1]
+    assert evals[-1] - evals[-2] > 1e-3 * abs(evals[-1])
+    dS = torch.func.jacrev(lambda f: v1 @ torch.func.hessian(objective)(f) @ v1)(d.theta)
+    J = d.per_example_grads()
+    ctx = Context(model, loss, X, y, groups, v1, chunk_size=7, weights=w if weighted else None,
+                  hessian_subset=sub, curvature_method="input_layer")
+    got = rows_to_dict(group_probes(ctx))
+    assert ranks and ranks[0] is not None  # the low-rank route was taken
+    assert KEYS["sharpness_gradient"] not in ctx.cache  # grad S itself is never formed
+    for name, idx in groups.items():
+        g = J[idx].mean(0)
+        assert got[(name, "rayleigh")] == pytest.approx((g @ H @ g / (g @ g)).item(), rel=1e-9), name
+        assert got[(name, "sharpness_coupling")] == pytest.approx((g @ dS).item(), rel=1e-8, abs=1e-12), name
+    assert ctx.v1_hessian_quadratic == pytest.approx(evals[-1].item(), rel=1e-9)
+
+
+def test_input_layer_split_refuses_models_it_does_not_cover():
+    model, X, y = tiny("cnn")
+    assert Context(model, "mse", X, y, GROUPS).input_split is None  # starts with a Conv2d
+    with pytest.raises(ValueError, match="curvature_method='input_layer' needs"):
+        Context(model, "mse", X, y, GROUPS, curvature_method="input_layer")
+    model, X, y = tiny()
+    model[0].weight.requires_grad_(False)  # a frozen input layer: group gradients have no block there
+    assert Context(model, "mse", X, y, GROUPS).input_split is None
+
+
+def test_generic_pass_with_weights_and_subset_matches_dense():
+    model, X, y, groups = wide()
+    d = Dense(model, "mse", X, y)
+    w = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(3), dtype=F64) + 0.5
+    sub = torch.arange(0, 30, 2)
+    objective = dense_weighted(d, w, sub)
+    H = torch.func.hessian(objective)(d.theta)
+    v1 = torch.linalg.eigh(H)[1][:, -1]
+    dS = torch.func.jacrev(lambda f: v1 @ torch.func.hessian(objective)(f) @ v1)(d.theta)
+    J = d.per_example_grads()
+    ctx = Context(model, "mse", X, y, groups, v1, chunk_size=4, weights=w, hessian_subset=sub, curvature_method="generic")
+    got = rows_to_dict(group_probes(ctx))
+    for name, idx in groups.items():
+        g = J[idx].mean(0)
+        assert got[(name, "rayleigh")] == pytest.approx((g @ H @ g / (g @ g)).item(), rel=1e-9), name
+        assert got[(name, "sharpness_coupling")] == pytest.approx((g @ dS).item(), rel=1e-8), name
