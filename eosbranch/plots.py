@@ -119,6 +119,25 @@ class StudyRun:
         return float(t.min()), float(t.max())
 
 
+def tag(line, **fields: str) -> None:
+    """Name what a drawn line shows (e.g. ``group=inlier``, ``branch=exit``, ``role=parent``) in its
+    gid, ``key=value`` pairs joined by ``;``; :func:`tags` reads them back (tests check colours and
+    line styles per group and branch through them)."""
+    line.set_gid(";".join(f"{k}={v}" for k, v in fields.items()))
+
+
+def tags(artist) -> dict[str, str]:
+    """The fields :func:`tag` stored on ``artist`` ({} for an untagged artist)."""
+    gid = artist.get_gid() or ""
+    return dict(kv.split("=", 1) for kv in gid.split(";") if "=" in kv)
+
+
+def _role(run: StudyRun, label: str) -> str:
+    if label == run.reference:
+        return "reference"
+    return "parent" if label == run.parent else "other"
+
+
 def _style(run: StudyRun, label: str) -> dict:
     if label == run.reference:
         return {"linestyle": "-", "linewidth": 1.9}
@@ -178,19 +197,22 @@ def _shade_window(run: StudyRun, ax, label: bool = False) -> Optional[Patch]:
         reached = np.isfinite(r.t_star_star)
         text = (f"window [t*, t**] of {b}" if reached else f"window [t*, end of {b}] (t** not reached)")
         patch = ax.axvspan(r.t_fork, r.t_end, color=GREY, alpha=0.13, linewidth=0, label=text if label else None)
+        tag(patch, marker="window", branch=b)
     return patch
 
 
 def _time_lines(run: StudyRun, ax, label: bool = True) -> None:
     if np.isfinite(run.t_star):
-        ax.axvline(run.t_star, color=BLACK, linestyle=(0, (1, 2)), linewidth=1.2,
-                   label=f"t* = {run.t_star:.4g}" if label else None)
+        line = ax.axvline(run.t_star, color=BLACK, linestyle=(0, (1, 2)), linewidth=1.2,
+                          label=f"t* = {run.t_star:.4g}" if label else None)
+        tag(line, marker="t_star")
     c = run.comparison
     for b in run.others:
         rows = c[c.branch == b]
         if len(rows) and np.isfinite(rows.t_star_star.iloc[0]):
-            ax.axvline(rows.t_star_star.iloc[0], color=GREY, linestyle=(0, (4, 2, 1, 2)), linewidth=1.2,
-                       label=f"t** of {b} = {rows.t_star_star.iloc[0]:.4g}" if label else None)
+            line = ax.axvline(rows.t_star_star.iloc[0], color=GREY, linestyle=(0, (4, 2, 1, 2)), linewidth=1.2,
+                              label=f"t** of {b} = {rows.t_star_star.iloc[0]:.4g}" if label else None)
+            tag(line, marker="t_star_star", branch=b)
 
 
 T_EFF = "effective time t_eff = Σ η"
@@ -213,8 +235,9 @@ def plot_sharpness(run: StudyRun, path) -> Path:
     for k, ax in enumerate(axes):
         for b in labels:
             s = run.curve(b, metric)
-            ax.plot(s.index, s.values, label=f"{metric.replace('_', ' ')}: {_describe(run, b)}",
-                    marker="o" if len(s) < 40 else None, markersize=2.5, **{"color": BLACK, **_style(run, b)})
+            line, = ax.plot(s.index, s.values, label=f"{metric.replace('_', ' ')}: {_describe(run, b)}",
+                            marker="o" if len(s) < 40 else None, markersize=2.5, **{"color": BLACK, **_style(run, b)})
+            tag(line, branch=b, role=_role(run, b), metric=metric)
         for b in labels:
             thr = run.curve(b, "threshold")
             if thr.empty or (b == run.parent and run.reference != run.parent):
@@ -225,8 +248,9 @@ def plot_sharpness(run: StudyRun, path) -> Path:
                     off_scale.append(text + " (above the axis)")
                 continue
             shown.append(float(thr.max()))
-            ax.plot(thr.index, thr.values, color=GREY, linewidth=1.3, label=text,
-                    linestyle="-" if b == run.reference else _style(run, b)["linestyle"])
+            line, = ax.plot(thr.index, thr.values, color=GREY, linewidth=1.3, label=text,
+                            linestyle="-" if b == run.reference else _style(run, b)["linestyle"])
+            tag(line, branch=b, role=_role(run, b), metric="threshold")
         _time_lines(run, ax)
         _shade_window(run, ax, label=True)
         ax.set_xlabel(T_EFF)
@@ -270,7 +294,7 @@ def plot_group_losses(run: StudyRun, path, colors: dict[str, str]) -> Path:
                 continue
             st = {"color": colors[g], **_style(run, b)}
             line, = ax.plot(s.index, s.values, marker="o" if len(s) < 40 else None, markersize=2.5, **st)
-            line.set_gid(f"group:{g}" if st["color"] == colors[g] else f"context:{g}")  # parent before the fork: grey
+            tag(line, group=g, branch=b, role=_role(run, b))  # the parent before the fork: grey
         _shade_window(run, ax)
         _time_lines(run, ax, label=False)
         _xlim_window(run, ax)
@@ -354,7 +378,7 @@ def plot_branch_effect(bands: pd.DataFrame, path, colors: dict[str, str], refere
             if r.empty:
                 continue
             line, = ax.plot(r.x, r["median"], color=colors[g], linewidth=1.8 if g != "all" else 1.2, label=g)
-            line.set_gid(f"group:{g}")
+            tag(line, group=g, branch=b, metric="delta")
             top = max(top, float(np.nanmax(np.abs(r["median"]))))
             if int(r.n_seeds.iloc[0]) > 1:
                 ax.fill_between(r.x, r.q25, r.q75, color=colors[g], alpha=0.18, linewidth=0)
@@ -403,7 +427,7 @@ def plot_alignment(run: StudyRun, path, colors: dict[str, str]) -> Path:
                     continue
                 st = {"color": colors[g], **_style(run, b)}
                 line, = ax.plot(s.index, s.values, marker="o" if len(s) < 40 else None, markersize=2.5, **st)
-                line.set_gid(f"group:{g}" if st["color"] == colors[g] else f"context:{g}")
+                tag(line, group=g, branch=b, role=_role(run, b))
             _shade_window(run, ax)
             _xlim_window(run, ax)
             ax.grid(alpha=0.3)
@@ -455,7 +479,7 @@ def plot_opposing(traces: list[dict], path, colors: dict[str, str]) -> Path:
                 line, = ax.plot(s.step, y, color=color, linestyle=ls, linewidth=1.6, marker="o", markersize=2.5,
                                 label=label)
                 if key in ("rise", "fall"):
-                    line.set_gid(f"group:{rise if key == 'rise' else fall}")
+                    tag(line, group=rise if key == "rise" else fall)
             handles.setdefault(label, line)
         _autoscale_visible(ax_abs, log=True)
         ax_abs.set_ylabel("mean loss (log)")
