@@ -182,12 +182,14 @@ def _texts(fig) -> list:
         for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
             add(f"ax{i} {name}label", axis.label)
             add(f"ax{i} {name}offset", axis.get_offset_text())
-            lo, hi = sorted(axis.get_view_interval())
-            tol = 1e-9 * max(abs(lo), abs(hi), 1.0)
+            scale = axis.get_transform()  # compare positions as drawn (log axes: in log space)
+            lo, hi = sorted(scale.transform(np.asarray(axis.get_view_interval(), float)))
+            tol = 1e-9 * (hi - lo)
             for locs, ticks in ((axis.get_majorticklocs(), axis.get_major_ticks),
                                 (axis.get_minorticklocs(), axis.get_minor_ticks)):
                 for tick, loc in zip(ticks(len(locs)), locs):
-                    if lo - tol <= loc <= hi + tol:  # matplotlib draws only the ticks inside the view
+                    pos = scale.transform(np.asarray([loc], float))[0] if loc > 0 or axis.get_scale() != "log" else -np.inf
+                    if lo - tol <= pos <= hi + tol:  # matplotlib draws only the ticks inside the view
                         add(f"ax{i} {name}tick", tick.label1)
         for t in ax.texts:
             add(f"ax{i} text", t)
