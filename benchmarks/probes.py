@@ -14,6 +14,17 @@ sharpness_coupling, rayleigh) <= 3 gradients; (b) per-example alignment for ever
     .venv/bin/python benchmarks/probes.py [--sizes 2000 10000] [--dim 3072] [--width 512]
                                           [--repeats 2] [--threads 2] [--vmap-norms]
 
+Results (2-core x86 VM shared with other jobs, torch 2.14.1, 2 threads, min of 3), in gradients:
+                         N=2000   N=10000
+  (a) all group probes     8.6      6.8     (generic pass before input_layer.py: 16.0, 11.4)
+      of which R_k + Q_k   7.6      6.5
+  (b) alignment, all N     2.5      2.0
+(a) misses its target. With the input-layer factorisation the data enter only through A W1^T,
+A V1^T and the low-rank (A A_U^T)(w_k Delta_U) (about 1 gradient together); the rest is double
+and triple backward through the 512x512 layer (about 50 products of N x 512 x 512 for v1 and
+four groups, 4-5 gradients). A hand-written second-order forward (Taylor mode) through the hidden
+layers would need about 22 such products, which puts (a) near 3, not clearly under it.
+
 ``--vmap-norms`` also times the generic per-example norm path (torch.func.vmap(grad)) at the
 smallest size, to show what the exact per-layer identity saves.
 """
@@ -94,7 +105,8 @@ def run(n: int, args) -> dict:
         keep("gradient", timed(lambda: full_gradient(model, X, y)))
         ctx = Context(model, "mse", X, y, groups, v1)
         t_group = timed(lambda: ctx.group_grads)            # one forward over the 200 group points + batched vjp
-        t_curv = timed(ctx.curvature)                        # grad S and the K products H g_k, one graph
+        # R_k and Q_k as group_probes asks for them (input-layer factorisation for this MLP)
+        t_curv = timed(lambda: ctx.curvature(sharpness_gradient=False, group_quadratic=True, sharpness_coupling=True))
         t_rows = timed(lambda: group_probes(ctx))            # dot products only (all cached)
         keep("group_pass", t_group)
         keep("curvature_pass", t_curv)
