@@ -75,3 +75,68 @@ def test_cli_reference_and_completion_are_current():
         assert (root / name).is_file() and (root / name).read_text() == text, f"cli/{name} is stale: run `make cli-docs`"
     assert "## `eosbranch fork`" in files["README.md"] and "--until" in files["README.md"]
     assert "_EOSBRANCH_COMPLETE" in files["completion/eosbranch.bash"]
+
+
+# ------------------------------------------------------------------------------- README is true
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _blocks(lang: str, text: str) -> list[str]:
+    import re
+
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def test_readme_commands_exist_with_the_options_they_use():
+    """Every `.venv/bin/eosbranch ...` line of the README names a command of the app and only
+    options that command has; every examples/ or groups/ file it names exists."""
+    import shlex
+
+    import typer
+
+    root = README.parent
+    cli = typer.main.get_command(app)
+    lines = [ln.split("#")[0].strip() for b in _blocks("bash", README.read_text()) for ln in b.splitlines()]
+    lines = [ln for ln in lines if ln.startswith(".venv/bin/eosbranch ")]
+    assert len(lines) >= 10, lines
+    for ln in lines:
+        words = shlex.split(ln)[1:]
+        cmd = cli.commands.get(words[0])
+        assert cmd is not None, f"README: no command {words[0]!r} in: {ln}"
+        rest = words[1:]
+        if hasattr(cmd, "commands"):  # a group (`groups show`)
+            cmd = cmd.commands[rest[0]]
+            rest = rest[1:]
+        names = {o for p in cmd.params for o in p.opts}
+        for w in rest:
+            if w.startswith("--"):
+                assert w.split("=")[0] in names, f"README: {words[0]} has no option {w} (has {sorted(names)})"
+            elif w.startswith(("examples/", "groups/")):
+                assert (root / w).exists(), f"README names {w}, which does not exist"
+
+
+def test_readme_extension_snippets_register_and_work():
+    """The README's "Extending" code runs as printed, and its group kind does what it says."""
+    import numpy as np
+    import torch
+
+    from eosbranch.data import DATASETS, load_data
+    from eosbranch.groups import GROUP_KINDS, resolve
+    from eosbranch.interventions import INTERVENTIONS
+
+    section = README.read_text().split("## Extending", 1)[1]
+    blocks = _blocks("python", section)
+    assert len(blocks) == 3
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert {"mine" in DATASETS, "halve_inputs" in INTERVENTIONS, "farthest" in GROUP_KINDS} == {True}
+    assert "groups: [prototypes, {kind: farthest, size: 12}]" in section
+    data = load_data({"kind": "digits", "classes": [3, 5]})
+    res = resolve(["prototypes", {"kind": "farthest", "size": 12}], data)
+    assert set(res.groups) == {"inlier", "boundary", "input_outlier", "output_outlier", "far"}
+    X = res.X[res.train].flatten(1).double().numpy()
+    d = np.linalg.norm(X - X.mean(0), axis=1)
+    expect = np.sort(res.train.numpy()[np.argsort(-d)[:12]])
+    assert torch.equal(res.groups["far"], torch.as_tensor(expect))
+    # the coherent input-outliers are moved 3 v_diff away from the data: the farthest points
+    assert set(expect) & set(res.groups["input_outlier"].tolist())
