@@ -339,6 +339,8 @@ def _resolve(dtype, device, v0, matvec):
 # enough not to slow convergence (4 products instead of 6 at 0.01-0.03 in the CIFAR-shaped
 # benchmark setting, 5 at 0.1).
 HINT_RANDOM_WEIGHT = 0.03
+# Rows of the Lanczos basis reserved up front, in blocks (see top_eigenpairs).
+INITIAL_BASIS_BLOCKS = 16
 
 
 def _cold_start_hint(matvec, start: Tensor, dim: int, dtype, device) -> None:
@@ -393,8 +395,13 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
     else:
         _cold_start_hint(matvec, start, dim, dtype, device)
     # The basis grows on demand (doubling up to cap rows): most solves stop after a few steps, and
-    # allocating dim x cap up front can cost more than the products for large models.
-    V = _orthonormalize(start, start[:0], gen, 10 * eps * math.sqrt(b))[0]
+    # allocating dim x cap up front can cost more than the products for large models. The first
+    # INITIAL_BASIS_BLOCKS blocks are reserved at once (torch.empty: pages are touched only when a
+    # row is written), so a typical solve never copies its basis to grow it.
+    Q0 = _orthonormalize(start, start[:0], gen, 10 * eps * math.sqrt(b))[0]
+    V = torch.empty(min(cap, INITIAL_BASIS_BLOCKS * b), dim, dtype=dtype, device=device)
+    V[:b] = Q0
+    del Q0
     # Rows below `fresh` include random replacements for a breakdown: until they have been
     # multiplied, the basis spans an invariant subspace (e.g. v0 made of exact eigenvectors)
     # whose pairs look converged but may not be the top ones.
