@@ -9,7 +9,9 @@ Conventions shared by every figure, so a reader learns them once:
   other branches dashed / dotted / dash-dotted, the parent before the fork thin grey;
 - effective time t_eff = Σ η on the x axis wherever branches with different step sizes meet;
 - legends outside the data area, constrained layout, no pyplot state (figures are built on the
-  Agg canvas directly, so a notebook's backend is never touched).
+  Agg canvas directly, so a notebook's backend is never touched);
+- every line says what it shows in its gid (:func:`tag`: group, branch, role, metric or marker),
+  so a test reads a figure's colours and styles per group and branch instead of guessing.
 
 A figure that has nothing to show raises :class:`NothingToPlot` with the reason; the report lists
 the reason instead of drawing an empty frame.
@@ -258,6 +260,8 @@ def plot_sharpness(run: StudyRun, path) -> Path:
     axes[0].set_ylim(0, 1.08 * max([top, *shown]))
     axes[0].set_ylabel("sharpness λ1(∇²L)" if metric == "sharpness" else "preconditioned sharpness λ1(P⁻¹H)")
     axes[0].set_title("whole run", fontsize=10)
+    if run.others:
+        _label_ends(axes[0], [(b, run.curve(b, metric)) for b in labels if b != run.parent])
     if zoom:
         _xlim_window(run, axes[1])
         _autoscale_visible(axes[1])
@@ -267,6 +271,28 @@ def plot_sharpness(run: StudyRun, path) -> Path:
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     fig.suptitle(f"{run.name}: sharpness per branch (seed {run.seed})")
     return _save(fig, path)
+
+
+def _label_ends(ax, curves: list[tuple[str, pd.Series]], gap: float = 0.06) -> None:
+    """Name each branch at the end of its line (branches below their threshold follow the same
+    gradient-flow curve on t_eff, so a dotted line can hide under a dashed one; the name at each
+    line's end still tells them apart). Names are spread at least ``gap`` of the axis height apart."""
+    lo, hi = ax.get_ylim()
+    xlo, xhi = ax.get_xlim()
+    ends = sorted(((float(s.index[-1]), (float(s.iloc[-1]) - lo) / (hi - lo), b) for b, s in curves if len(s)),
+                  key=lambda e: e[1])
+    placed = []
+    for x, y, b in ends:
+        y = min(max(y, 0.03), 0.97)
+        if placed and y - placed[-1][1] < gap:
+            y = placed[-1][1] + gap
+        placed.append((x, y, b))
+    over = placed[-1][1] - 0.97 if placed else 0.0
+    for x, y, b in placed:
+        text = ax.annotate(b, xy=(x - 0.006 * (xhi - xlo), y - max(over, 0.0)), xycoords=("data", "axes fraction"),
+                           ha="right", va="center", fontsize=8,
+                           bbox={"boxstyle": "square,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+        text.set_gid(f"branch={b};marker=end_label")
 
 
 def _grid(fig: Figure, n: int, ncols: int, **kw):

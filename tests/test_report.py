@@ -340,6 +340,11 @@ def test_figure_1_draws_thresholds_onset_and_the_window(study, reported):
     assert spans["exit"].get_x() == pytest.approx(t_star)  # exit never reaches 2/(0.1 eta): to the common end
     assert spans["exit"].get_x() + spans["exit"].get_width() == pytest.approx(min(ends["exit"], ends["eos"]))
     assert "effective time" in ax.get_xlabel() and "sharpness" in ax.get_ylabel()
+    # each branch named at its line's end (a dotted line may hide under a dashed one)
+    names = {plots.tags(t)["branch"]: t for t in ax.texts if plots.tags(t).get("marker") == "end_label"}
+    assert set(names) == {"eos", "exit", "mild"} and all(t.get_text() == b for b, t in names.items())
+    for b, t in names.items():
+        assert t.xy[0] == pytest.approx(ends[b], abs=0.01 * ax.get_xlim()[1])
 
 
 def test_figures_2_to_4_log_scales_and_annotations(reported):
@@ -401,7 +406,7 @@ def test_a_run_without_branches_gets_a_reduced_report(tmp_path):
     assert "no sharpness was measured" in text and "has no opposing pair" in text
 
 
-def test_several_seeds_give_the_median_and_interquartile_band(tmp_path):
+def test_several_seeds_give_the_median_and_interquartile_band(tmp_path, monkeypatch):
     spec = copy.deepcopy(TINY)
     spec.update({"groups": "prototypes", "steps": 25,  # group losses only: no curvature, fast
                  "measure": {"every": 5, "sharpness": False, "alignment": False, "curvature_fraction": False},
@@ -413,6 +418,8 @@ def test_several_seeds_give_the_median_and_interquartile_band(tmp_path):
     runs = [eosbranch.train(path, tmp_path / "runs", seed=s) for s in (0, 1)]
     for r in runs:
         eosbranch.fork(r, at=("step", 10), branches=BRANCHES, steps=15)
+    drawn, save = {}, plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.setdefault(path.name, fig) and save(fig, path))
     summary = eosbranch.report(runs)
     assert summary == runs[0].path / "report" / "summary.md"
     text = summary.read_text()
@@ -438,6 +445,15 @@ def test_several_seeds_give_the_median_and_interquartile_band(tmp_path):
         assert np.ptp(per_seed[0] - per_seed[1]) > 0  # the seeds differ: the band has width
     w, h = png_size(summary.parent / FIGURES[3][0])
     assert w >= 600 and h >= 300
+    # figure 3 draws each group's band in the group's colour, says what the band is, stays readable
+    fig3 = drawn[FIGURES[3][0]]
+    (ax,) = fig3.axes
+    colors = plots.group_colors(bands.group)
+    fills = [c for c in ax.collections if c.get_paths()]
+    assert sorted(to_hex(c.get_facecolor()[0]) for c in fills) == sorted(colors[g].lower() for g in set(bands.group))
+    assert any("inter-quartile range" in t.get_text() for t in fig3.legends[0].get_texts())
+    assert "median of 2 seeds" in ax.get_title()
+    assert readability_problems(fig3) == []
     # A sweep directory names the same seeds (sweep.json as `eosbranch sweep` writes it): same report.
     (tmp_path / "runs" / "sweep.json").write_text(json.dumps({"runs": [
         {"seed": r.spec.seed, "run": r.name, "branches": [], "status": "done", "stage": None, "error": None}
