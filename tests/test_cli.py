@@ -140,3 +140,15 @@ def test_readme_extension_snippets_register_and_work():
     assert torch.equal(res.groups["far"], torch.as_tensor(expect))
     # the coherent input-outliers are moved 3 v_diff away from the data: the farthest points
     assert set(expect) & set(res.groups["input_outlier"].tolist())
+
+
+def test_readme_says_where_each_module_lives():
+    """"Where each concept lives" names existing files, and every module of the package."""
+    import re
+
+    root = README.parent
+    table = README.read_text().split("## Where each concept lives", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(eosbranch/\w+\.py)`", table))
+    assert named and all((root / n).is_file() for n in named), sorted(n for n in named if not (root / n).is_file())
+    modules = {f"eosbranch/{p.name}" for p in (root / "eosbranch").glob("*.py") if not p.name.startswith("__")}
+    assert modules <= named, f"README's 'Where each concept lives' lacks a row for {sorted(modules - named)}"
