@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from .curvature import flatten, hessian_matvec, preconditioned_matvec, top_eigenpairs
-from .probes import Context, curvature_fraction, group_probes, per_example_alignment, spearman, weight_projection
+from .probes import (
+    PROBES, Context, curvature_fraction, group_probes, per_example_alignment, spearman, weight_projection,
+)
 
 if TYPE_CHECKING:
     from .train import Experiment, Trainer
@@ -158,7 +160,7 @@ def measure_probes(tr: "Trainer") -> None:
     if v1 is not None:
         _weight_projection(tr, v1)
     want_examples = ms.examples == "all" or (ms.examples == "groups" and exp.groups)
-    if not ((ms.probes and exp.groups) or (ms.alignment and v1 is not None) or want_examples):
+    if not ((ms.probes and exp.groups) or (ms.alignment and v1 is not None) or want_examples or ms.extra_probes):
         return
     # The Hessian behind v1 is the training loss's; held-out groups (mode: heldout) are measured on
     # the same footing as the rest, so the context sees every point of data.X.
@@ -167,6 +169,11 @@ def measure_probes(tr: "Trainer") -> None:
     if ms.probes and exp.groups:
         for group, metric, value in group_probes(ctx):
             tr.record(group, metric, value)
+    for section in ms.extra_probes:  # registered probes named in the spec (validated there)
+        params = dict(section)
+        entry = PROBES.entry(params.pop("kind"), where="measure.extra_probes")
+        for group, metric, value in entry.fn(ctx, **entry.params.model_validate(params).model_dump()):
+            tr.record(str(group), str(metric), float(value))
     align = per_example_alignment(ctx).cpu() if (ms.alignment and v1 is not None) else None
     dist = centroid_distance(exp)
     if align is not None and dist is not None:

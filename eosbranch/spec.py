@@ -40,6 +40,9 @@ class MeasureSpec(_Section):
     examples: Literal["all", "groups", "off"] = Field("groups", description="rows of examples.parquet")
     reference: Optional[int] = Field(
         None, ge=0, description="step of theta_ref, v1_ref for weight_projection (a measurement step; default t*)")
+    extra_probes: list[Any] = Field(
+        default_factory=list,
+        description="probes registered in eosbranch.probes.PROBES, run at each measurement: names or {kind: name, ...}")
 
     @field_validator("examples", mode="before")
     @classmethod
@@ -105,6 +108,8 @@ class Spec(_Section):
     def digest(self) -> str:
         """Short hash of everything but ``steps``: a run extended to more steps keeps its name."""
         body = self.model_dump(mode="json", exclude={"steps"})
+        if not body["measure"]["extra_probes"]:  # a field added later: names of runs without it stay
+            del body["measure"]["extra_probes"]
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
 
     def to_yaml(self) -> str:
@@ -122,12 +127,29 @@ def _resolve_sections(spec: Spec, source: str) -> Spec:
     for key, registry in (("data", DATASETS), ("model", MODELS), ("loss", LOSSES), ("optimizer", OPTIMIZERS)):
         entry, params = registry.parse(getattr(spec, key), key, source)
         resolved[key] = {"kind": entry.name, **params.model_dump(mode="json")}
+    if spec.measure.extra_probes:
+        resolved["measure"] = spec.measure.model_copy(update={"extra_probes": _resolve_probes(spec.measure, source)})
     if spec.groups is not None:
         from .groups import load_group_spec
 
         # A catalog name is expanded into its entries, so spec.yaml records exactly what ran.
         resolved["groups"] = load_group_spec(spec.groups, source)
     return spec.model_copy(update=resolved)
+
+
+def _resolve_probes(measure: MeasureSpec, source: str) -> list[dict]:
+    from .probes import PROBES
+
+    out = []
+    for i, section in enumerate(measure.extra_probes):
+        where = f"measure.extra_probes[{i}]"
+        entry, params = PROBES.parse(section, where, source)
+        if entry.name == "groups":  # it already runs under measure.probes: rows would be doubled
+            raise SpecError(f"{source}: {where}: 'groups' runs already (measure.probes: true); list other probes here")
+        if any(p["kind"] == entry.name for p in out):
+            raise SpecError(f"{source}: {where}: probe {entry.name!r} is listed twice")
+        out.append({"kind": entry.name, **params.model_dump(mode="json")})
+    return out
 
 
 def parse_spec(raw: Any, source: str = "<spec>") -> Spec:

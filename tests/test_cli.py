@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from typer.testing import CliRunner
 
@@ -126,10 +127,13 @@ def test_readme_extension_snippets_register_and_work():
 
     section = README.read_text().split("## Extending", 1)[1]
     blocks = _blocks("python", section)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
-    assert {"mine" in DATASETS, "halve_inputs" in INTERVENTIONS, "farthest" in GROUP_KINDS} == {True}
+    from eosbranch.probes import PROBES
+
+    assert {"mine" in DATASETS, "halve_inputs" in INTERVENTIONS, "farthest" in GROUP_KINDS,
+            "top_loss_share" in PROBES} == {True}
     assert "groups: [prototypes, {kind: farthest, size: 12}]" in section
     data = load_data({"kind": "digits", "classes": [3, 5]})
     res = resolve(["prototypes", {"kind": "farthest", "size": 12}], data)
@@ -140,6 +144,27 @@ def test_readme_extension_snippets_register_and_work():
     assert torch.equal(res.groups["far"], torch.as_tensor(expect))
     # the coherent input-outliers are moved 3 v_diff away from the data: the farthest points
     assert set(expect) & set(res.groups["input_outlier"].tolist())
+    # the probe, named in a spec as the README says, against its definition on the run's own data
+    assert "extra_probes: [{kind: top_loss_share, fraction: 0.05}]" in section
+    import tempfile
+
+    import eosbranch
+    from eosbranch.train import build
+
+    spec = {"name": "probe", "data": {"kind": "digits", "classes": [3, 5], "n_per_class": 40}, "device": "cpu",
+            "model": {"kind": "mlp", "width": 8, "depth": 1}, "loss": "mse", "optimizer": {"kind": "gd", "lr": 0.05},
+            "steps": 10, "measure": {"every": 10, "sharpness": False,
+                                     "extra_probes": [{"kind": "top_loss_share", "fraction": 0.05}]}}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = eosbranch.train(spec, out=tmp)
+        got = run.metrics.query("metric == 'top_loss_share'").set_index("step").value
+        exp = build(run.spec)  # the model at step 0: its initialisation depends on the seed only
+    del PROBES["top_loss_share"]
+    with torch.no_grad():
+        per = exp.loss_fn(exp.model(exp.train_X), exp.train_y, reduction="none").double().numpy()
+    top = np.sort(per)[::-1][:max(1, int(0.05 * per.size))]
+    assert sorted(got.index) == [0, 10]
+    assert got[0] == pytest.approx(top.sum() / per.sum(), rel=1e-5)
 
 
 def test_readme_says_where_each_module_lives():

@@ -1,5 +1,6 @@
 """Curvature measurements inside the trainer: sharpness, thresholds, t*, warm starts, Adam."""
 
+import re
 import pytest
 import torch
 from torch.func import functional_call, hessian
@@ -163,3 +164,65 @@ def test_examples_table_holds_group_members(quick_run):
     # loss_change is l_i(t) - l_i(t-1).
     exp.model.load_state_dict(quick_run.checkpoint(200)["model"])
     assert at.loss_change.notna().all()
+
+
+# ---------------------------------------------------------------------- probes named in the spec
+class _ScaleParams(__import__("eosbranch.registry", fromlist=["Params"]).Params):
+    scale: float = 1.0
+
+
+@pytest.fixture
+def registered_probe():
+    """A user probe added with the registry's decorator: each group's size times ``scale``, and
+    the global v1's squared norm (1 when the context holds the global eigenvector)."""
+    from eosbranch.probes import PROBES
+
+    @PROBES.register("group_size", _ScaleParams)
+    def group_size(ctx, scale):
+        rows = [(name, "group_size", scale * idx.numel()) for name, idx in ctx.groups.items()]
+        if ctx.v1 is not None:
+            rows.append(("all", "v1_norm2", float(ctx.v1 @ ctx.v1)))
+        return rows
+
+    yield "group_size"
+    del PROBES["group_size"]
+
+
+def test_a_registered_probe_named_in_the_spec_runs_at_every_measurement(tmp_path, tiny_spec, registered_probe):
+    import eosbranch
+
+    groups = [{"kind": "class", "label": 0}, {"kind": "class", "label": 1}]
+    tiny_spec["groups"] = groups
+    tiny_spec["measure"] = {"every": 10, "sharpness": True, "extra_probes": [{"kind": "group_size", "scale": 2}]}
+    run = eosbranch.train(tiny_spec, out=tmp_path)
+    m = run.metrics
+    rows = m[m.metric == "group_size"]
+    assert sorted(rows.step.unique()) == [0, 10, 20, 30]
+    X, y = _digits(tiny_spec)
+    sizes = {f"class_{c}": 2.0 * int((y == c).sum()) for c in (0, 1)}  # counted here, not by the groups code
+    assert rows.groupby("group").value.unique().apply(list).to_dict() == {g: [v] for g, v in sizes.items()}
+    assert (m[m.metric == "v1_norm2"].value - 1.0).abs().max() < 1e-5
+    assert run.spec.measure.extra_probes == [{"kind": "group_size", "scale": 2.0}]  # stored resolved
+
+
+def _digits(spec):
+    from eosbranch.data import load_data
+    from eosbranch.spec import parse_spec
+
+    d = load_data(parse_spec(spec).data)
+    return d.X, d.y
+
+
+@pytest.mark.parametrize("probes,message", [
+    (["group_sise"], "measure.extra_probes[0].kind: unknown probe 'group_sise'"),
+    ([{"kind": "group_size", "scal": 2}], "measure.extra_probes[0]"),
+    (["groups"], "'groups' runs already"),
+    (["group_size", "group_size"], "listed twice"),
+])
+def test_spec_errors_for_extra_probes_name_the_field(tmp_path, tiny_spec, registered_probe, probes, message):
+    from eosbranch.errors import SpecError
+    from eosbranch.spec import parse_spec
+
+    tiny_spec["measure"]["extra_probes"] = probes
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(tiny_spec, "my.yaml")
