@@ -107,6 +107,15 @@ def solve_sharpness(exp: "Experiment", st, v0=None, preconditioned: bool = True)
             "compared": sharp if pres is None else pres.values[0].item()}
 
 
+def effective_step_v1(exp: "Experiment", st, v1: torch.Tensor) -> float:
+    """A preconditioned optimizer's step size along the unit v1: eta * v1^T P^-1 v1, P the
+    diagonal preconditioner in force (Adam: sqrt(v_hat) + eps). A step -eta P^-1 g moves
+    along v1 by -eta_eff <g, v1> when g is parallel to v1; GD's is eta itself."""
+    diag = flatten(exp.optimizer.preconditioner(st.opt_state)).to(torch.float64)
+    v = v1.detach().reshape(-1).to(torch.float64)
+    return st.lr * float((v * v / diag).sum() / (v @ v))
+
+
 def measure_curvature(tr: "Trainer") -> None:
     exp, st, ms = tr.exp, tr.st, tr.exp.spec.measure
     res, pres = solve_curvature(exp, st, k=ms.top_k)
@@ -124,6 +133,7 @@ def measure_curvature(tr: "Trainer") -> None:
         compared = pres.values[0].item()
         tr.record("all", "preconditioned_sharpness", compared)
         st.precond_vectors = pres.vectors.detach()
+        tr.record("all", "effective_step_v1", effective_step_v1(exp, st, res.vectors[:, 0]))
     st.measured["sharpness"], st.measured["compared"] = values[0], compared
     if "t_star" not in st.measured and st.step >= ms.warmup and compared >= threshold:
         st.measured["t_star"] = st.step

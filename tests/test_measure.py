@@ -84,6 +84,11 @@ def test_adam_records_preconditioned_sharpness_against_dense(tmp_path, tiny_spec
     assert run.metric("preconditioned_sharpness")[10] == pytest.approx(dense, rel=1e-6)
     assert run.metric("sharpness")[10] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-6)
     assert run.metric("threshold")[10] == pytest.approx(38 / 0.01)
+    # Adam's step size along v1: eta v1^T P^-1 v1 with the dense top eigenvector (sign-free).
+    v1 = torch.linalg.eigh(H)[1][:, -1]
+    want = 0.01 * (v1.pow(2) / P).sum().item()
+    assert run.metric("effective_step_v1")[10] == pytest.approx(want, rel=1e-6)
+    assert 0.01 / P.max().item() <= want <= 0.01 / P.min().item()
 
 
 @pytest.mark.parametrize("opt,expected", [
