@@ -116,7 +116,22 @@ def test_readme_commands_exist_with_the_options_they_use():
                 assert (root / w).exists(), f"README names {w}, which does not exist"
 
 
-def test_readme_extension_snippets_register_and_work():
+@pytest.fixture
+def restored_registries():
+    """Registries as they were: the README's snippets register kinds that other tests must not see."""
+    from eosbranch.data import DATASETS
+    from eosbranch.groups import GROUP_KINDS
+    from eosbranch.interventions import INTERVENTIONS
+    from eosbranch.probes import PROBES
+
+    saved = [(r, dict(r)) for r in (DATASETS, GROUP_KINDS, INTERVENTIONS, PROBES)]
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)
+
+
+def test_readme_extension_snippets_register_and_work(restored_registries):
     """The README's "Extending" code runs as printed, and its group kind does what it says."""
     import numpy as np
     import torch
@@ -159,7 +174,6 @@ def test_readme_extension_snippets_register_and_work():
         run = eosbranch.train(spec, out=tmp)
         got = run.metrics.query("metric == 'top_loss_share'").set_index("step").value
         exp = build(run.spec)  # the model at step 0: its initialisation depends on the seed only
-    del PROBES["top_loss_share"]
     with torch.no_grad():
         per = exp.loss_fn(exp.model(exp.train_X), exp.train_y, reduction="none").double().numpy()
     top = np.sort(per)[::-1][:max(1, int(0.05 * per.size))]
