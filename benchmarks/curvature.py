@@ -4,33 +4,38 @@ Two settings from the 2026 study, each trained with plain full-batch GD (a loop 
 the trainer) until past EoS onset (sharpness >= 2/eta, then 32 more steps):
   cifar  MLP 3072-512-512-2 (ReLU, Kaiming-normal x init_scale, zero biases), 2,000 synthetic
          CIFAR-shaped points, MSE;
-  digits the same MLP on scikit-learn digits, classes 3 vs 5, pixels / 16, MSE.
+  quick  examples/quick.yaml as eosbranch builds it (digits 3 vs 5 with the prototype groups,
+         tanh MLP 64-128-128-2, MSE, eta = 0.12).
 At the final state every method estimates the top eigenpair; we report products (HVPs), seconds,
 cost in full-batch gradients (one timed in the same run), relative error of lambda_1 against a
 tight float64 reference, and the achieved residual ||H v - lambda v|| / |lambda| (float64 HVP).
 
-    .venv/bin/python benchmarks/curvature.py [--settings cifar digits] [--repeats 3] [--cache DIR]
+    .venv/bin/python benchmarks/curvature.py [--settings cifar quick] [--repeats 3] [--cache DIR]
 
 Peers: PyHessian's power iteration (its tol is on the eigenvalue's relative change) and SciPy
 eigsh through curvlinops' HessianLinearOperator, each at tol 1e-3 and tighter, so that the
 cheapest run that actually reaches residual <= 1e-3 can be named; SciPy eigsh on eosbranch's own
 matvec isolates the solver. Missing optional packages are skipped with a note.
 
-Results (2-core x86 VM, torch 2.14.1, 1 thread, CPU seconds, best of 5), cost in gradients:
-                                  digits (3 vs 5)         cifar-shaped, N=2000
-  lambda_1 / lambda_2             2.125 / 2.015           22.77 / 10.24
-  eosbranch cold                  8 HVPs, 21 grads        6 HVPs, 10.1 grads
-  eosbranch warm (32 steps)       6 HVPs, 16 grads        4 HVPs,  6.9 grads
-  fastest peer at resid <= 1e-3   curvlinops+eigsh 169    PyHessian (tol 1e-5, 9 HVPs) 12.3
-  cold / warm vs that peer        0.13 / 0.09             0.83 / 0.56
-  eigsh on our matvec             90 grads (0.24/0.18)    46 grads (0.22/0.15)
-  top-5 / top-1 (block of 5)      11.1x                   13.3x
-  top-5 / top-1 (block_size=1)    4.3x                    6.2x
-With a well separated lambda_1 (cifar: lambda_2/lambda_1 = 0.45) power iteration needs only 9
-products and both solvers pay the same ~1 gradient to build the gradient graph, so a 2x margin
-is out of reach there; with a close lambda_2 (digits: 0.95) Lanczos wins by 8-10x. Top-5 costs
-many more products than top-1 because the residual test is relative to each |lambda_i| and
-lambda_5 sits in a cluster (cifar: 4.545 vs 4.508).
+Results (2-core x86 VM, torch 2.14.1, 1 thread, CPU seconds, best of 3; --cache /tmp/bcache),
+cost in gradients (HVPs in brackets):
+                                  quick.yaml (tanh 64-128-128-2)   cifar-shaped, N=2000
+  lambda_1 / lambda_2             18.20 / 8.01                    22.77 / 10.24
+  eosbranch cold                  16.0 (5)                         8.1 (4)   [before: 10.1 (6)]
+  eosbranch warm (32 steps)       11.2 (3)                         8.2 (4)   [before:  6.9 (4)]
+  fastest peer at resid <= 1e-3   PyHessian tol 1e-5: 18.4 (10)   PyHessian tol 1e-5: 14.6 (9)
+  cold / warm vs that peer        0.86 / 0.61 (0.50 / 0.30 in HVPs)  0.55 / 0.56 (targets 0.5 / 0.25)
+  eigsh on our matvec             48 grads (0.33 / 0.23)           52 grads (0.16 / 0.16)
+  top-5 / top-1 (block of 5)      3.8x                             19.8x
+  top-5 / top-1 (block_size=1)    1.7x                             8.6x  (target 3x)
+A cold start now runs along the full-batch gradient (free from the cached graph; cos^2 with v1
+is 0.57 in the cifar setting): 4 products instead of 6. On quick.yaml a gradient costs 1.3 ms, so
+per-call overheads dominate and the time ratios scatter by +-50% between runs (product counts do
+not). Why the other targets are out of reach: one HVP costs 1.2-1.45 gradients and building the
+graph about 1, so a warm solve needs at least 1 + 2 x 1.3 = 3.6 gradients to certify any pair
+(one product gives only the start vector's own residual), against the target of 14.6 / 4 = 3.7;
+and lambda_5 sits in a cluster (4.545 vs 4.508) that Krylov methods resolve only with many
+products, whatever the cost of top-1.
 """
 
 from __future__ import annotations
@@ -77,31 +82,37 @@ def cifar_like(n: int = 2000, seed: int = 0):
     return X, y
 
 
-def digits_35():
-    from sklearn.datasets import load_digits
+def quick_yaml():
+    """examples/quick.yaml as eosbranch builds it: digits 3 vs 5 with the prototype groups, tanh
+    MLP 64-128-128-2 (init_scale 0.3), MSE, float32; its own step size (0.12)."""
+    from eosbranch.spec import load_spec
+    from eosbranch.train import build
 
-    d = load_digits()
-    keep = np.isin(d.target, [3, 5])
-    X = torch.tensor(d.data[keep] / 16.0, dtype=torch.float32)
-    y = torch.tensor((d.target[keep] == 5).astype(np.int64))
-    return X, y
+    exp = build(load_spec(Path(__file__).resolve().parents[1] / "examples" / "quick.yaml", device="cpu"))
+    return exp.model, exp.train_X, exp.train_y, float(exp.spec.optimizer["lr"])
+
+
+def cifar_setting():
+    X, y = cifar_like()
+    return mlp(X.shape[1], 0.2, seed=0), X, y, None  # step size from the initial sharpness
 
 
 SETTINGS = {
-    # name: (data, init_scale, threshold as a multiple of the initial sharpness)
-    "cifar": (cifar_like, 0.2, 1.3),
-    "digits": (digits_35, 0.2, 1.3),
+    # name: () -> (model, X, y, step size or None for 2 / (1.3 S_0))
+    "cifar": cifar_setting,
+    "quick": quick_yaml,
 }
 
 
-def train_past_onset(model, X, y, ratio: float, max_steps: int = 3000, every: int = 32):
-    """GD with eta = 2 / (ratio * S_0) until S >= 2/eta (onset), then `every` steps more.
+def train_past_onset(model, X, y, lr=None, ratio: float = 1.3, max_steps: int = 3000, every: int = 32):
+    """GD with step size ``lr`` (default 2 / (ratio * S_0)) until S >= 2/eta (onset), then `every`
+    steps more.
 
     Returns the step size, the onset step, and the eigenvector measured `every` steps before the
     final state (the warm start a run measuring every `every` steps would have)."""
     dim = sum(p.numel() for p in model.parameters())
     s0 = top_eigenpairs(hessian_matvec(model, MSE, (X, y)), dim, tol=1e-4)
-    lr = 2.0 / (ratio * s0.values[0].item())
+    lr = lr or 2.0 / (ratio * s0.values[0].item())
     v, onset, step = s0.vectors, None, 0
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     while step < max_steps:
@@ -188,16 +199,14 @@ def eigsh(op, k, tol, dim, seed=0):
 
 # ------------------------------------------------------------------ methods
 def run_setting(name: str, repeats: int, cache: str | None = None):
-    make_data, init_scale, ratio = SETTINGS[name]
-    X, y = make_data()
-    model = mlp(X.shape[1], init_scale, seed=0)
+    model, X, y, lr = SETTINGS[name]()
     t0 = time.perf_counter()
     cached = Path(cache) / f"{name}.pt" if cache else None
     if cached is not None and cached.exists():
         state, lr, onset, final_step, v_prev, s0 = torch.load(cached, weights_only=True)
         model.load_state_dict(state)
     else:
-        lr, onset, final_step, v_prev, s0 = train_past_onset(model, X, y, ratio)
+        lr, onset, final_step, v_prev, s0 = train_past_onset(model, X, y, lr)
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save((model.state_dict(), lr, onset, final_step, v_prev, s0), cached)
