@@ -31,11 +31,11 @@ cost in gradients (HVPs in brackets):
 A cold start now runs along the full-batch gradient (free from the cached graph; cos^2 with v1
 is 0.57 in the cifar setting): 4 products instead of 6. On quick.yaml a gradient costs 1.3 ms, so
 per-call overheads dominate and the time ratios scatter by +-50% between runs (product counts do
-not). Why the other targets are out of reach: one HVP costs 1.2-1.45 gradients and building the
-graph about 1, so a warm solve needs at least 1 + 2 x 1.3 = 3.6 gradients to certify any pair
-(one product gives only the start vector's own residual), against the target of 14.6 / 4 = 3.7;
-and lambda_5 sits in a cluster (4.545 vs 4.508) that Krylov methods resolve only with many
-products, whatever the cost of top-1.
+not). Why the other targets stay missed: one HVP costs 1.2-1.45 gradients and building the graph
+about 1, so even a warm start that converged after its second product would cost 1 + 2 x 1.3 =
+3.6 gradients, the whole 3.7 (= 14.6 / 4) the warm target allows; the vector of 32 steps before
+(|cos| 0.99 with v1) needs 4 products here. And lambda_5 sits in a cluster (4.545 vs 4.508) that
+Krylov methods resolve only with many products, however cheap top-1 becomes.
 """
 
 from __future__ import annotations
