@@ -162,11 +162,11 @@ def fork(
 
 
 def _is_branch(path: Path) -> bool:
-    import json
+    from .run import Run
 
     try:
-        return json.loads((path / "lineage.json").read_text()).get("parent") is not None
-    except (OSError, ValueError, AttributeError):
+        return Run(path).lineage.get("parent") is not None
+    except Exception:  # an unreadable lineage is not a branch's: the listing must not fail on it
         return False
 
 

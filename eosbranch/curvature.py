@@ -160,16 +160,23 @@ class HessianOperator:
             return None
         Xc, yc, _ = next(self._chunks())
         with _running_stats_frozen(self.model):
-            self._graph = self._graph or self._gradient_graph(Xc, yc)
-        leaves, grads = self._graph
+            _, grads = self._cached_graph(Xc, yc)
         parts = dict(grads)
-        return torch.cat([parts[i].detach().reshape(-1) if i in parts else torch.zeros(p.numel(), dtype=self.dtype,
-                          device=self.device) for i, p in enumerate(self.params)])
+        return self._flat([parts[i].detach() if i in parts else None for i in range(len(self.params))], 1)[0]
+
+    def _cached_graph(self, Xc, yc):
+        """The single chunk's gradient graph, built once and reused by every product."""
+        self._graph = self._graph or self._gradient_graph(Xc, yc)
+        return self._graph
+
+    def _flat(self, parts, m: int) -> Tensor:
+        """[m, dim] from per-parameter blocks of m rows; None stands for a zero block."""
+        return torch.cat([torch.zeros(m, p.numel(), dtype=self.dtype, device=self.device) if h is None
+                          else h.reshape(m, -1) for h, p in zip(parts, self.params)], dim=1)
 
     def _hvp_double_backward(self, tangents, Xc, yc, batched, single_chunk):
         if single_chunk:
-            self._graph = self._graph or self._gradient_graph(Xc, yc)
-            leaves, grads = self._graph
+            leaves, grads = self._cached_graph(Xc, yc)
         else:
             leaves, grads = self._gradient_graph(Xc, yc)
         if not grads:  # loss at most linear in the parameters: H = 0
@@ -203,9 +210,7 @@ class HessianOperator:
         with _running_stats_frozen(self.model):
             for Xc, yc, weight in self._chunks():
                 hv = hvp(tangents, Xc, yc, batched=m > 1, single_chunk=self.chunk_size >= self.n)
-                parts = [torch.zeros(m, p.numel(), dtype=self.dtype, device=self.device) if h is None
-                         else h.reshape(m, -1) for h, p in zip(hv, self.params)]
-                total += weight * torch.cat(parts, dim=1)
+                total += weight * self._flat(hv, m)
         return total[0] if single else total.T.contiguous()
 
 
@@ -398,10 +403,8 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
     # allocating dim x cap up front can cost more than the products for large models. The first
     # INITIAL_BASIS_BLOCKS blocks are reserved at once (torch.empty: pages are touched only when a
     # row is written), so a typical solve never copies its basis to grow it.
-    Q0 = _orthonormalize(start, start[:0], gen, 10 * eps * math.sqrt(b))[0]
     V = torch.empty(min(cap, INITIAL_BASIS_BLOCKS * b), dim, dtype=dtype, device=device)
-    V[:b] = Q0
-    del Q0
+    V[:b] = _orthonormalize(start, start[:0], gen, 10 * eps * math.sqrt(b))[0]
     # Rows below `fresh` include random replacements for a breakdown: until they have been
     # multiplied, the basis spans an invariant subspace (e.g. v0 made of exact eigenvectors)
     # whose pairs look converged but may not be the top ones.

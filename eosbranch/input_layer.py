@@ -84,8 +84,9 @@ def split(model: nn.Module, param_names: list[str]) -> InputSplit | None:
     return None
 
 
-def _input_tangent(A: Tensor, U1: Tensor, c1: Tensor | None) -> Tensor:
-    """A U1^T + c1 for one direction (U1 [h, D]) or a batch (U1 [K, h, D] -> [K, n, h])."""
+def _affine(A: Tensor, U1: Tensor, c1: Tensor | None) -> Tensor:
+    """A U1^T + c1: the input layer's output (U1 = W1) or its tangent along a direction (U1 [h, D]),
+    or a batch of tangents (U1 [K, h, D] -> [K, n, h])."""
     out = A @ U1.transpose(-1, -2)
     return out if c1 is None else out + c1.unsqueeze(-2)
 
@@ -114,20 +115,21 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
         for Xc, yc, pos, weight, objective in ctx._hessian_chunks():
             A = sp.inputs(Xc).reshape(Xc.shape[0], -1)
             with torch.no_grad():
-                Z0 = _input_tangent(A, W1, b1)
+                Z0 = _affine(A, W1, b1)
                 if lowrank is not None:
                     A_U, coef = lowrank
                     Zk = (A @ A_U.T) @ coef  # [K, n_c, h]: (A A_U^T)(w_k * Delta_U)
                     if sp.bias:
                         Zk += parts[sp.bias].unsqueeze(1)
                 else:
-                    Zk = _input_tangent(A, parts[sp.weight], parts[sp.bias] if sp.bias else None)
-                Zv = _input_tangent(A, V1, c1v) if coupling else None
+                    Zk = _affine(A, parts[sp.weight], parts[sp.bias] if sp.bias else None)
+                Zv = _affine(A, V1, c1v) if coupling else None
+            tk = [Zk] + u_rest  # the K group directions in (Z, phi)
             Z = Z0.requires_grad_(True)
             phi = [P[n].detach().requires_grad_(True) for n in rest_names]
             leaves = [Z] + phi
             out = sp.head(Z, dict(zip(rest_names, phi)), ctx.buffers)
-            F = objective(out, yc, pos)
+            F = objective(out, yc)
             gF = torch.autograd.grad(F, leaves, create_graph=True, allow_unused=True)
             used = [i for i, g in enumerate(gF) if g is not None and g.requires_grad]
             if not used:  # F at most linear: no curvature in this chunk
@@ -141,12 +143,10 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
                 s_total += weight * s.detach()
                 if K and s.requires_grad:  # else S is constant here: Q_k gets nothing from this chunk
                     dS = torch.autograd.grad(s, leaves, retain_graph=True, allow_unused=True)
-                    tk = [Zk] + u_rest
                     for d, t in zip(dS, tk):
                         if d is not None:
                             coup += weight * (t * d.unsqueeze(0)).reshape(K, -1).sum(1)
             if quadratic and K:
-                tk = [Zk] + u_rest
                 hk = torch.autograd.grad(gu, leaves, grad_outputs=[tk[i] for i in used],
                                          is_grads_batched=True, allow_unused=True)
                 for h, t in zip(hk, tk):
@@ -164,13 +164,13 @@ def _lowrank_factors(ctx, sp: InputSplit, W1: Tensor, b1: Tensor | None):
     n = ctx.n if ctx.hessian_subset is None else ctx.hessian_subset.numel()
     if n * D * n_u + K * n * n_u * h >= K * n * D * h:
         return None
+    phi = {k: v for k, v in zip(ctx.param_names, ctx.params) if k not in (sp.weight, sp.bias)}
     A_parts, D_parts = [], []
     with _running_stats_frozen(ctx.model), torch.enable_grad():
         for Xc, yc, _ in ctx._chunks(union):
             A = sp.inputs(Xc).reshape(Xc.shape[0], -1)
-            Z = _input_tangent(A, W1, b1).detach().requires_grad_(True)
-            P = dict(zip(ctx.param_names, ctx.params))
-            out = sp.head(Z, {k: v for k, v in P.items() if k not in (sp.weight, sp.bias)}, ctx.buffers)
+            Z = _affine(A, W1, b1).detach().requires_grad_(True)
+            out = sp.head(Z, phi, ctx.buffers)
             per = ctx.loss_fn(out, yc, reduction="none")
             # Each loss depends on its own row of Z only, so row i of this gradient is dl_i / dZ_i.
             D_parts.append(torch.autograd.grad(per.sum(), Z)[0])

@@ -83,15 +83,17 @@ def training_hessian(exp: "Experiment"):
 
 def solve_curvature(exp: "Experiment", st, k: int = 1, v0=None, preconditioned: bool = True):
     """``(res, pres)``: the top-``k`` eigenpairs of the training Hessian at the current parameters,
-    warm-started from ``v0`` (default: the state's vectors), and, for a preconditioned optimizer
-    (Adam), the top pair of P^-1 H (else None). The state is not changed."""
+    warm-started from ``v0`` (default: the first ``k`` of the state's vectors), and, for a
+    preconditioned optimizer with a state (Adam after its first step), the top pair of P^-1 H
+    (else None). The state is not changed."""
     ms = exp.spec.measure
     H = training_hessian(exp)
     dim = sum(p.numel() for p in exp.params)
-    res = top_eigenpairs(H, dim, k=k, tol=ms.tol, v0=st.eig_vectors if v0 is None else v0,
-                         max_matvecs=ms.max_matvecs)
+    if v0 is None and st.eig_vectors is not None:
+        v0 = st.eig_vectors[:, :k]  # a block of k, not of every vector the state keeps
+    res = top_eigenpairs(H, dim, k=k, tol=ms.tol, v0=v0, max_matvecs=ms.max_matvecs)
     pres = None
-    if preconditioned and exp.optimizer.preconditioned:
+    if preconditioned and exp.optimizer.preconditioned and st.opt_state:
         diag = flatten(exp.optimizer.preconditioner(st.opt_state))
         pres = top_eigenpairs(preconditioned_matvec(H, diag), dim, k=1, tol=ms.tol, v0=st.precond_vectors,
                               max_matvecs=ms.max_matvecs)
@@ -182,6 +184,7 @@ def measure_probes(tr: "Trainer") -> None:
     for section in ms.extra_probes:  # registered probes named in the spec (validated there)
         params = dict(section)
         entry = PROBES.entry(params.pop("kind"), where="measure.extra_probes")
+        # Validated again only to turn spec.yaml's JSON values back into the model's types (tuples).
         for group, metric, value in entry.fn(ctx, **entry.params.model_validate(params).model_dump()):
             tr.record(str(group), str(metric), float(value))
     align = per_example_alignment(ctx).cpu() if (ms.alignment and v1 is not None) else None

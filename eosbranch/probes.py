@@ -268,7 +268,7 @@ class Context:
     # ------------------------------------------------------------------ curvature pass
     def _hessian_chunks(self):
         """(X_c, y_c, positions, weight, objective) over the points of the Hessian (all, or
-        ``hessian_subset``): ``objective(outputs, y_c, positions)`` is the chunk's (weighted) mean
+        ``hessian_subset``): ``objective(outputs, y_c)`` is the chunk's (weighted) mean
         loss and ``weight`` its share of the whole, so sum_c weight_c objective_c is the loss."""
         n_h = self.n if self.hessian_subset is None else self.hessian_subset.numel()
         w = self.weights
@@ -277,11 +277,11 @@ class Context:
             w_h = w.sum() if self.hessian_subset is None else w[self.hessian_subset.to(self.device)].sum()
         for Xc, yc, pos in self._chunks(self.hessian_subset):
             if w is None:
-                yield Xc, yc, pos, pos.numel() / n_h, lambda out, yc, pos: self.loss_fn(out, yc)
+                yield Xc, yc, pos, pos.numel() / n_h, self.loss_fn
             else:
                 wc = w[(pos if self.hessian_subset is None else self.hessian_subset[pos]).to(self.device)]
 
-                def objective(out, yc, pos, wc=wc):
+                def objective(out, yc, wc=wc):
                     return (self.loss_fn(out, yc, reduction="none") * wc).sum() / wc.sum().clamp_min(1e-30)
 
                 yield Xc, yc, pos, wc.sum() / w_h, objective
@@ -333,7 +333,7 @@ class Context:
         with _running_stats_frozen(self.model), torch.enable_grad():
             for Xc, yc, pos, weight, objective in self._hessian_chunks():
                 leaves = self._leaves()
-                loss = objective(self._outputs(leaves, Xc), yc, pos)
+                loss = objective(self._outputs(leaves, Xc), yc)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
                 if not used:  # loss at most linear in the parameters: H = 0 and grad S = 0

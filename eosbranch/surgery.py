@@ -36,7 +36,7 @@ class Surgery(Intervention):
         fork = st.measured.get("fork_step", 0)
         if "surgery_v1" not in mem or (st.step - fork) % self.p.refresh_every == 0:
             prev = mem.get("surgery_v1")
-            v0 = prev[:, None] if prev is not None else (None if st.eig_vectors is None else st.eig_vectors[:, :1])
+            v0 = None if prev is None else prev[:, None]  # None: the state's v1
             mem["surgery_v1"] = solve_sharpness(exp, st, v0=v0, preconditioned=False)["v1"]
         return mem["surgery_v1"]
 

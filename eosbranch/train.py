@@ -439,8 +439,7 @@ class Trainer:
         if self._fork_curvature is None:
             from .measure import solve_sharpness
 
-            vs = self.st.eig_vectors
-            self._fork_curvature = solve_sharpness(self.exp, self.st, v0=None if vs is None else vs[:, :1])
+            self._fork_curvature = solve_sharpness(self.exp, self.st)
         return self._fork_curvature
 
     def record_step_loss(self, value: float, per: torch.Tensor, full_batch: bool) -> None:

@@ -231,3 +231,20 @@ def test_spec_errors_for_extra_probes_name_the_field(tmp_path, tiny_spec, regist
     tiny_spec["measure"]["extra_probes"] = probes
     with pytest.raises(SpecError, match=re.escape(message)):
         parse_spec(tiny_spec, "my.yaml")
+
+
+def test_a_single_solve_warm_starts_from_v1_alone_when_the_state_keeps_top_k(tmp_path, tiny_spec, monkeypatch):
+    """The fork-time solve and gradient surgery need v1 only: their warm start is the state's first
+    vector, not a block of all top_k (which would cost top_k products per Lanczos step)."""
+    from eosbranch import measure
+
+    tiny_spec.update(steps=10, measure={"every": 10, "top_k": 3, "sharpness": True})
+    run = eosbranch.train(tiny_spec, tmp_path)
+    exp, st = at_checkpoint(run, 10)
+    assert st.eig_vectors.shape[1] == 3
+    seen = []
+    real = measure.top_eigenpairs
+    monkeypatch.setattr(measure, "top_eigenpairs", lambda H, dim, k, v0=None, **kw: seen.append(v0) or real(H, dim, k, v0=v0, **kw))
+    out = measure.solve_sharpness(exp, st)
+    assert seen[0].shape == (st.eig_vectors.shape[0], 1) and torch.equal(seen[0][:, 0], st.eig_vectors[:, 0])
+    assert out["sharpness"] == pytest.approx(run.metric("sharpness")[10], rel=1e-2)
