@@ -292,7 +292,7 @@ def _label_ends(ax, curves: list[tuple[str, pd.Series]], gap: float = 0.06) -> N
         text = ax.annotate(b, xy=(x - 0.006 * (xhi - xlo), y - max(over, 0.0)), xycoords=("data", "axes fraction"),
                            ha="right", va="center", fontsize=8,
                            bbox={"boxstyle": "square,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
-        text.set_gid(f"branch={b};marker=end_label")
+        tag(text, branch=b, marker="end_label")
 
 
 def _grid(fig: Figure, n: int, ncols: int, **kw):
