@@ -122,11 +122,16 @@ def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory tha
 
     table = Table("run", "branch", "parent", "fork step", "steps", "complete")
     for path in sorted(p for p in out_dir.glob("*") if (p / "spec.yaml").is_file()):
-        r = Run(path)
-        lin = r.lineage
-        ck = r.checkpoints
-        table.add_row(r.name, str(lin.get("branch")), str(lin.get("parent") or "-"), "-" if lin.get("fork_step") is None else str(lin["fork_step"]),
-                      f"{max(ck) if ck else 0}/{r.spec.steps}", "yes" if r.complete else "no")
+        try:
+            r = Run(path)
+            lin, ck, steps, complete = r.lineage, r.checkpoints, r.spec.steps, r.complete
+        except FileNotFoundError:
+            # Removed between the glob and the read (a failed start cleans up after itself while
+            # other runs are being written): it is no longer a run, so it is not listed.
+            continue
+        table.add_row(r.name, str(lin.get("branch")), str(lin.get("parent") or "-"),
+                      "-" if lin.get("fork_step") is None else str(lin["fork_step"]),
+                      f"{max(ck) if ck else 0}/{steps}", "yes" if complete else "no")
     out.print(table)
 
 

@@ -75,3 +75,27 @@ def test_sixteen_runs_on_two_jobs_are_intact_and_equal_serial_runs(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
         for table in ("metrics", "events"):
             pd.testing.assert_frame_equal(getattr(run, table), getattr(ref, table), check_exact=True)
+
+
+def test_the_listing_is_whole_after_every_single_write_of_train_and_fork(tmp_path, monkeypatch):
+    """The race the sweep test can only catch by luck, made deterministic: `eosbranch runs` is
+    taken after every file write of a train and of a fork (a run directory is listed only once its
+    spec.yaml exists, so everything the listing reads must already be there)."""
+    import eosbranch.store as store_mod
+
+    out = tmp_path / "runs"
+    real, seen = store_mod.atomic_write, []
+
+    def write_then_list(path, data):
+        real(path, data)
+        text, rows = _listing(out)  # asserts exit code 0
+        seen.append((path.name, rows))
+
+    monkeypatch.setattr(store_mod, "atomic_write", write_then_list)
+    parent = eosbranch.train(_spec(), out)
+    eosbranch.fork(parent.path, at=("step", 20), branches="null", steps=10)
+    names = [n for n, _ in seen]
+    assert "spec.yaml" in names and "lineage.json" in names and len(seen) > 20
+    # Before a directory has its spec.yaml it is not listed; from then on it always is.
+    first_spec = names.index("spec.yaml")
+    assert all(not rows for _, rows in seen[:first_spec]) and all(rows for _, rows in seen[first_spec:])
