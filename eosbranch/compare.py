@@ -7,8 +7,8 @@ t_eff = sum of step sizes, never at equal step count. For a branch b and group k
 threshold, interpolated between measurements; the branch's last t_eff if it never does).
 Δ > 0: the group's loss is lower at the EoS, it learns faster there.
 
-The EoS reference is the branch named ``eos`` if there is one, else the parent itself (a branch
-without interventions reproduces it bit for bit).
+The EoS reference of a branch is the branch named ``eos`` forked at the same step if there is
+one, else the parent itself (a branch without interventions reproduces it bit for bit).
 
 Across seeds (parents of one spec that differ only in their seed, e.g. a sweep): ``compare([run,
 ...])`` (or a sweep directory) stacks the per-seed tables with a ``seed`` column first
@@ -31,7 +31,7 @@ from .run import Run
 COLUMNS = ["branch", "group", "fork_step", "t_star", "t_fork", "t_star_star", "t_end", "delta_at_end",
            "delta_mean", "effect"]
 SEED_COLUMNS = ["seed", *COLUMNS]  # compare() over several seeds
-CURVE_COLUMNS = ["branch", "group", "t_eff", "delta"]  # comparison_curves.parquet: Δl_k(t_eff) on the grid
+CURVE_COLUMNS = ["branch", "group", "fork_step", "t_eff", "delta"]  # comparison_curves.parquet: Δl_k(t_eff) on the grid
 SUMMARY_COLUMNS = ["branch", "group", "n_seeds", "delta_at_end_median", "delta_at_end_q25", "delta_at_end_q75",
                    "delta_mean_median", "delta_mean_q25", "delta_mean_q75", "effect"]
 
@@ -96,15 +96,21 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000) -> pd.DataFr
     branches = branches_of(parent)
     if not branches:
         raise EosbranchError(f"{parent.path}: no branches; fork it first (eosbranch fork --run {parent.path} ...)")
-    reference = next((b for b in branches if b.lineage.get("branch") == "eos"), parent)
+    # The reference of a branch is the `eos` branch forked at the same step (one parent may be
+    # forked at several steps), else the parent itself.
+    eos_at = {}
+    for b in branches:
+        if b.lineage.get("branch") == "eos":
+            eos_at.setdefault(b.lineage["fork_step"], b)
     ev = parent.events
     hit = ev[ev.event == "t_star"]
     t_star = float(hit.t_eff.iloc[0]) if len(hit) else float("nan")
     rows, curve_parts = [], []
     for b in branches:
+        s = b.lineage["fork_step"]
+        reference = eos_at.get(s, parent)
         if b is reference:
             continue
-        s = b.lineage["fork_step"]
         loss_all = _curve(b, "loss")
         t_fork = float(loss_all.index.min())
         sharp, thr = _curve(b, "sharpness"), _curve(b, "threshold")
@@ -118,7 +124,7 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000) -> pd.DataFr
             if len(lb) < 2 or len(lr) < 2:
                 continue
             delta = branch_effect(lb.index, lb.values, lr.index, lr.values, t_fork, t_end, grid)
-            curve_parts.append(pd.DataFrame({"branch": b.lineage["branch"], "group": g,
+            curve_parts.append(pd.DataFrame({"branch": b.lineage["branch"], "group": g, "fork_step": s,
                                              "t_eff": np.linspace(t_fork, t_end, grid), "delta": delta}))
             rows.append({"branch": b.lineage["branch"], "group": g, "fork_step": s, "t_star": t_star,
                          "t_fork": t_fork, "t_star_star": tss, "t_end": t_end, "delta_at_end": float(delta[-1]),

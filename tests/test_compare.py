@@ -74,27 +74,52 @@ def synthetic_parent(root: Path) -> Path:
     eos measured every 0.1 in t_eff with l = 1 - 2t; exit every 0.25 with l = 1 - t, and its
     sharpness 9 at t = 0.5 and 11 at t = 0.75 against the threshold 10, so t** = 0.625 (linear
     interpolation) and Δl(t) = (1 - t) - (1 - 2t) = t exactly on [0, 0.625]."""
+    return write_series(root, {
+        (None, None): [(0.0, {"loss": 1.0})],
+        ("eos", 0): [(t, {"loss": 1 - 2 * t, "sharpness": 10.5, "threshold": 10.0}) for t in np.linspace(0, 1, 11)],
+        ("exit", 0): [(t, {"loss": 1 - t, "sharpness": s, "threshold": 10.0})
+                      for t, s in zip(np.linspace(0, 1, 5), [5.0, 7.0, 9.0, 11.0, 12.0])],
+    })
+
+
+def write_series(root: Path, series: dict) -> Path:
+    """A parent (key ``(None, None)``) and branches ``(name, fork_step)`` whose metrics are the
+    given ``[(t_eff, {metric: value})]`` series (loss for groups "all" and "a")."""
     spec = parse_spec(copy.deepcopy(TINY))
     parent = run_dir_for(spec, root)
-    series = {
-        None: [(0.0, {"loss": 1.0})],
-        "eos": [(t, {"loss": 1 - 2 * t, "sharpness": 10.5, "threshold": 10.0}) for t in np.linspace(0, 1, 11)],
-        "exit": [(t, {"loss": 1 - t, "sharpness": s, "threshold": 10.0})
-                 for t, s in zip(np.linspace(0, 1, 5), [5.0, 7.0, 9.0, 11.0, 12.0])],
-    }
-    for branch, points in series.items():
-        path = parent if branch is None else Path(f"{parent}--{branch}-at0-00000000")
+    for (branch, fork_step), points in series.items():
+        path = parent if branch is None else Path(f"{parent}--{branch}-at{fork_step}-00000000")
         store = RunStore(path)
         path.mkdir(parents=True)
-        store.write_text("spec.yaml", spec.to_yaml())
         store.write_json("lineage.json", {"parent": None if branch is None else parent.name,
-                                          "branch": branch or "trunk", "fork_step": None if branch is None else 0})
+                                          "branch": branch or "trunk", "fork_step": fork_step})
+        store.write_text("spec.yaml", spec.to_yaml())
         rows = [(i, float(t), 0.1, g, m, float(v)) for i, (t, values) in enumerate(points)
                 for m, v in values.items() for g in (["all", "a"] if m == "loss" else ["all"])]
         store.write_table("metrics", tables.frame("metrics", rows, path.name, branch or "trunk", 0))
         if branch is None:
             store.write_table("events", tables.frame("events", [("t_star", 0, 0.0, 10.5, "")], path.name, "trunk", 0))
     return parent
+
+
+def test_each_branch_is_compared_with_the_eos_branch_of_its_own_fork_step(tmp_path):
+    """One parent forked at two steps: exit@5 is read against eos@5 (Δl = 0.5 (t - 0.5) on
+    [0.5, 1]), never against eos@0 (which would give 4 + ...); exit@0 against eos@0 (Δl = t)."""
+    ts0, ts5 = np.linspace(0, 1, 11), np.linspace(0.5, 1, 6)
+    below = {"sharpness": 1.0, "threshold": 10.0}  # no t**: the window runs to the curves' end
+    parent = write_series(tmp_path, {
+        (None, None): [(0.0, {"loss": 1.0})],
+        ("eos", 0): [(t, {"loss": 1 - 2 * t, **below}) for t in ts0],
+        ("exit", 0): [(t, {"loss": 1 - t, **below}) for t in ts0],
+        ("eos", 5): [(t, {"loss": 5 - t, **below}) for t in ts5],
+        ("exit", 5): [(t, {"loss": 5 - 0.5 * t - 0.25, **below}) for t in ts5],
+    })
+    df = eosbranch.compare(parent).query("group == 'all'").set_index("fork_step")
+    assert sorted(df.index) == [0, 5] and set(df.branch) == {"exit"}
+    assert df.loc[0, "delta_at_end"] == pytest.approx(1.0, abs=1e-12)
+    assert df.loc[5, "t_fork"] == 0.5 and df.loc[5, "delta_at_end"] == pytest.approx(0.25, abs=1e-12)
+    c = curves(parent).query("group == 'all' and fork_step == 5")
+    assert np.allclose(c.delta, 0.5 * (c.t_eff - 0.5), rtol=0, atol=1e-12)
 
 
 def test_compare_on_synthetic_series_interpolates_t_star_star_and_saves_the_curves(tmp_path):
