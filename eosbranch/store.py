@@ -225,6 +225,19 @@ class RunStore:
             os.close(fd)
             raise EosbranchError(f"{self.path}: another process is writing this run (lock held)") from None
         self._lock_fd = fd
+        self._remove_orphaned_temp_files()
+
+    def _remove_orphaned_temp_files(self) -> None:
+        """Temp files of atomic writes that a kill interrupted (each can be checkpoint-sized).
+        Only the lock holder writes these files, so once we hold the lock none is in use."""
+        owned = [SPEC, LINEAGE, *(f"{name}.parquet" for name in TABLES)]
+        found = [f for name in owned for f in self.path.glob(f".{name}.*.tmp")]
+        found += list(self.checkpoint_dir.glob(".*.tmp"))
+        for f in found:
+            f.unlink(missing_ok=True)
+        if found:
+            self._report(f"{self.path}: removed {len(found)} temp file(s) left by an interrupted write "
+                         f"({', '.join(sorted(f.name for f in found)[:3])}{', ...' if len(found) > 3 else ''})")
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

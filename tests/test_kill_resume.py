@@ -114,3 +114,50 @@ def test_sigint_saves_and_exits_cleanly(tmp_path, reference, int_seed):
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed after Ctrl-C: bit-identical
     cols = ["step", "t_eff", "lr", "group", "metric", "value"]
     pd.testing.assert_frame_equal(ref_run.metrics[cols], done.metrics[cols])
+
+
+_DIE_INSIDE_A_WRITE = """
+import os, sys
+import eosbranch.store as store
+from eosbranch.cli import app
+
+target = sys.argv.pop(1)
+real = store.atomic_write
+
+def dying(path, data):
+    if path.name == target:  # the temp file exists, half written: then the process is gone
+        path.parent.mkdir(parents=True, exist_ok=True)
+        d = os.open(path.parent / f".{path.name}.killed.tmp", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(d, bytes(data)[: len(data) // 2])
+        os._exit(9)
+    real(path, data)
+
+store.atomic_write = dying
+app()
+"""
+
+
+@pytest.mark.parametrize("target", ["step_00000020.pt", "metrics.parquet", "manifest.json"])
+def test_a_process_killed_inside_a_write_leaves_no_temp_file_after_resume(tmp_path, tiny_spec, target):
+    """A hard exit in the middle of an atomic write (the temp file half written, the rename not
+    done): resume removes the orphaned temp file, says so, and ends equal to an uninterrupted run."""
+    tiny_spec.update(steps=40, checkpoint={"every": 10})
+    spec = write_spec(tmp_path / "spec.yaml", tiny_spec)
+    out = tmp_path / "runs"
+    died = subprocess.run([sys.executable, "-c", _DIE_INSIDE_A_WRITE, target, "train", str(spec), "--out", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert died.returncode == 9, died.stderr
+    run_dir = _run_dir(out)
+    assert list(run_dir.rglob("*.tmp")), "the fault was not injected"
+    res = subprocess.run(CLI + ["train", "--resume", str(run_dir)], env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "temp file(s) left by an interrupted write" in res.stderr
+    assert not list(run_dir.rglob("*.tmp"))
+    ref = eosbranch.train(tiny_spec, tmp_path / "ref")
+    got = eosbranch.load(run_dir)
+    a, b = got.checkpoint()["model"], ref.checkpoint()["model"]
+    assert got.complete and all(torch.equal(a[k], b[k]) for k in a)
+    for table in ("metrics", "events"):
+        pd.testing.assert_frame_equal(getattr(got, table).drop(columns="run"), getattr(ref, table).drop(columns="run"),
+                                      check_exact=True)
