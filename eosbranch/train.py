@@ -113,7 +113,11 @@ def build(spec: Spec) -> Experiment:
         if r.train is not None and len(r.train) < len(r.X):
             train_index = r.train.to(device)
     data = _place(data, device, dtype)
-    torch.manual_seed(spec.seed)  # the model's initialisation depends on the seed only
+    # Every global RNG from the seed (the model's initialisation depends on it only), so that the
+    # full state a checkpoint records, Python's and NumPy's RNGs included, is the same in any process.
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
+    np.random.seed(spec.seed)
     model = build_model(spec.model, data.input_shape, data.num_outputs).to(device=device, dtype=dtype)
     return Experiment(spec, device, dtype, data, model, get_loss(spec.loss), build_optimizer(spec.optimizer),
                       groups, info, train_index)

@@ -81,11 +81,28 @@ def test_sigkill_then_resume_bit_identical(tmp_path, reference, kill_seed):
     assert res.returncode == 0, res.stderr
     done = eosbranch.load(run_dir)
     assert done.complete
-    a, b = ref_run.checkpoint()["model"], done.checkpoint()["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_state(ref_run.checkpoint(), done.checkpoint())  # parameters, optimizer, RNGs, cursor
     cols = ["step", "t_eff", "lr", "group", "metric", "value"]
     pd.testing.assert_frame_equal(ref_run.metrics[cols], done.metrics[cols])
     assert not done.metrics.duplicated(["step", "group", "metric"]).any()
+    ev = ["step", "t_eff", "event", "value", "detail"]
+    pd.testing.assert_frame_equal(ref_run.events[ev], done.events[ev])
+
+
+def _assert_same_state(a, b, where="checkpoint"):
+    """The whole checkpoint, recursively: every tensor bit for bit, every other value equal."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 @pytest.mark.parametrize("int_seed", [0, 1])
