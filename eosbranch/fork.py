@@ -228,11 +228,9 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
     store.path.mkdir(parents=True, exist_ok=True)
     store.lock()  # before any write: a second fork into the same branch fails fast and changes nothing
     try:
-        # spec.yaml marks a run directory (`eosbranch runs` lists it), so it is written last.
-        store.write_json(LINEAGE, {"parent": parent.name, "fork_step": s, "branch": b.name,
-                                   "branch_spec": b.model_dump(), "branch_hash": b.digest(),
-                                   "until": rule, "code_version": __version__, "threads": threads})
-        store.write_text(SPEC, spec.to_yaml())
+        store.create(spec.to_yaml(), {"parent": parent.name, "fork_step": s, "branch": b.name,
+                                      "branch_spec": b.model_dump(), "branch_hash": b.digest(),
+                                      "until": rule, "code_version": __version__, "threads": threads})
         exp = build(load_spec(path / SPEC))
         tr = Trainer(exp, store, branch=b.name, warn=warn)
         tr.st = restore_state(exp, parent.store.load_checkpoint(s, warn=warn))

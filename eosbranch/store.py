@@ -88,6 +88,7 @@ _CKPT_FILE = re.compile(r"step_\d{8}\.pt")
 _SEGMENT_FILE = re.compile(r"(step|end)_\d{8}\.(metrics|events|examples)\.parquet")
 _SHA = re.compile(r"[0-9a-f]{64}")
 _WRITE_CHUNK = 1 << 20
+TEMP_SUFFIX = ".tmp"  # atomic_write's temp files: ".<name>.<random>.tmp" beside their target
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: files get the usual 0o666 & ~umask, not mkstemp's private 0o600
 
@@ -116,7 +117,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         try:
             os.fchmod(fd, 0o666 & ~_UMASK)
             view = memoryview(data)
@@ -231,8 +232,8 @@ class RunStore:
         """Temp files of atomic writes that a kill interrupted (each can be checkpoint-sized).
         Only the lock holder writes these files, so once we hold the lock none is in use."""
         owned = [SPEC, LINEAGE, *(f"{name}.parquet" for name in TABLES)]
-        found = [f for name in owned for f in self.path.glob(f".{name}.*.tmp")]
-        found += list(self.checkpoint_dir.glob(".*.tmp"))
+        found = [f for name in owned for f in self.path.glob(f".{name}.*{TEMP_SUFFIX}")]
+        found += list(self.checkpoint_dir.glob(f".*{TEMP_SUFFIX}"))
         for f in found:
             f.unlink(missing_ok=True)
         if found:
@@ -249,6 +250,12 @@ class RunStore:
     def write_text(self, name: str, text: str) -> None:
         self.check_writable()
         atomic_write(self.path / name, text.encode())
+
+    def create(self, spec_yaml: str, lineage: dict) -> None:
+        """Write a new run's lineage, then its spec: spec.yaml marks a run directory (`eosbranch
+        runs` lists it), so everything a listing reads exists before it."""
+        self.write_json(LINEAGE, lineage)
+        self.write_text(SPEC, spec_yaml)
 
     def write_json(self, name: str, obj) -> None:
         self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -482,12 +482,10 @@ def open_run(spec: Spec, path: Path, lineage: Optional[dict] = None) -> RunStore
             raise EosbranchError(f"{path}: exists with a different spec; choose another --out or name")
     else:
         store.path.mkdir(parents=True, exist_ok=True)
-        # spec.yaml marks a run directory (`eosbranch runs` lists it), so it is written last.
-        store.write_json(LINEAGE, lineage or {
+        store.create(spec.to_yaml(), lineage or {
             "parent": None, "fork_step": None, "branch": "trunk", "branch_spec": None,
             "branch_hash": None, "code_version": __version__, "threads": torch.get_num_threads(),
         })
-        store.write_text(SPEC, spec.to_yaml())
     return store
 
 

@@ -91,9 +91,8 @@ def write_series(root: Path, series: dict) -> Path:
         path = parent if branch is None else Path(f"{parent}--{branch}-at{fork_step}-00000000")
         store = RunStore(path)
         path.mkdir(parents=True)
-        store.write_json("lineage.json", {"parent": None if branch is None else parent.name,
-                                          "branch": branch or "trunk", "fork_step": fork_step})
-        store.write_text("spec.yaml", spec.to_yaml())
+        store.create(spec.to_yaml(), {"parent": None if branch is None else parent.name,
+                                      "branch": branch or "trunk", "fork_step": fork_step})
         rows = [(i, float(t), 0.1, g, m, float(v)) for i, (t, values) in enumerate(points)
                 for m, v in values.items() for g in (["all", "a"] if m == "loss" else ["all"])]
         store.write_table("metrics", tables.frame("metrics", rows, path.name, branch or "trunk", 0))
