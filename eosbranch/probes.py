@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .curvature import _running_stats_frozen, flatten, unflatten
+from . import taylor
 from .input_layer import group_curvature, split as input_split
 from .loss import get_loss
 from .registry import Registry
@@ -93,9 +94,11 @@ class Context:
     points; ``rayleigh`` and ``sharpness_coupling`` then use that same Hessian.
     ``grad_norm_method``: "auto" (per-layer identity for all-``nn.Linear`` models, else vmap),
     "linear" or "vmap". ``batched_vjp``: one vmapped backward for K cotangents (default) rather
-    than K sequential ones; both give the same numbers. ``curvature_method``: "auto" (the
-    input-layer factorisation of ``eosbranch.input_layer`` for R_k and Q_k when the model starts
-    with an ``nn.Linear``, else the generic pass), "generic" or "input_layer"; the same numbers.
+    than K sequential ones; both give the same numbers. ``curvature_method``: "auto" (Taylor-mode
+    forward propagation, ``eosbranch.taylor``, for MLPs of Linear layers and elementwise
+    activations; else the input-layer factorisation of ``eosbranch.input_layer`` when the model
+    starts with an ``nn.Linear``; else the generic pass), "taylor", "input_layer" or "generic";
+    the same numbers. The Taylor route also takes the group gradients from per-layer factors.
     """
 
     def __init__(self, model: nn.Module, loss_fn, X: Tensor, y: Tensor,
@@ -132,10 +135,16 @@ class Context:
         self.groups = {name: self._indices(idx, f"group {name!r}") for name, idx in (groups or {}).items()}
         self.hessian_subset = None if hessian_subset is None else self._indices(hessian_subset, "hessian_subset")
         self.v1 = None if v1 is None else self._unit(v1)
-        if curvature_method not in ("auto", "generic", "input_layer"):
-            raise ValueError("Context: curvature_method must be 'auto', 'generic' or 'input_layer', "
+        if curvature_method not in ("auto", "taylor", "input_layer", "generic"):
+            raise ValueError("Context: curvature_method must be 'auto', 'taylor', 'input_layer' or 'generic', "
                              f"got {curvature_method!r}")
-        self.input_split = None if curvature_method == "generic" else input_split(model, self.param_names)
+        self.taylor = (taylor.split(model, self.param_names, X) if curvature_method in ("auto", "taylor")
+                       else None)
+        if curvature_method == "taylor" and self.taylor is None:
+            raise ValueError("Context: curvature_method='taylor' needs an nn.Sequential of parameter-free modules, "
+                             "then nn.Linear layers (all trainable) and elementwise activations; use 'auto'")
+        self.input_split = (input_split(model, self.param_names) if curvature_method in ("auto", "input_layer")
+                            else None)
         if curvature_method == "input_layer" and self.input_split is None:
             raise ValueError("Context: curvature_method='input_layer' needs an nn.Sequential whose first module "
                              "with tensors is an nn.Linear with trainable weights; use 'auto' or 'generic'")
@@ -232,6 +241,11 @@ class Context:
             self.cache[KEYS["group_grads"]], self.cache[KEYS["group_loss"]] = {}, {}
             self.cache[KEYS["group_accuracy"]] = {} if self.classification else None
             return
+        if self.taylor is not None:
+            r = taylor.group_pass(self)
+            self.cache[KEYS["group_grads"]], self.cache[KEYS["group_loss"]] = r["grads"], r["loss"]
+            self.cache[KEYS["group_accuracy"]] = r["accuracy"]
+            return
         union, W = self.group_weights()
         grads = torch.zeros(len(names), self.dim, dtype=self.dtype, device=self.device)
         losses = torch.zeros(len(names), dtype=self.dtype, device=self.device)
@@ -286,19 +300,35 @@ class Context:
 
                 yield Xc, yc, pos, wc.sum() / w_h, objective
 
+    def _hessian_points(self):
+        """(X_c, y_c, omega_c) over the points of the Hessian in chunks: omega_i is point i's weight
+        in the training loss (1/n, or w_i / sum w over those points), so L = sum_i omega_i l_i."""
+        n_h = self.n if self.hessian_subset is None else self.hessian_subset.numel()
+        w = None if self.weights is None else self.weights.to(self.device, self.dtype)
+        if w is not None:
+            w = w if self.hessian_subset is None else w[self.hessian_subset.to(self.device)]
+            w = w / w.sum()
+        for Xc, yc, pos in self._chunks(self.hessian_subset):
+            omega = (torch.full((pos.numel(),), 1.0 / n_h, dtype=self.dtype, device=self.device) if w is None
+                     else w[pos.to(self.device)])
+            yield Xc, yc, omega
+
     def curvature(self, sharpness_gradient: bool = True, group_quadratic: bool = True,
                   sharpness_coupling: bool = False) -> None:
         """Compute (and cache) whichever of grad S (the flat vector), the g_k^T H g_k and the
-        Q_k = <g_k, grad S> are asked for and missing. R_k and Q_k come from the input-layer
-        factorisation (``eosbranch.input_layer``) where the model allows it, never forming grad S;
-        otherwise, and for the flat grad S, from the generic pass."""
+        Q_k = <g_k, grad S> are asked for and missing. R_k and Q_k come from Taylor-mode forward
+        propagation (``eosbranch.taylor``) or the input-layer factorisation
+        (``eosbranch.input_layer``) where the model allows it, never forming grad S; otherwise, and
+        for the flat grad S, from the generic pass."""
         want_quad = group_quadratic and KEYS["group_hessian_quadratic"] not in self.cache
         want_coup = sharpness_coupling and KEYS["sharpness_coupling"] not in self.cache
         if want_coup:
             self._need_v1("sharpness_coupling")
         names = list(self.groups)
-        if self.input_split is not None and names and (want_quad or want_coup):
-            r = group_curvature(self, coupling=want_coup, quadratic=want_quad)
+        route = (taylor.group_curvature if self.taylor is not None
+                 else group_curvature if self.input_split is not None else None)
+        if route is not None and names and (want_quad or want_coup):
+            r = route(self, coupling=want_coup, quadratic=want_quad)
             if want_quad:
                 self.cache[KEYS["group_hessian_quadratic"]] = dict(zip(names, r["quadratic"].tolist()))
             if want_coup:

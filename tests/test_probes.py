@@ -78,7 +78,7 @@ def rows_to_dict(rows):
 # ---------------------------------------------------------------------- group probes
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("chunk_size,batched", [(None, True), (7, True), (5, False)])
-@pytest.mark.parametrize("method", ["auto", "generic"])
+@pytest.mark.parametrize("method", ["auto", "taylor", "input_layer", "generic"])
 def test_group_probes_match_dense_oracles(loss, chunk_size, batched, method):
     model, X, y = tiny()
     d = Dense(model, loss, X, y)
@@ -87,7 +87,8 @@ def test_group_probes_match_dense_oracles(loss, chunk_size, batched, method):
     J, H = d.per_example_grads(), d.hessian()
     dS = torch.func.jacrev(lambda f: v1 @ d.hessian(f) @ v1)(d.theta)  # third-derivative oracle
     ctx = Context(model, loss, X, y, GROUPS, v1, chunk_size=chunk_size, batched_vjp=batched, curvature_method=method)
-    assert (ctx.input_split is not None) == (method == "auto")  # this MLP starts with an nn.Linear
+    assert (ctx.taylor is not None) == (method in ("auto", "taylor"))  # this MLP is Linear-Tanh-Linear
+    assert (ctx.input_split is not None) == (method in ("auto", "input_layer"))
     got = rows_to_dict(group_probes(ctx))
     assert [m for g, m in got if g == "a"] == list(GROUP_METRICS)
     for name, idx in GROUPS.items():

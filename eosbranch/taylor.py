@@ -1,0 +1,346 @@
+"""Group curvature by Taylor-mode forward propagation through an MLP: R_k and Q_k for every group
+in one pass over the data, without the double and triple backward of the generic pass.
+
+Applies to an ``nn.Sequential`` of parameter-free modules (e.g. Flatten) up to the first
+``nn.Linear``, then ``nn.Linear`` layers (every weight and bias trainable, in order) and elementwise
+activations (``ELEMENTWISE``); :func:`split` returns None otherwise and the probes use
+``eosbranch.input_layer`` or the generic pass.
+
+Along a direction u (W -> W + aU, b -> b + ac in every layer) the first two derivatives in a of
+every pre-activation z and activation h propagate forward:
+
+    Linear       z' = h' W^T + h U^T + c          z'' = h'' W^T + 2 h' U^T
+    activation   h' = s'(z) z'                    h'' = s''(z) z'^2 + s'(z) z''
+    loss         l'' = f'^T (d2l/df2) f' + (dl/df) . f''
+
+and u^T H u = sum_i omega_i l_i'' (omega_i the point's weight in the training loss).
+
+- R_k (u = g_k): a layer's block of a group gradient is U_k = sum_{i in G_k} w_ki delta_i a_i^T
+  (a_i the layer's input, delta_i = dl_i/dz_i), of rank <= |G_k|, so h U_k^T = (h A_k^T)(w_k delta_k)
+  costs n |G_k| (in + out) rather than n in out. Each group's stream then costs about one dense
+  product per hidden layer (two for curved activations), and no backward pass at all.
+- Q_k = <g_k, grad S>, S = v1^T H v1 with v1 fixed: S is the same forward along v1, recorded by
+  autograd; one reverse pass gives dS/dZ_1 (the first layer's output, so dS/dW_1 is never formed)
+  and dS/dphi for the later layers, and Q_k = <dS/dZ_1, Z_1,k'> + <dS/dphi, g_k,phi>. This
+  reverse-over-forward costs about half of the triple backward through an HVP.
+
+The factors (a_i, delta_i) come from one forward and one backward to the pre-activations over the
+union of the groups' points, which also give the group gradients, losses and accuracies
+(:func:`group_pass`). Each example's loss must depend on its own input only (true of these models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .curvature import unflatten
+
+__all__ = ["ELEMENTWISE", "Chain", "split", "group_pass", "group_curvature"]
+
+# Points per block of the data pass (measured on 2 CPU cores: 1024 balances matrix-product efficiency against
+# the memory traffic of the K group streams on CPU).
+SUB_CHUNK = 1024
+
+# Activations applied entry by entry, so their Jacobian is diagonal: the Taylor rules above hold.
+ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Identity)
+
+
+@dataclass
+class Chain:
+    """A model as ``prefix`` (parameter-free modules) then ``steps``: ("linear", module, weight
+    name, bias name or None) or ("act", module)."""
+
+    prefix: list[nn.Module]
+    steps: list[tuple]
+
+    def inputs(self, X: Tensor) -> Tensor:
+        for mod in self.prefix:
+            X = mod(X)
+        return X
+
+    @property
+    def linears(self) -> list[tuple]:
+        return [s for s in self.steps if s[0] == "linear"]
+
+
+def _holds_tensors(mod: nn.Module) -> bool:
+    return any(True for _ in mod.parameters()) or any(True for _ in mod.buffers())
+
+
+def split(model: nn.Module, param_names: list[str], X_sample: Tensor) -> Chain | None:
+    """A :class:`Chain` if ``model`` has the form this module covers and its first Linear sees one
+    row per example (``X_sample``: a batch of inputs), else None."""
+    if type(model) is not nn.Sequential:
+        return None
+    prefix, steps, expected = [], [], []
+    for name, mod in model.named_children():
+        if type(mod) is nn.Linear:
+            bias = f"{name}.bias" if mod.bias is not None else None
+            steps.append(("linear", mod, f"{name}.weight", bias))
+            expected += [f"{name}.weight"] + ([bias] if bias else [])
+        elif steps and type(mod) in ELEMENTWISE and not getattr(mod, "inplace", False):
+            steps.append(("act", mod))
+        elif not steps and not _holds_tensors(mod):
+            prefix.append(mod)
+        else:
+            return None
+    if not steps or param_names != expected:  # a frozen layer has no block in a group gradient
+        return None
+    chain = Chain(prefix, steps)
+    with torch.no_grad():
+        if chain.inputs(X_sample[:1]).dim() != 2:  # a Linear over a trailing axis mixes no rows, but
+            return None                            # its rows would no longer be examples
+    return chain
+
+
+def _activation(mod: nn.Module, z: Tensor, graph: bool):
+    """(sigma(z), sigma'(z), sigma''(z) or None where it is 0 almost everywhere). With ``graph`` the
+    three stay differentiable in z (the reverse pass of S goes through them)."""
+    t = type(mod)
+    if t is nn.ReLU:
+        return F.relu(z), (z > 0).to(z.dtype), None
+    if t is nn.Identity:
+        return z, torch.ones_like(z), None
+    if t is nn.Tanh:
+        h = torch.tanh(z)
+        s1 = 1 - h * h
+        return h, s1, -2 * h * s1
+    if t is nn.Sigmoid:
+        h = torch.sigmoid(z)
+        s1 = h * (1 - h)
+        return h, s1, s1 * (1 - 2 * h)
+    # Other smooth activations: their derivatives by autograd, elementwise and cheap.
+    with torch.enable_grad():
+        zz = z if graph and z.requires_grad else z.detach().requires_grad_(True)
+        h = mod(zz)
+        s1 = torch.autograd.grad(h.sum(), zz, create_graph=True)[0]
+        s2 = torch.autograd.grad(s1.sum(), zz, create_graph=graph, allow_unused=True)[0]
+    if not (graph and z.requires_grad):
+        h, s1 = h.detach(), s1.detach()
+        s2 = None if s2 is None else s2.detach()
+    return h, s1, s2
+
+
+def _act_jet(s1: Tensor, s2: Tensor | None, x1: Tensor, x2: Tensor | None):
+    """(h', h'') of an activation from (z', z''); z'' None means 0. Shapes broadcast over groups."""
+    h2 = None
+    if s2 is not None:
+        h2 = s2 * x1 * x1
+    if x2 is not None:
+        h2 = s1 * x2 if h2 is None else h2 + s1 * x2
+    return s1 * x1, h2
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+# ---------------------------------------------------------------------- group pass
+def group_pass(ctx) -> dict:
+    """Group gradients, losses, accuracies and the per-layer factors of the gradient blocks, from
+    one forward and one backward to the pre-activations over the union of the groups' points.
+    Fills ``ctx.cache`` (group_grads, group_loss, group_accuracy, taylor_factors)."""
+    chain: Chain = ctx.taylor
+    names = list(ctx.groups)
+    union, Wmat = ctx.group_weights()
+    P = dict(zip(ctx.param_names, ctx.params))
+    K, L = len(names), len(chain.linears)
+    blocks = [(torch.zeros(K, mod.out_features, mod.in_features, dtype=ctx.dtype, device=ctx.device),
+               torch.zeros(K, mod.out_features, dtype=ctx.dtype, device=ctx.device)) for _, mod, _, _ in chain.linears]
+    a_rows = [[] for _ in range(L)]
+    d_rows = [[] for _ in range(L)]
+    losses = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
+    correct = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
+    cols = [torch.nonzero(Wmat[k]).reshape(-1) for k in range(K)]  # each group's positions in the union
+    low = _low_rank_groups(chain, [c.numel() for c in cols])
+    keep = [torch.unique(torch.cat([cols[k] for k in ks])) if ks else None for ks in low]  # sorted
+    with torch.enable_grad():
+        for Xc, yc, pos in ctx._chunks(union):
+            Wc = Wmat[:, pos.to(ctx.device)]
+            x = chain.inputs(Xc)
+            ins, zs = [], []
+            for step in chain.steps:
+                if step[0] == "linear":
+                    _, mod, wname, bname = step
+                    ins.append(x.detach())
+                    z = F.linear(x, P[wname], P[bname] if bname else None)
+                    if not zs:
+                        z = z.detach().requires_grad_(True)  # no parameter gradients: pre-activations only
+                    zs.append(z)
+                    x = z
+                else:
+                    x = step[1](x)
+            per = ctx.loss_fn(x, yc, reduction="none")
+            # Each loss depends on its own row only, so row i of dsum/dz_j is dl_i/dz_j.
+            deltas = torch.autograd.grad(per.sum(), zs, allow_unused=True)
+            for j, (a, d) in enumerate(zip(ins, deltas)):
+                d = torch.zeros_like(zs[j]) if d is None else d
+                for k in range(K):  # each group's own points only: U_k = (w_k delta)^T A
+                    c = torch.nonzero(Wc[k]).reshape(-1)
+                    wd = Wc[k, c].unsqueeze(1) * d[c]
+                    blocks[j][0][k] += wd.T @ a[c]
+                    blocks[j][1][k] += wd.sum(0)
+                if keep[j] is not None:
+                    rows = torch.isin(pos.to(keep[j].device), keep[j])
+                    a_rows[j].append(a[rows])
+                    d_rows[j].append(d[rows])
+            losses += Wc @ per.detach()
+            if ctx.classification:
+                correct += Wc @ ctx._correct(x.detach(), yc)
+    parts = []
+    for j, (_, _, wname, bname) in enumerate(chain.linears):
+        parts.append(blocks[j][0].reshape(K, -1))
+        if bname:
+            parts.append(blocks[j][1])
+    grads = torch.cat(parts, dim=1)
+    # Per layer: the inputs a_i and pre-activation gradients delta_i of the points of the groups that
+    # take the low-rank route there, and for each such group k its rows and weights w_ki.
+    factors = [None if keep[j] is None else
+               {"A": torch.cat(a_rows[j]), "D": torch.cat(d_rows[j]),
+                "groups": {k: (torch.searchsorted(keep[j], cols[k]), Wmat[k, cols[k]]) for k in low[j]}}
+               for j in range(L)]
+    ctx.cache["taylor_factors"] = {"layers": factors, "blocks": _named_blocks(chain, blocks)}
+    return {"grads": dict(zip(names, grads)), "loss": {k: losses[i].item() for i, k in enumerate(names)},
+            "accuracy": {k: correct[i].item() for i, k in enumerate(names)} if ctx.classification else None}
+
+
+def _named_blocks(chain: Chain, blocks) -> dict[str, Tensor]:
+    """Parameter name -> the groups' gradient blocks [K, *shape]."""
+    out = {}
+    for (_, _, wname, bname), (Wb, bb) in zip(chain.linears, blocks):
+        out[wname] = Wb
+        if bname:
+            out[bname] = bb
+    return out
+
+
+def _low_rank_groups(chain: Chain, sizes: list[int]) -> list[list[int]]:
+    """Per Linear layer, the groups whose gradient block is cheaper applied through its factors:
+    x U_k^T = (x A_k^T)(w_k delta_k) costs n |G_k| (in + out), the dense block n in out."""
+    return [[k for k, m in enumerate(sizes) if m * (mod.in_features + mod.out_features) < mod.in_features * mod.out_features]
+            for _, mod, _, _ in chain.linears]
+
+
+def _times_group_blocks(x: Tensor, j: int, fac: dict, U: Tensor) -> Tensor:
+    """[K, n, out]: x_k U_k^T for every group k, x [n, in] shared or [K, n, in] per group; through
+    the factors of layer ``j`` for the groups that have them, else the dense blocks U [K, out, in]."""
+    layer = fac["layers"][j]
+    if layer is None:
+        return x @ U.transpose(1, 2) if x.dim() == 3 else torch.einsum("ni,koi->kno", x, U)
+    A, D = layer["A"], layer["D"]
+    xA = x @ A.T if x.dim() == 2 else None  # one pass over a shared x (it may be the data)
+    out = []
+    for k in range(U.shape[0]):
+        xk = x if x.dim() == 2 else x[k]
+        if k in layer["groups"]:
+            c, w = layer["groups"][k]
+            out.append((xA[:, c] if xA is not None else xk @ A[c].T) @ (w.unsqueeze(1) * D[c]))
+        else:
+            out.append(xk @ U[k].T)
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------- curvature
+def _loss_jet(ctx, f: Tensor, yc: Tensor, f1: Tensor, f2: Tensor | None, graph: bool, batched: bool) -> Tensor:
+    """Per-example l'' = f'^T (d2l/df2) f' + (dl/df) . f'' ([n], or [K, n] when ``batched``)."""
+    if not graph:
+        f = f.detach().requires_grad_(True)
+    with torch.enable_grad():
+        per = ctx.loss_fn(f, yc, reduction="none")
+        gl = torch.autograd.grad(per.sum(), f, create_graph=True)[0]
+        hf = None
+        if gl.requires_grad:  # else the loss is linear in f: no curvature term
+            hf = torch.autograd.grad(gl, f, grad_outputs=f1, create_graph=graph, is_grads_batched=batched,
+                                     allow_unused=True)[0]
+    axes = tuple(range(-(f.dim() - 1), 0))
+    total = 0 if hf is None else (hf * f1).sum(axes)
+    if f2 is not None:
+        total = total + ((gl if graph else gl.detach()) * f2).sum(axes)
+    return total if torch.is_tensor(total) else torch.zeros(f1.shape[:-1], dtype=f1.dtype, device=f1.device)
+
+
+def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
+    """``{"quadratic": [K] g_k^T H g_k, "coupling": [K] <g_k, grad S>, "s": v1^T H v1}`` for the
+    groups of ``ctx`` (a probes.Context whose ``taylor`` chain is set), H the Hessian the context's
+    v1 came from (all points or ``hessian_subset``, weighted if the context is)."""
+    chain: Chain = ctx.taylor
+    names = list(ctx.groups)
+    K = len(names)
+    ctx.group_grads  # fills the factors
+    fac = ctx.cache["taylor_factors"]
+    P = dict(zip(ctx.param_names, ctx.params))
+    gparts = fac["blocks"]  # name -> [K, *shape]
+    vparts = dict(zip(ctx.param_names, unflatten(ctx.v1, ctx.params))) if coupling else None
+    (_, first, w1, b1), later = chain.linears[0], ctx.param_names[2 if chain.linears[0][3] else 1:]
+    quad = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
+    coup = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
+    s_total = torch.zeros((), dtype=ctx.dtype, device=ctx.device)
+    for Xh, yh, om in ctx._hessian_points():
+        # At most SUB_CHUNK points at a time: the K group streams are K times the size of an
+        # activation, and smaller blocks stay in cache and reuse the allocator's memory.
+        for i in range(0, Xh.shape[0], SUB_CHUNK):
+            Xc, yc, omega = Xh[i:i + SUB_CHUNK], yh[i:i + SUB_CHUNK], om[i:i + SUB_CHUNK]
+            A = chain.inputs(Xc)
+            with torch.no_grad():
+                Zk = _times_group_blocks(A, 0, fac, gparts[w1])  # [K, n, h]: the groups' first tangents
+                if b1:
+                    Zk += gparts[b1].unsqueeze(1)
+                Zv = None
+                if coupling:  # the layer's output and its tangent along v1 from one product with the data
+                    Z0, Zv = F.linear(A, torch.cat([P[w1], vparts[w1]])).split(P[w1].shape[0], dim=-1)
+                    if b1:
+                        Z0, Zv = Z0 + P[b1], Zv + vparts[b1]
+                else:
+                    Z0 = F.linear(A, P[w1], P[b1] if b1 else None)
+            with torch.set_grad_enabled(coupling):
+                Z = Z0.requires_grad_(coupling)
+                phi = {n: P[n].detach().requires_grad_(coupling) for n in later}
+                x, xa, xaa = Z, Zv, None        # the v1 stream (recorded when coupling)
+                xb, xbb = Zk, None               # the K group streams (never recorded)
+                j = 0
+                for step in chain.steps[1:]:
+                    if step[0] == "act":
+                        h, s1, s2 = _activation(step[1], x, graph=coupling)
+                        if coupling:
+                            xa, xaa = _act_jet(s1, s2, xa, xaa)
+                        if quadratic:
+                            with torch.no_grad():
+                                xb, xbb = _act_jet(s1.detach(), None if s2 is None else s2.detach(), xb, xbb)
+                        x = h
+                        continue
+                    _, mod, wname, bname = step
+                    j += 1
+                    W, b = phi[wname], phi[bname] if bname else None
+                    if coupling:
+                        V = vparts[wname]
+                        xa, xaa = (F.linear(xa, W) + F.linear(x, V, vparts[bname] if bname else None),
+                                   _add(None if xaa is None else F.linear(xaa, W), 2 * F.linear(xa, V)))
+                    if quadratic:
+                        with torch.no_grad():
+                            Wd, xd = W.detach(), x.detach()
+                            new_b = xb @ Wd.T + _times_group_blocks(xd, j, fac, gparts[wname])
+                            if bname:
+                                new_b += gparts[bname].unsqueeze(1)
+                            xbb = _add(None if xbb is None else xbb @ Wd.T, 2 * _times_group_blocks(xb, j, fac, gparts[wname]))
+                            xb = new_b
+                    x = F.linear(x, W, b)
+                if coupling:
+                    S = (omega * _loss_jet(ctx, x, yc, xa, xaa, graph=True, batched=False)).sum()
+                    s_total += S.detach()
+                    if S.requires_grad:  # else S is constant here: Q_k gets nothing from this chunk
+                        leaves = [Z] + [phi[n] for n in later]
+                        dS = torch.autograd.grad(S, leaves, allow_unused=True)
+                        if dS[0] is not None:
+                            coup += Zk.reshape(K, -1) @ dS[0].reshape(-1)
+                        for name, d in zip(later, dS[1:]):
+                            if d is not None:
+                                coup += gparts[name].reshape(K, -1) @ d.reshape(-1)
+            if quadratic:
+                with torch.no_grad():
+                    quad += _loss_jet(ctx, x.detach(), yc, xb, xbb, graph=False, batched=True) @ omega
+    return {"quadratic": quad, "coupling": coup, "s": s_total}
+
