@@ -14,16 +14,17 @@ sharpness_coupling, rayleigh) <= 3 gradients; (b) per-example alignment for ever
     .venv/bin/python benchmarks/probes.py [--sizes 2000 10000] [--dim 3072] [--width 512]
                                           [--repeats 2] [--threads 2] [--vmap-norms]
 
-Results (2-core x86 VM shared with other jobs, torch 2.14.1, 2 threads, min of 3), in gradients:
+Results (2-core x86 VM, torch 2.14.1, 2 threads, min of 3), in gradients:
                          N=2000   N=10000
-  (a) all group probes     8.6      6.8     (generic pass before input_layer.py: 16.0, 11.4)
-      of which R_k + Q_k   7.6      6.5
-  (b) alignment, all N     2.5      2.0
-(a) misses its target. With the input-layer factorisation the data enter only through A W1^T,
-A V1^T and the low-rank (A A_U^T)(w_k Delta_U) (about 1 gradient together); the rest is double
-and triple backward through the 512x512 layer (about 50 products of N x 512 x 512 for v1 and
-four groups, 4-5 gradients). A hand-written second-order forward (Taylor mode) through the hidden
-layers would need about 22 such products, which puts (a) near 3, not clearly under it.
+  (a) all group probes     2.76     2.25    target <= 3: met
+      of which R_k + Q_k   2.49     2.21    (input_layer route 5.40 / 9.84, generic 9.80 / 12.00)
+  (b) alignment, all N     1.93     2.18    target <= 6: met
+Repeated runs scatter by about +-0.3 at N=2000 (a gradient there is 0.09 s). The Taylor route
+(eosbranch.taylor) propagates second-order Taylor coefficients forward along each group gradient,
+applying its blocks through their low-rank factors (50 points per group), so R_k needs no backward
+pass; Q_k is one reverse pass over the forward along v1. What remains is about 1.8 gradients of
+matrix products: the data times [W1; V1] (0.8), the data times the groups' points (0.15) and
+about a dozen N x 512 x 512 products in the hidden layer (0.8), plus elementwise work.
 
 ``--vmap-norms`` also times the generic per-example norm path (torch.func.vmap(grad)) at the
 smallest size, to show what the exact per-layer identity saves.
@@ -119,6 +120,14 @@ def run(n: int, args) -> dict:
         keep("projection", t_proj)
         keep("grad_norm", t_norm)
         keep("alignment", t_proj + t_norm + t_rest)
+    # The same Q+R pass by the older routes, side by side (after the timings above, so their larger
+    # allocations cannot disturb them).
+    for _ in range(args.repeats):
+        for route in ("input_layer", "generic"):
+            other = Context(model, "mse", X, y, groups, v1, curvature_method=route)
+            other.group_grads
+            keep(f"curvature_{route}", timed(lambda: other.curvature(sharpness_gradient=False, group_quadratic=True,
+                                                                   sharpness_coupling=True)))
     if args.vmap_norms and n == min(args.sizes):
         ctx = Context(model, "mse", X, y, groups, v1, grad_norm_method="vmap")
         best["grad_norm_vmap"] = timed(lambda: ctx.per_example_grad_norm)
@@ -151,6 +160,8 @@ def main():
         print(f"{n:>6} {r['dim']:>9,} {g:>7.3f} | {a:>9.2f} {r['group_pass'] / g:>9.2f} {r['curvature_pass'] / g:>8.2f}"
               f" {'ok' if a <= 3 else 'MISS':>4} | {b:>9.2f} {r['projection'] / g:>5.2f} {r['grad_norm'] / g:>5.2f}"
               f" {'ok' if b <= 6 else 'MISS':>4}", flush=True)
+        print(f"{'':>6} Q+R pass by route: taylor {r['curvature_pass'] / g:.2f}, input_layer "
+              f"{r['curvature_input_layer'] / g:.2f}, generic {r['curvature_generic'] / g:.2f} gradients")
         if "grad_norm_vmap" in r:
             print(f"{'':>6} per-example norms by vmap(grad) instead of the per-layer identity: "
                   f"{r['grad_norm_vmap'] / g:.2f} gradients")

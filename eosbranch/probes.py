@@ -14,9 +14,13 @@ the mean training loss, S = v1^T H v1 with v1 held fixed):
 - ``sharpness_coupling`` Q_k = <g_k, grad S>, ``rayleigh`` R_k = g_k^T H g_k / ||g_k||^2,
 - per-example alignment a_i = <grad l_i, v1>^2 / ||grad l_i||^2.
 
-Cost (one measurement, K groups): the group gradients come from one forward pass over the union of
-the groups' points and one K-batched vector-Jacobian product; grad S and the K products H g_k
-share one gradient graph per data chunk (grad S is one extra reverse pass through the HVP of v1);
+Cost (one measurement, K groups): for MLPs of Linear layers and elementwise activations,
+``eosbranch.taylor`` gives the group gradients from per-layer factors (one forward and one backward
+over the groups' points), R_k by forward Taylor propagation and Q_k by one reverse pass over the
+forward along v1 (about 2.5 gradients in all, benchmarks/probes.py). Otherwise the group gradients
+come from one forward pass over the union of the groups' points and one K-batched vector-Jacobian
+product; grad S and the K products H g_k share one gradient graph per data chunk (grad S is one
+extra reverse pass through the HVP of v1);
 the per-example numerators <grad l_i, v1> come from one forward-mode pass over the data, the norms
 from exact per-layer identities when every trainable tensor belongs to an ``nn.Linear`` (else
 chunked ``torch.func.vmap(grad)``). Data are processed in chunks of ``chunk_size`` points, each

@@ -149,8 +149,11 @@ def group_pass(ctx) -> dict:
     union, Wmat = ctx.group_weights()
     P = dict(zip(ctx.param_names, ctx.params))
     K, L = len(names), len(chain.linears)
-    blocks = [(torch.zeros(K, mod.out_features, mod.in_features, dtype=ctx.dtype, device=ctx.device),
-               torch.zeros(K, mod.out_features, dtype=ctx.dtype, device=ctx.device)) for _, mod, _, _ in chain.linears]
+    # The flat group gradients, written in place through per-layer views [K, out, in] and [K, out].
+    grads = torch.zeros(K, ctx.dim, dtype=ctx.dtype, device=ctx.device)
+    named = dict(zip(ctx.param_names, unflatten(grads.T, ctx.params)))  # [K, *shape] views into grads
+    zero_bias = [torch.zeros(K, mod.out_features, dtype=ctx.dtype, device=ctx.device) for _, mod, _, _ in chain.linears]
+    blocks = [(named[w], named[b] if b else zero_bias[j]) for j, (_, _, w, b) in enumerate(chain.linears)]
     a_rows = [[] for _ in range(L)]
     d_rows = [[] for _ in range(L)]
     losses = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
@@ -182,7 +185,7 @@ def group_pass(ctx) -> dict:
                 for k in range(K):  # each group's own points only: U_k = (w_k delta)^T A
                     c = torch.nonzero(Wc[k]).reshape(-1)
                     wd = Wc[k, c].unsqueeze(1) * d[c]
-                    blocks[j][0][k] += wd.T @ a[c]
+                    blocks[j][0][k].addmm_(wd.T, a[c])
                     blocks[j][1][k] += wd.sum(0)
                 if keep[j] is not None:
                     rows = torch.isin(pos.to(keep[j].device), keep[j])
@@ -191,31 +194,15 @@ def group_pass(ctx) -> dict:
             losses += Wc @ per.detach()
             if ctx.classification:
                 correct += Wc @ ctx._correct(x.detach(), yc)
-    parts = []
-    for j, (_, _, wname, bname) in enumerate(chain.linears):
-        parts.append(blocks[j][0].reshape(K, -1))
-        if bname:
-            parts.append(blocks[j][1])
-    grads = torch.cat(parts, dim=1)
     # Per layer: the inputs a_i and pre-activation gradients delta_i of the points of the groups that
     # take the low-rank route there, and for each such group k its rows and weights w_ki.
     factors = [None if keep[j] is None else
                {"A": torch.cat(a_rows[j]), "D": torch.cat(d_rows[j]),
                 "groups": {k: (torch.searchsorted(keep[j], cols[k]), Wmat[k, cols[k]]) for k in low[j]}}
                for j in range(L)]
-    ctx.cache["taylor_factors"] = {"layers": factors, "blocks": _named_blocks(chain, blocks)}
+    ctx.cache["taylor_factors"] = {"layers": factors, "blocks": named}
     return {"grads": dict(zip(names, grads)), "loss": {k: losses[i].item() for i, k in enumerate(names)},
             "accuracy": {k: correct[i].item() for i, k in enumerate(names)} if ctx.classification else None}
-
-
-def _named_blocks(chain: Chain, blocks) -> dict[str, Tensor]:
-    """Parameter name -> the groups' gradient blocks [K, *shape]."""
-    out = {}
-    for (_, _, wname, bname), (Wb, bb) in zip(chain.linears, blocks):
-        out[wname] = Wb
-        if bname:
-            out[bname] = bb
-    return out
 
 
 def _low_rank_groups(chain: Chain, sizes: list[int]) -> list[list[int]]:
