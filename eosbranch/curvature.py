@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import mlp_chain, r_operator
 from .loss import get_loss
 
 __all__ = [
@@ -44,7 +45,11 @@ __all__ = [
 # (two chunks); the same MLP on digits 2.15 vs 3.97 and 3.63 vs 4.36. CUDA: not measured here;
 # double backward too, since with the cached graph a product is a single backward pass.
 DEFAULT_HVP_METHOD = {"cpu": "double_backward", "cuda": "double_backward"}
-HVP_METHODS = ("double_backward", "forward_over_reverse")
+# MLPs of Linear layers and elementwise activations (eosbranch.mlp_chain.split) default to the
+# R-operator written out per layer (eosbranch.r_operator): the same cost per product as double
+# backward (1.23 vs 1.24 gradients on the MLP above), but building it costs 0.54 gradients instead
+# of 0.9 and the gradient for a cold start 0.45 more (benchmarks/curvature.py).
+HVP_METHODS = ("double_backward", "forward_over_reverse", "r_operator")
 
 
 @dataclass
@@ -121,10 +126,16 @@ class HessianOperator:
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         self.dim = sum(p.numel() for p in self.params)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self.method = method or DEFAULT_HVP_METHOD.get(self.device.type, "double_backward")
-        if self.method not in HVP_METHODS:
-            raise ValueError(f"hessian_matvec: method must be one of {HVP_METHODS}, got {self.method!r}")
+        if method is not None and method not in HVP_METHODS:
+            raise ValueError(f"hessian_matvec: method must be one of {HVP_METHODS}, got {method!r}")
+        self.chain = mlp_chain.split(model, self.names, X) if method in (None, "r_operator") else None
+        if method == "r_operator" and self.chain is None:
+            raise ValueError("hessian_matvec: method 'r_operator' needs an nn.Sequential of parameter-free modules, "
+                             "then nn.Linear layers (all trainable) and elementwise activations")
+        self.method = method or ("r_operator" if self.chain is not None
+                                 else DEFAULT_HVP_METHOD.get(self.device.type, "double_backward"))
         self._graph = None  # (leaves, gradients) of the single chunk, built on first use
+        self._r_cache = None  # r_operator.Cache of the single chunk, built on first use
 
     def _chunks(self):
         for i in range(0, self.n, self.chunk_size):
@@ -156,9 +167,12 @@ class HessianOperator:
         graph every product reuses), else None. At the EoS the gradient oscillates along v1
         (cos^2 0.57 in benchmarks/curvature.py's CIFAR-shaped setting), so a cold Lanczos start
         along it saves products; ``top_eigenpairs`` mixes in a random part (see there)."""
-        if self.method != "double_backward" or self.chunk_size < self.n:
+        if self.method == "forward_over_reverse" or self.chunk_size < self.n:
             return None
         Xc, yc, _ = next(self._chunks())
+        if self.method == "r_operator":
+            grads = r_operator.gradient(self._r_cached(Xc, yc))
+            return self._flat([grads.get(n) for n in self.names], 1)[0]
         with _running_stats_frozen(self.model):
             _, grads = self._cached_graph(Xc, yc)
         parts = dict(grads)
@@ -186,6 +200,23 @@ class HessianOperator:
                                  is_grads_batched=batched, allow_unused=True)
         return [h if h is None or batched else h.unsqueeze(0) for h in hv]
 
+    def _r_build(self, Xc, yc):
+        if isinstance(Xc, tuple):  # weighted: the chunk's objective is sum w_i l_i / sum w_i
+            Xc, wc = Xc
+            omega = wc / wc.sum().clamp_min(1e-30)
+        else:
+            omega = torch.full((Xc.shape[0],), 1.0 / Xc.shape[0], dtype=self.dtype, device=self.device)
+        return r_operator.build(self.chain, dict(zip(self.names, self.params)), self.loss, Xc, yc, omega)
+
+    def _r_cached(self, Xc, yc):
+        self._r_cache = self._r_cache or self._r_build(Xc, yc)
+        return self._r_cache
+
+    def _hvp_r_operator(self, tangents, Xc, yc, batched, single_chunk):
+        cache = self._r_cached(Xc, yc) if single_chunk else self._r_build(Xc, yc)
+        hv = r_operator.hvp(cache, dict(zip(self.names, tangents)))
+        return [hv.get(n) for n in self.names]
+
     def _hvp_forward_over_reverse(self, tangents, Xc, yc, batched, single_chunk):
         primals = dict(zip(self.names, self.params))
         grad_fn = torch.func.grad(lambda pd: self._forward(pd, Xc, yc))
@@ -205,7 +236,8 @@ class HessianOperator:
         block = v.reshape(self.dim, -1).to(self.dtype)
         m = block.shape[1]
         tangents = unflatten(block, self.params)  # each [m, *shape]
-        hvp = self._hvp_double_backward if self.method == "double_backward" else self._hvp_forward_over_reverse
+        hvp = {"double_backward": self._hvp_double_backward, "forward_over_reverse": self._hvp_forward_over_reverse,
+               "r_operator": self._hvp_r_operator}[self.method]
         total = torch.zeros(m, self.dim, dtype=self.dtype, device=self.device)
         with _running_stats_frozen(self.model):
             for Xc, yc, weight in self._chunks():

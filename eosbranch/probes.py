@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .curvature import _running_stats_frozen, flatten, unflatten
-from . import taylor
+from . import mlp_chain, taylor
 from .input_layer import group_curvature, split as input_split
 from .loss import get_loss
 from .registry import Registry
@@ -142,7 +142,7 @@ class Context:
         if curvature_method not in ("auto", "taylor", "input_layer", "generic"):
             raise ValueError("Context: curvature_method must be 'auto', 'taylor', 'input_layer' or 'generic', "
                              f"got {curvature_method!r}")
-        self.taylor = (taylor.split(model, self.param_names, X) if curvature_method in ("auto", "taylor")
+        self.taylor = (mlp_chain.split(model, self.param_names, X) if curvature_method in ("auto", "taylor")
                        else None)
         if curvature_method == "taylor" and self.taylor is None:
             raise ValueError("Context: curvature_method='taylor' needs an nn.Sequential of parameter-free modules, "

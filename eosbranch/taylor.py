@@ -1,9 +1,8 @@
 """Group curvature by Taylor-mode forward propagation through an MLP: R_k and Q_k for every group
 in one pass over the data, without the double and triple backward of the generic pass.
 
-Applies to an ``nn.Sequential`` of parameter-free modules (e.g. Flatten) up to the first
-``nn.Linear``, then ``nn.Linear`` layers (every weight and bias trainable, in order) and elementwise
-activations (``ELEMENTWISE``); :func:`split` returns None otherwise and the probes use
+Applies to the models ``eosbranch.mlp_chain.split`` accepts (parameter-free modules, then
+``nn.Linear`` layers and elementwise activations); for others the probes use
 ``eosbranch.input_layer`` or the generic pass.
 
 Along a direction u (W -> W + aU, b -> b + ac in every layer) the first two derivatives in a of
@@ -31,98 +30,18 @@ union of the groups' points, which also give the group gradients, losses and acc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .curvature import unflatten
+from .mlp_chain import Chain, activation
 
-__all__ = ["ELEMENTWISE", "Chain", "split", "group_pass", "group_curvature"]
+__all__ = ["group_pass", "group_curvature"]
 
-# Points per block of the data pass (measured on 2 CPU cores: 1024 balances matrix-product efficiency against
-# the memory traffic of the K group streams on CPU).
+# Points per block of the data pass (measured on 2 CPU cores: 1024 balances matrix-product
+# efficiency against the memory traffic of the K group streams).
 SUB_CHUNK = 1024
-
-# Activations applied entry by entry, so their Jacobian is diagonal: the Taylor rules above hold.
-ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Identity)
-
-
-@dataclass
-class Chain:
-    """A model as ``prefix`` (parameter-free modules) then ``steps``: ("linear", module, weight
-    name, bias name or None) or ("act", module)."""
-
-    prefix: list[nn.Module]
-    steps: list[tuple]
-
-    def inputs(self, X: Tensor) -> Tensor:
-        for mod in self.prefix:
-            X = mod(X)
-        return X
-
-    @property
-    def linears(self) -> list[tuple]:
-        return [s for s in self.steps if s[0] == "linear"]
-
-
-def _holds_tensors(mod: nn.Module) -> bool:
-    return any(True for _ in mod.parameters()) or any(True for _ in mod.buffers())
-
-
-def split(model: nn.Module, param_names: list[str], X_sample: Tensor) -> Chain | None:
-    """A :class:`Chain` if ``model`` has the form this module covers and its first Linear sees one
-    row per example (``X_sample``: a batch of inputs), else None."""
-    if type(model) is not nn.Sequential:
-        return None
-    prefix, steps, expected = [], [], []
-    for name, mod in model.named_children():
-        if type(mod) is nn.Linear:
-            bias = f"{name}.bias" if mod.bias is not None else None
-            steps.append(("linear", mod, f"{name}.weight", bias))
-            expected += [f"{name}.weight"] + ([bias] if bias else [])
-        elif steps and type(mod) in ELEMENTWISE and not getattr(mod, "inplace", False):
-            steps.append(("act", mod))
-        elif not steps and not _holds_tensors(mod):
-            prefix.append(mod)
-        else:
-            return None
-    if not steps or param_names != expected:  # a frozen layer has no block in a group gradient
-        return None
-    chain = Chain(prefix, steps)
-    with torch.no_grad():
-        if chain.inputs(X_sample[:1]).dim() != 2:  # a Linear over a trailing axis mixes no rows, but
-            return None                            # its rows would no longer be examples
-    return chain
-
-
-def _activation(mod: nn.Module, z: Tensor, graph: bool):
-    """(sigma(z), sigma'(z), sigma''(z) or None where it is 0 almost everywhere). With ``graph`` the
-    three stay differentiable in z (the reverse pass of S goes through them)."""
-    t = type(mod)
-    if t is nn.ReLU:
-        return F.relu(z), (z > 0).to(z.dtype), None
-    if t is nn.Identity:
-        return z, torch.ones_like(z), None
-    if t is nn.Tanh:
-        h = torch.tanh(z)
-        s1 = 1 - h * h
-        return h, s1, -2 * h * s1
-    if t is nn.Sigmoid:
-        h = torch.sigmoid(z)
-        s1 = h * (1 - h)
-        return h, s1, s1 * (1 - 2 * h)
-    # Other smooth activations: their derivatives by autograd, elementwise and cheap.
-    with torch.enable_grad():
-        zz = z if graph and z.requires_grad else z.detach().requires_grad_(True)
-        h = mod(zz)
-        s1 = torch.autograd.grad(h.sum(), zz, create_graph=True)[0]
-        s2 = torch.autograd.grad(s1.sum(), zz, create_graph=graph, allow_unused=True)[0]
-    if not (graph and z.requires_grad):
-        h, s1 = h.detach(), s1.detach()
-        s2 = None if s2 is None else s2.detach()
-    return h, s1, s2
 
 
 def _act_jet(s1: Tensor, s2: Tensor | None, x1: Tensor, x2: Tensor | None):
@@ -291,7 +210,7 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
                 j = 0
                 for step in chain.steps[1:]:
                     if step[0] == "act":
-                        h, s1, s2 = _activation(step[1], x, graph=coupling)
+                        h, s1, s2 = activation(step[1], x, graph=coupling)
                         if coupling:
                             xa, xaa = _act_jet(s1, s2, xa, xaa)
                         if quadratic:

@@ -1,0 +1,163 @@
+"""Hessian-vector products of MLPs by Pearlmutter's R-operator, written out layer by layer.
+
+For the models ``eosbranch.mlp_chain.split`` accepts (parameter-free modules, then ``nn.Linear``
+layers and elementwise activations), a product H v is a forward pass of tangents and a backward
+pass of their adjoints through quantities computed once per operator: each Linear layer's input
+a, each activation's derivatives s' and s'', and the adjoints delta = dL/dz of the loss. Per layer
+(W, b; tangent V, c) with R{.} the derivative along v:
+
+    forward    R{z} = R{a} W^T + a V^T + c                 R{h} = s'(z) R{z}
+    loss       R{delta_f} = omega * (d2l/df2) R{f}
+    backward   R{dW} = R{delta_z}^T a + delta_z^T R{a}     R{db} = sum_n R{delta_z}
+               R{delta_a} = R{delta_z} W + delta_z V      R{delta_z} = s' R{delta_h} + s'' R{z} delta_h
+
+At the first layer R{a} = 0 and the data enter only through a V^T and R{delta_z}^T a: two products
+of the data with a width x D matrix, the least any exact product needs. Compared with double
+backward through autograd's gradient graph the arithmetic is the same, but building the operator
+costs a forward pass (not a forward and a create_graph backward), a block of m vectors runs as m
+times wider matrix products, and there is no per-node autograd overhead, which dominates on small
+models. ``HessianOperator`` uses it where ``split`` accepts the model (method "r_operator").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .mlp_chain import Chain, activation
+
+__all__ = ["Cache", "build", "hvp", "gradient"]
+
+
+class Cache:
+    """Everything a product needs at fixed parameters on one chunk of data."""
+
+    def __init__(self, chain: Chain, params: dict[str, Tensor]):
+        self.chain, self.params = chain, params
+        self.inputs: list[Tensor] = []   # per Linear: its input a [n, in]
+        self.derivs: list[tuple] = []    # per activation: (s', s'' or None)
+        self.deltas: list[Tensor] = []   # per step, the adjoint of the step's output [n, out]
+        self.omega: Tensor | None = None
+        self.f: Tensor | None = None
+        self.loss_grad: Tensor | None = None  # per-example dl/df with its graph (for d2l/df2)
+
+
+def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor, omega: Tensor) -> Cache:
+    """Forward and adjoint pass at ``params`` on (X, y); ``omega`` [n] are the points' weights in the
+    objective sum_i omega_i l_i."""
+    c = Cache(chain, params)
+    x = chain.inputs(X)
+    with torch.no_grad():
+        for step in chain.steps:
+            if step[0] == "linear":
+                _, _, w, b = step
+                c.inputs.append(x)
+                x = F.linear(x, params[w], params[b] if b else None)
+            else:
+                h, s1, s2 = activation(step[1], x, graph=False)
+                c.derivs.append((s1, s2))
+                x = h
+    with torch.enable_grad():
+        f = x.detach().requires_grad_(True)
+        per = loss_fn(f, y, reduction="none")
+        gl = torch.autograd.grad(per.sum(), f, create_graph=True)[0]
+    c.f, c.loss_grad, c.omega = f, gl, omega
+    # Adjoints backward: deltas[i] is dL/d(output of step i).
+    with torch.no_grad():
+        d = omega.unsqueeze(-1) * gl.detach()
+        deltas = [None] * len(chain.steps)
+        li, ai = len(c.inputs), len(c.derivs)
+        for i in range(len(chain.steps) - 1, -1, -1):
+            deltas[i] = d
+            step = chain.steps[i]
+            if step[0] == "linear":
+                li -= 1
+                if li > 0:  # the first layer's input is data: no adjoint needed
+                    d = d @ params[step[2]]
+            else:
+                ai -= 1
+                d = c.derivs[ai][0] * d
+    c.deltas = deltas
+    return c
+
+
+def _loss_hessian_times(c: Cache, Rf: Tensor) -> Tensor:
+    """omega * (d2l/df2) R{f} per example, for a block [m, n, C]."""
+    if not c.loss_grad.requires_grad:  # loss linear in f
+        return torch.zeros_like(Rf)
+    hf = torch.autograd.grad(c.loss_grad, c.f, grad_outputs=Rf, retain_graph=True, is_grads_batched=True,
+                             allow_unused=True)[0]
+    return torch.zeros_like(Rf) if hf is None else c.omega.unsqueeze(-1) * hf
+
+
+def _wide(V: Tensor) -> Tensor:
+    """[m, out, in] -> [in, m*out]: m tangents side by side, so x @ _wide(V) is one product."""
+    m, o, i = V.shape
+    return V.reshape(m * o, i).T
+
+
+def hvp(c: Cache, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+    """H v for a block of m tangents (name -> [m, *shape]); returns name -> [m, *shape]."""
+    chain, P = c.chain, c.params
+    m = next(iter(tangents.values())).shape[0]
+    result: dict[str, Tensor] = {}
+    with torch.no_grad():
+        R, Ra, Rz = None, [], []  # R{} of the current output [m, n, width]; per Linear R{a}; per activation R{z}
+        li = ai = 0
+        for step in chain.steps:
+            if step[0] == "linear":
+                _, mod, w, b = step
+                a = c.inputs[li]
+                Ra.append(R)
+                out = (a @ _wide(tangents[w])).reshape(a.shape[0], m, -1).transpose(0, 1)  # a V_k^T, all k
+                if R is not None:
+                    out = out + R @ P[w].T
+                if b:
+                    out = out + tangents[b].unsqueeze(1)
+                R = out
+                li += 1
+            else:
+                Rz.append(R)
+                R = c.derivs[ai][0] * R
+                ai += 1
+        Rd = _loss_hessian_times(c, R)  # R{delta} at the output
+        for i in range(len(chain.steps) - 1, -1, -1):
+            step = chain.steps[i]
+            if step[0] == "linear":
+                li -= 1
+                _, mod, w, b = step
+                a, dz, out_f = c.inputs[li], c.deltas[i], mod.out_features
+                n = a.shape[0]
+                gW = (Rd.transpose(1, 2).reshape(m * out_f, n) @ a).reshape(m, out_f, -1)
+                if Ra[li] is not None:  # + delta_z^T R{a}, all k
+                    gW += (dz.T @ Ra[li].transpose(0, 1).reshape(n, -1)).reshape(out_f, m, -1).transpose(0, 1)
+                result[w] = gW
+                if b:
+                    result[b] = Rd.sum(1)
+                if li > 0:  # R{delta_a} = R{delta_z} W + delta_z V
+                    dV = dz @ tangents[w].transpose(0, 1).reshape(out_f, -1)  # [n, m*in]
+                    Rd = Rd @ P[w] + dV.reshape(n, m, -1).transpose(0, 1)
+            else:
+                ai -= 1
+                s1, s2 = c.derivs[ai]
+                Rd = s1 * Rd
+                if s2 is not None:
+                    Rd = Rd + s2 * Rz[ai] * c.deltas[i]
+    return result
+
+
+def gradient(c: Cache) -> dict[str, Tensor]:
+    """The gradient of the objective (name -> tensor) from the cached adjoints: one product of the
+    data with the first layer's adjoint, the rest small."""
+    out = {}
+    li = 0
+    with torch.no_grad():
+        for i, step in enumerate(c.chain.steps):
+            if step[0] == "linear":
+                _, _, w, b = step
+                out[w] = c.deltas[i].T @ c.inputs[li]
+                if b:
+                    out[b] = c.deltas[i].sum(0)
+                li += 1
+    return out

@@ -1,0 +1,97 @@
+"""Hessian-vector products by the R-operator (eosbranch.r_operator) against dense Hessians
+(torch.func.hessian) for every covered activation, both losses, weights, a subset, chunks and
+blocks; the default choice of HVP form and the models it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from eosbranch.curvature import flatten, hessian_matvec, top_eigenpairs, unflatten
+from eosbranch.loss import get_loss
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add synchronisation
+    yield
+    torch.set_num_threads(before)
+
+
+def deep(activation, n=26, seed=0):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 9), activation(), nn.Linear(9, 7), activation(),
+                          nn.Identity(), nn.Linear(7, 3)).to(F64)
+    X = torch.randn(n, 3, 4, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return model, X, y
+
+
+def dense(model, loss, X, y, w=None, idx=None):
+    """The Hessian of sum_i w_i l_i / sum_i w_i over idx (default: the mean over all points)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p.detach() for p in model.parameters() if p.requires_grad]
+    idx = torch.arange(X.shape[0]) if idx is None else idx
+    w = torch.ones(X.shape[0], dtype=F64) if w is None else w
+    lossfn = get_loss(loss)
+
+    def f(flat):
+        per = lossfn(functional_call(model, dict(zip(names, unflatten(flat, params))), (X[idx],)), y[idx], reduction="none")
+        return (per * w[idx]).sum() / w[idx].sum()
+
+    return torch.func.hessian(f)(flatten(params))
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU,
+                                        nn.Softplus])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("chunk_size,weighted,subset", [(None, False, False), (7, True, True)])
+def test_r_operator_equals_the_dense_hessian(activation, loss, chunk_size, weighted, subset):
+    model, X, y = deep(activation)
+    w = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(5), dtype=F64) + 0.5 if weighted else None
+    sub = torch.arange(1, 26, 2) if subset else None
+    H = dense(model, loss, X, y, w, sub)
+    hv = hessian_matvec(model, loss, (X, y), chunk_size=chunk_size, subset=sub, weights=w)
+    assert hv.method == "r_operator"  # the default for this model
+    V = torch.randn(H.shape[0], 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):  # the second call reuses the cached forward (single chunk)
+        torch.testing.assert_close(hv(V), H @ V, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(hv(V[:, 1]), H @ V[:, 1], rtol=1e-10, atol=1e-12)
+
+
+def test_r_operator_sharpness_equals_double_backward_and_dense():
+    model, X, y = deep(nn.Tanh)
+    H = dense(model, "mse", X, y)
+    want = torch.linalg.eigvalsh(H).flip(0)[:3]
+    for method in ("r_operator", "double_backward"):
+        r = top_eigenpairs(hessian_matvec(model, "mse", (X, y), method=method), H.shape[0], k=3, tol=1e-10)
+        torch.testing.assert_close(r.values, want, rtol=1e-8, atol=0)
+
+
+def test_the_default_form_follows_the_model():
+    model, X, y = deep(nn.ReLU)
+    assert hessian_matvec(model, "mse", (X, y)).method == "r_operator"
+    assert hessian_matvec(model, "mse", (X, y), method="double_backward").method == "double_backward"
+    cnn = nn.Sequential(nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).to(F64)
+    assert hessian_matvec(cnn, "mse", (X, y)).method == "double_backward"
+    with pytest.raises(ValueError, match="method 'r_operator' needs"):
+        hessian_matvec(cnn, "mse", (X, y), method="r_operator")
+    model[3].weight.requires_grad_(False)  # a frozen layer: autograd handles the partial layout
+    assert hessian_matvec(model, "mse", (X, y)).method == "double_backward"
+
+
+def test_the_operator_is_a_snapshot():
+    model, X, y = deep(nn.Tanh)
+    hv = hessian_matvec(model, "ce", (X, y))
+    v = torch.randn(hv.dim, dtype=F64, generator=torch.Generator().manual_seed(0))
+    before = hv(v)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(hv(v), before, rtol=0, atol=0)
