@@ -244,11 +244,13 @@ def run_setting(name: str, repeats: int, cache: str | None = None):
                          resid=res, note=note))
 
     # eosbranch
-    def ours(k=1, v0=None, tol=1e-3, **kw):
-        hv = hessian_matvec(model, MSE, (X, y))
+    def ours(k=1, v0=None, tol=1e-3, method=None, **kw):
+        hv = hessian_matvec(model, MSE, (X, y), method=method)  # default: the R-operator for these MLPs
         return top_eigenpairs(hv, dim, k=k, tol=tol, v0=v0, **kw)
 
-    for label, kw in (("eosbranch cold", {}), ("eosbranch warm (v1 of 32 steps before)", {"v0": v_prev})):
+    for label, kw in (("eosbranch cold", {}), ("eosbranch warm (v1 of 32 steps before)", {"v0": v_prev}),
+                      ("eosbranch cold, double backward", {"method": "double_backward"}),
+                      ("eosbranch warm, double backward", {"v0": v_prev, "method": "double_backward"})):
         t, r = best_time(lambda: ours(**kw), repeats)
         add(label, 1e-3, t, r.n_matvecs, r.values[0].item(), r.vectors[:, 0])
     for label, kw in (("eosbranch cold top-5", {}), ("eosbranch cold top-5, block_size=1", {"block_size": 1})):
@@ -328,7 +330,7 @@ def hvp_speeds(model, X, y, clock, reps=7):
     g = torch.Generator().manual_seed(0)
     v, V = torch.randn(dim, generator=g), torch.randn(dim, 5, generator=g)
     out = {}
-    for method in ("double_backward", "forward_over_reverse"):
+    for method in ("r_operator", "double_backward", "forward_over_reverse"):
         for chunk in (None, (X.shape[0] + 1) // 2):
             hv = hessian_matvec(model, MSE, (X, y), method=method, chunk_size=chunk)
             hv(v)  # builds the cached graph where there is one

@@ -341,21 +341,39 @@ app.add_typer(groups_app, name="groups")
 
 @groups_app.command("show")
 @_user_errors
-def groups_show(spec: Path = typer.Argument(..., help="Spec YAML file with a groups section.")) -> None:
+def groups_show(
+    spec: Path = typer.Argument(..., help="Run spec with a groups section, or a group file such as "
+                                          "groups/prototypes.yaml."),
+    data_spec: Optional[Path] = typer.Option(None, "--data", help="For a group file: the run spec whose data the "
+                                             "groups are built on (default: the demo's, examples/quick.yaml)."),
+) -> None:
     """Each group's size, class mix and median centroid distance (and, for the random-orthogonal
     control, the distance ratio to the coherent construction)."""
     import math
 
+    from .catalog import example_path
     from .data import load_data
     from .groups import describe, resolve
-    from .spec import load_spec
+    from .spec import load_spec, read_yaml
 
-    s = load_spec(spec)
-    if not s.groups:
+    raw = read_yaml(spec)
+    # A group file (one kind, or a list of kinds) has no data of its own: build it on a run spec's.
+    group_file = (isinstance(raw, dict) and "kind" in raw) or (
+        isinstance(raw, list) and bool(raw) and all(isinstance(e, dict) and "kind" in e for e in raw))
+    if group_file:
+        source = data_spec or example_path("quick")
+        s, groups = load_spec(source), raw
+        title = f"groups of {spec} on the data of {source.name if data_spec is None else source}"
+    else:
+        if data_spec is not None:
+            raise EosbranchError(f"{spec}: --data is for a group file; this run spec brings its own data")
+        s = load_spec(spec)
+        groups, title = s.groups, f"groups of {spec}"
+    if not groups:
         raise EosbranchError(f"{spec}: groups: the spec defines no groups")
-    data = load_data(s.data, str(spec))
-    df = describe(resolve(s.groups, data.X, data.y, str(spec)))
-    table = Table(*df.columns, title=f"groups of {spec}")
+    data = load_data(s.data, str(source if group_file else spec))
+    df = describe(resolve(groups, data.X, data.y, str(spec)))
+    table = Table(*df.columns, title=title)
     for row in df.itertuples(index=False):
         table.add_row(*("-" if isinstance(v, float) and math.isnan(v) else f"{v:.4g}" if isinstance(v, float)
                         else str(v) for v in row))

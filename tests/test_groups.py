@@ -309,3 +309,27 @@ def test_describe_against_direct_computation(digits):
     got = df.set_index("group").distance_ratio
     assert got["input_outlier"] == pytest.approx(np.median(ratio), rel=1e-12)
     assert got.drop("input_outlier").isna().all()
+
+
+def test_groups_show_reads_a_run_spec_or_a_group_file_on_a_spec_data():
+    from typer.testing import CliRunner
+
+    from eosbranch.cli import app
+
+    runner = CliRunner()
+    wide = {"COLUMNS": "200"}  # the whole table on one line per group
+    quick = str(catalog.example_path("quick"))
+    own = runner.invoke(app, ["groups", "show", quick], env=wide)
+    assert own.exit_code == 0, own.output
+    assert all(g in own.output for g in PROTOTYPE_ROLES)
+    # A catalog group file has no data: shown on the demo's data by default, or on --data's.
+    via_file = runner.invoke(app, ["groups", "show", str(catalog.entry_path("groups", "prototypes_random"))], env=wide)
+    assert via_file.exit_code == 0, via_file.output
+    assert "on the data of quick.yaml" in via_file.output
+    row = next(line for line in via_file.output.splitlines() if "input_outlier" in line)
+    assert [c.strip() for c in row.strip("│ ").split("│")][1:4] == ["12", "6", "6"]
+    assert row.rstrip(" │").split("│")[-1].strip() != "-"  # its distance ratio to the coherent construction
+    classes = runner.invoke(app, ["groups", "show", str(catalog.entry_path("groups", "classes")), "--data", quick], env=wide)
+    assert classes.exit_code == 0 and "class_1" in classes.output, classes.output
+    both = runner.invoke(app, ["groups", "show", quick, "--data", quick])
+    assert both.exit_code != 0 and "--data is for a group file" in both.output
