@@ -238,11 +238,14 @@ class HessianOperator:
         tangents = unflatten(block, self.params)  # each [m, *shape]
         hvp = {"double_backward": self._hvp_double_backward, "forward_over_reverse": self._hvp_forward_over_reverse,
                "r_operator": self._hvp_r_operator}[self.method]
-        total = torch.zeros(m, self.dim, dtype=self.dtype, device=self.device)
+        total = None
         with _running_stats_frozen(self.model):
             for Xc, yc, weight in self._chunks():
                 hv = hvp(tangents, Xc, yc, batched=m > 1, single_chunk=self.chunk_size >= self.n)
-                total += weight * self._flat(hv, m)
+                part = self._flat(hv, m)
+                if not (isinstance(weight, float) and weight == 1.0):  # no extra pass (or device read) for one chunk
+                    part *= weight
+                total = part if total is None else total.add_(part)
         return total[0] if single else total.T.contiguous()
 
 
