@@ -226,10 +226,14 @@ def _example_rows(tr: "Trainer", ctx, align, dist) -> None:
     rows = range(n) if exp.spec.measure.examples == "all" else sorted(
         {i for idx in exp.groups.values() for i in idx.tolist()})
     loss = ctx.per_example_loss.double().cpu()
-    prev = st.prev_example_losses
     nan = torch.full((n,), float("nan"), dtype=torch.float64)
-    change = (loss - prev.double().cpu()) if (prev is not None and exp.train_index is None
-                                              and prev.shape == loss.shape) else nan
+    # loss_change = l_i(t) - l_i(t-1) from the previous full-batch step's losses, which cover the
+    # training points only: NaN for held-out points and under minibatch training (no such step).
+    change = nan.clone()
+    prev = st.prev_example_losses
+    trained = torch.arange(n) if exp.train_index is None else exp.train_index.cpu()
+    if prev is not None and prev.shape[0] == trained.numel():
+        change[trained] = loss[trained] - prev.double().cpu().reshape(-1)
     columns = [c.tolist() for c in (loss, change, nan if align is None else align.double(),
                                     nan if dist is None else dist.double())]
     # One conversion per column, not per element: N can be tens of thousands.

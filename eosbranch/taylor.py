@@ -181,7 +181,7 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
     P = dict(zip(ctx.param_names, ctx.params))
     gparts = fac["blocks"]  # name -> [K, *shape]
     vparts = dict(zip(ctx.param_names, unflatten(ctx.v1, ctx.params))) if coupling else None
-    (_, first, w1, b1), later = chain.linears[0], ctx.param_names[2 if chain.linears[0][3] else 1:]
+    (_, _, w1, b1), later = chain.linears[0], ctx.param_names[2 if chain.linears[0][3] else 1:]
     quad = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
     coup = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
     s_total = torch.zeros((), dtype=ctx.dtype, device=ctx.device)

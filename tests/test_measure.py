@@ -1,6 +1,8 @@
 """Curvature measurements inside the trainer: sharpness, thresholds, t*, warm starts, Adam."""
 
 import re
+
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call, hessian
@@ -10,6 +12,8 @@ from eosbranch.catalog import example_path
 from eosbranch.curvature import top_eigenpairs, hessian_matvec
 from eosbranch.spec import load_spec
 from eosbranch.train import build, restore_state
+
+from conftest import write_spec
 
 
 def dense_hessian(exp):
@@ -248,3 +252,20 @@ def test_a_single_solve_warm_starts_from_v1_alone_when_the_state_keeps_top_k(tmp
     out = measure.solve_sharpness(exp, st)
     assert seen[0].shape == (st.eig_vectors.shape[0], 1) and torch.equal(seen[0][:, 0], st.eig_vectors[:, 0])
     assert out["sharpness"] == pytest.approx(run.metric("sharpness")[10], rel=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["train", "heldout"])
+def test_loss_change_is_the_one_step_change_of_each_trained_point(tmp_path, tiny_spec, mode):
+    # Measuring every step with every example listed, l_i(t) - l_i(t-1) can be read off the table.
+    tiny_spec.update(steps=6, measure={"every": 1, "sharpness": False, "examples": "all"},
+                     groups={"kind": "prototypes", "per_class": 3, "mode": mode})
+    run = eosbranch.train(write_spec(tmp_path / "s.yaml", tiny_spec), tmp_path / "runs")
+    ex = run.examples.pivot(index="step", columns="index")
+    exp = build(run.spec)
+    trained = torch.arange(len(exp.data.X)) if exp.train_index is None else exp.train_index
+    held = sorted(set(range(len(exp.data.X))) - set(trained.tolist()))
+    assert (mode == "heldout") == bool(held)
+    want = ex["loss"].diff().iloc[1:]
+    got = ex["loss_change"].iloc[1:]
+    np.testing.assert_allclose(got[trained.tolist()].to_numpy(), want[trained.tolist()].to_numpy(), rtol=1e-6, atol=1e-9)
+    assert got[held].isna().all().all() and ex["loss_change"].iloc[0].isna().all()
