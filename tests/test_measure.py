@@ -269,3 +269,18 @@ def test_loss_change_is_the_one_step_change_of_each_trained_point(tmp_path, tiny
     got = ex["loss_change"].iloc[1:]
     np.testing.assert_allclose(got[trained.tolist()].to_numpy(), want[trained.tolist()].to_numpy(), rtol=1e-6, atol=1e-9)
     assert got[held].isna().all().all() and ex["loss_change"].iloc[0].isna().all()
+
+
+def test_spearman_alignment_distance_is_recomputed_from_the_examples_table(tmp_path, tiny_spec):
+    import scipy.stats
+
+    tiny_spec.update(steps=20, measure={"every": 10, "examples": "all"},
+                     groups={"kind": "prototypes", "per_class": 3})
+    run = eosbranch.train(write_spec(tmp_path / "s.yaml", tiny_spec), tmp_path / "runs")
+    rho = run.metric("spearman_alignment_distance")
+    assert len(rho) == 3  # steps 0, 10, 20
+    for step, value in rho.items():
+        at = run.examples[run.examples.step == step]
+        assert len(at) == len(build(run.spec).data.X)  # every point, not only the groups
+        want = scipy.stats.spearmanr(at.cos2_v1, at.centroid_distance).statistic
+        assert value == pytest.approx(want, rel=1e-9, abs=1e-12), step
