@@ -436,23 +436,69 @@ def random_group(state: Resolved, p: RandomParams, where: str) -> Resolved:
 class OpposingParams(Params):
     name_rise: str = "opposing_rise"
     name_fall: str = "opposing_fall"
-    indices_rise: list[int] = Field(min_length=1)
-    indices_fall: list[int] = Field(min_length=1)
+    indices_rise: Optional[list[int]] = Field(None, min_length=1)
+    indices_fall: Optional[list[int]] = Field(None, min_length=1)
+    run: Optional[str] = Field(None, description="detect the pair in this run directory's loss changes")
+    step: int | Literal["onset"] = Field("onset", description="with run: the step T ranked by l_i(T+1) - l_i(T), "
+                                                                "or 'onset' (the run's t*)")
+    top: int = Field(20, ge=1, description="with run: points per group (the top rises and the top falls)")
+
 
 
 @GROUP_KINDS.register("opposing", OpposingParams)
 def opposing(state: Resolved, p: OpposingParams, where: str) -> Resolved:
-    """A pair of opposing-signal groups (found by ``eosbranch opposing`` from a run's loss changes)."""
+    """A pair of opposing-signal groups: given by index, or detected in a run (``run``, ``step``,
+    ``top``) as its top-m loss rises and falls over step T -> T+1, exactly as ``eosbranch opposing``
+    finds them. The run must have been trained on the same data, since the indices are its rows."""
     n = len(state.X)
-    _check_indices(p.indices_rise, n, where, "indices_rise")
-    _check_indices(p.indices_fall, n, where, "indices_fall")
-    both = sorted(set(p.indices_rise) & set(p.indices_fall))
+    rise, fall = p.indices_rise, p.indices_fall
+    if p.run is not None:
+        given = [f for f, v in (("indices_rise", rise), ("indices_fall", fall)) if v is not None]
+        if given:
+            raise SpecError(f"{where}.{given[0]}: give either a run to detect the pair in or indices_rise and "
+                            "indices_fall, not both")
+        rise, fall = _detect_opposing(state, p, where)
+    else:
+        for f, v in (("indices_rise", rise), ("indices_fall", fall)):
+            if v is None:
+                raise SpecError(f"{where}.{f}: missing; give indices_rise and indices_fall, or a run to detect them in")
+    _check_indices(rise, n, where, "indices_rise")
+    _check_indices(fall, n, where, "indices_fall")
+    both = sorted(set(rise) & set(fall))
     if both:
         raise SpecError(f"{where}.indices_fall: index {both[0]} is also in indices_rise; a point cannot both rise and fall")
     groups = dict(state.groups)
-    _add_group(groups, p.name_rise, p.indices_rise, f"{where}.name_rise")
-    _add_group(groups, p.name_fall, p.indices_fall, f"{where}.name_fall")
+    _add_group(groups, p.name_rise, rise, f"{where}.name_rise")
+    _add_group(groups, p.name_fall, fall, f"{where}.name_fall")
     return replace(state, groups=groups)
+
+
+def _detect_opposing(state: Resolved, p: OpposingParams, where: str) -> tuple[list[int], list[int]]:
+    from .errors import EosbranchError
+    from .opposing import find
+    from .run import Run
+    from .train import build
+
+    path = Path(p.run).expanduser()
+    if not (path / "spec.yaml").is_file():
+        raise SpecError(f"{where}.run: no run directory at {p.run} (it has no spec.yaml)")
+    try:
+        run = Run(path)
+        source = build(run.spec).data
+        # The run holds its data in its own dtype (resolution works in float64): compare in that.
+        same = source.X.shape == state.X.shape and torch.equal(source.X.cpu(), state.X.to(source.X.dtype).cpu()) \
+            and torch.equal(source.y.cpu(), state.y.to(source.y.dtype).cpu())
+        if not same:
+            raise SpecError(f"{where}.run: {p.run} was trained on other data ({len(source.X)} points) than this "
+                            f"spec has here ({len(state.X)} points); the pair's indices would name other points")
+        res = find(run, p.step, top=p.top, window=2)
+    except SpecError:
+        raise
+    except EosbranchError as err:
+        raise SpecError(f"{where}: {err}") from None
+    pts = res.points
+    return (sorted(int(i) for i in pts[pts.role == "rise"]["index"]),
+            sorted(int(i) for i in pts[pts.role == "fall"]["index"]))
 
 
 # --------------------------------------------------------------------------------------- describe

@@ -55,3 +55,30 @@ def test_bad_requests_are_clear(quick_run):
         find(quick_run, quick_run.spec.steps, top=3, window=5)
     with pytest.raises(EosbranchError, match="'onset'"):
         find(quick_run, "later")
+
+
+def test_the_opposing_group_kind_detects_the_pair_in_a_run(quick_run, tmp_path):
+    from eosbranch.data import load_data
+    from eosbranch.errors import SpecError
+    from eosbranch.groups import resolve
+
+    data = load_data(quick_run.spec.data)
+    entry = {"kind": "opposing", "run": str(quick_run.path), "step": "onset", "top": 5}
+    # On the data the run trained on (its prototype groups first), the kind finds what `opposing` finds.
+    r = resolve([*quick_run.spec.groups, entry], data.X, data.y)
+    pts = find(quick_run, "onset", top=5, window=2).points
+    assert r.groups["opposing_rise"].tolist() == sorted(pts[pts.role == "rise"]["index"])
+    assert r.groups["opposing_fall"].tolist() == sorted(pts[pts.role == "fall"]["index"])
+    step = find(quick_run, "onset", top=5).step + 3
+    at_step = resolve([*quick_run.spec.groups, {**entry, "step": step}], data.X, data.y)
+    pts = find(quick_run, step, top=5, window=2).points
+    assert at_step.groups["opposing_rise"].tolist() == sorted(pts[pts.role == "rise"]["index"])
+    # Other data: the indices would name other points, so it is refused, naming the field.
+    with pytest.raises(SpecError, match=r"groups\[0\]\.run: .* other data"):
+        resolve([entry], data.X, data.y)
+    with pytest.raises(SpecError, match=r"\.run: no run directory"):
+        resolve([{**entry, "run": str(tmp_path / "nowhere")}], data.X, data.y)
+    with pytest.raises(SpecError, match=r"\.indices_rise: give either a run"):
+        resolve([{**entry, "indices_rise": [1]}], data.X, data.y)
+    with pytest.raises(SpecError, match=r"\.indices_fall: missing"):
+        resolve([{"kind": "opposing", "indices_rise": [1]}], data.X, data.y)
