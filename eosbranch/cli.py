@@ -386,7 +386,7 @@ def opposing(
     run_dir: Path = typer.Argument(..., help="Run directory."),
     step: str = typer.Option(..., "--step", help="Step T (or 'onset' for t*): rank points by l_i(T+1) - l_i(T)."),
     top: int = typer.Option(20, "--top", help="Size M of the rising and the falling group."),
-    window: int = typer.Option(20, "--window", help="Steps over which the pair's antiphase is measured."),
+    window: int = typer.Option(20, "--window", help="Steps over which the pair's antiphase is measured (at least 2)."),
 ) -> None:
     """Find opposing signals: the M points whose loss rises most and falls most on one step."""
     import yaml
@@ -403,7 +403,7 @@ def opposing(
                     f"{r.loss_change:+.4g}", f"{r.pred_before:.4g}", f"{r.pred_after:.4g}")
     err.print(pts)
     pairs = Table("pair", "size", "alternation", "amplitude a", "amplitude b", "correlation",
-                  title=f"antiphase over steps {res.step}..{res.step + window}")
+                  title=f"antiphase over steps {res.step}..{res.step + int(res.pairs['window'].iloc[0])}")
     for r in res.pairs.itertuples():
         pairs.add_row(r.pair, str(r.size), f"{r.alternation_rate:.2f}", f"{r.amplitude_a:.3g}",
                       f"{r.amplitude_b:.3g}", f"{r.correlation:+.2f}")
