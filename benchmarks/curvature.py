@@ -17,25 +17,28 @@ eigsh through curvlinops' HessianLinearOperator, each at tol 1e-3 and tighter, s
 cheapest run that actually reaches residual <= 1e-3 can be named; SciPy eigsh on eosbranch's own
 matvec isolates the solver. Missing optional packages are skipped with a note.
 
-Results (2-core x86 VM, torch 2.14.1, 1 thread, CPU seconds, best of 3; --cache /tmp/bcache),
-cost in gradients (HVPs in brackets):
+Results (2-core x86 VM, torch 2.14.1, 1 thread, CPU seconds, best of 3 (quick: of 5);
+--cache /tmp/bcache), cost in gradients (HVPs in brackets). eosbranch's default HVP for these MLPs
+is the R-operator (eosbranch.r_operator); double backward is timed beside it:
                                   quick.yaml (tanh 64-128-128-2)   cifar-shaped, N=2000
-  lambda_1 / lambda_2             18.20 / 8.01                    22.77 / 10.24
-  eosbranch cold                  16.0 (5)                         8.1 (4)   [before: 10.1 (6)]
-  eosbranch warm (32 steps)       11.2 (3)                         8.2 (4)   [before:  6.9 (4)]
-  fastest peer at resid <= 1e-3   PyHessian tol 1e-5: 18.4 (10)   PyHessian tol 1e-5: 14.6 (9)
-  cold / warm vs that peer        0.86 / 0.61 (0.50 / 0.30 in HVPs)  0.55 / 0.56 (targets 0.5 / 0.25)
-  eigsh on our matvec             48 grads (0.33 / 0.23)           52 grads (0.16 / 0.16)
-  top-5 / top-1 (block of 5)      3.8x                             19.8x
-  top-5 / top-1 (block_size=1)    1.7x                             8.6x  (target 3x)
-A cold start now runs along the full-batch gradient (free from the cached graph; cos^2 with v1
-is 0.57 in the cifar setting): 4 products instead of 6. On quick.yaml a gradient costs 1.3 ms, so
-per-call overheads dominate and the time ratios scatter by +-50% between runs (product counts do
-not). Why the other targets stay missed: one HVP costs 1.2-1.45 gradients and building the graph
-about 1, so even a warm start that converged after its second product would cost 1 + 2 x 1.3 =
-3.6 gradients, the whole 3.7 (= 14.6 / 4) the warm target allows; the vector of 32 steps before
-(|cos| 0.99 with v1) needs 4 products here. And lambda_5 sits in a cluster (4.545 vs 4.508) that
-Krylov methods resolve only with many products, however cheap top-1 becomes.
+  lambda_1 / lambda_2             18.20 / 8.01                     22.77 / 10.24
+  eosbranch cold                  12.5 (5)   double backward 12.3  6.6 (4)   double backward 6.6
+  eosbranch warm (32 steps)        8.8 (3)   double backward  6.9  6.1 (4)   double backward 6.5
+  fastest peer at resid <= 1e-3   PyHessian tol 1e-4: 17.9 (9)     PyHessian tol 1e-5: 12.7 (9)
+  cold / warm vs that peer        0.70 / 0.49 (targets 0.5 / 0.25) 0.52 / 0.48 (targets 0.5 / 0.25)
+  eigsh on our matvec             52 grads (0.24 / 0.17)           42 grads (0.15 / 0.14)
+  top-5 / top-1 (block of 5)      4.2x                             20.2x
+  top-5 / top-1 (block_size=1)    2.7x  (target 3x: met)           9.3x  (target 3x)
+  one HVP, R-operator / double bw 1.3-2.3 / 1.4-2.1 (noisy at 1 ms) 1.36 / 1.26
+On quick.yaml a gradient costs 1.1-1.4 ms and repeated runs scatter by +-30% (product counts do
+not). Why the cifar targets stay missed: a Hessian-vector product costs at least the two products
+of the data with a 512 x 3072 matrix plus six 2000 x 512 x 512 products, 1.2-1.3 gradients by
+arithmetic alone, and building the operator costs a forward pass (0.55) plus 0.45 for the gradient
+that seeds a cold start (4 products instead of 6). A cold solve therefore costs at least
+0.55 + 0.45 + 4 x 1.25 = 6.0 gradients, 0.47 of PyHessian's 12.7; a warm start from the vector of
+32 steps before (|cos| 0.99 with v1) still needs 4 products for residual 1e-3 (Lanczos gains a
+factor T_k(1 + 2 gap) = 3.45, 22.8, 154 over 1, 2, 3 steps against tan = 0.14), so >= 5.5 gradients,
+where the target allows 3.2. Top-5 meets lambda_5 = 4.545 next to lambda_6 = 4.508: 39 products.
 """
 
 from __future__ import annotations
