@@ -284,3 +284,19 @@ def test_spearman_alignment_distance_is_recomputed_from_the_examples_table(tmp_p
         assert len(at) == len(build(run.spec).data.X)  # every point, not only the groups
         want = scipy.stats.spearmanr(at.cos2_v1, at.centroid_distance).statistic
         assert value == pytest.approx(want, rel=1e-9, abs=1e-12), step
+
+
+def test_weight_projection_uses_the_reference_step_the_spec_names(tmp_path, tiny_spec):
+    tiny_spec.update(dtype="float64", steps=30, measure={"every": 10, "reference": 10, "tol": 1e-8})
+    run = eosbranch.train(write_spec(tmp_path / "s.yaml", tiny_spec), tmp_path / "runs")
+    wp = run.metric("weight_projection")
+    assert list(wp.index) == [10, 20, 30] and wp.loc[10] == 0.0
+    exp, _ = at_checkpoint(run, 10)
+    theta_ref = torch.cat([p.detach().reshape(-1) for p in exp.model.parameters()])
+    dim = theta_ref.numel()
+    v1 = top_eigenpairs(hessian_matvec(exp.model, exp.loss_fn, (exp.train_X, exp.train_y)), dim, tol=1e-10).vectors[:, 0]
+    for step in (20, 30):
+        later, _ = at_checkpoint(run, step)
+        theta = torch.cat([p.detach().reshape(-1) for p in later.model.parameters()])
+        # v1's sign is the solver's convention: compare magnitudes.
+        assert abs(wp.loc[step]) == pytest.approx(abs(((theta - theta_ref) @ v1).item()), rel=1e-6)
