@@ -131,12 +131,30 @@ class HessianOperator:
             raise ValueError(f"hessian_matvec: method must be one of {HVP_METHODS}, got {method!r}")
         self.chain = mlp_chain.split(model, self.names, X) if method in (None, "r_operator") else None
         if method == "r_operator" and self.chain is None:
-            raise ValueError("hessian_matvec: method 'r_operator' needs an nn.Sequential of parameter-free modules, "
+            raise ValueError("hessian_matvec: method 'r_operator' needs an nn.Sequential of Flatten/Identity, "
                              "then nn.Linear layers (all trainable) and elementwise activations")
+        if self.chain is not None and not self._per_example_loss_ok(X, y):
+            if method == "r_operator":
+                raise ValueError("hessian_matvec: method 'r_operator' needs a loss that accepts reduction='none' "
+                                 "and then returns one loss per example whose mean is the loss")
+            self.chain = None  # e.g. F.mse_loss (its per-element losses) or a loss without `reduction`
         self.method = method or ("r_operator" if self.chain is not None
                                  else DEFAULT_HVP_METHOD.get(self.device.type, "double_backward"))
         self._graph = None  # (leaves, gradients) of the single chunk, built on first use
         self._r_cache = None  # r_operator.Cache of the single chunk, built on first use
+
+    def _per_example_loss_ok(self, X, y) -> bool:
+        """The R-operator weights per-example losses itself: check on a few points that the loss
+        gives them (``reduction="none"`` -> [n], whose mean is the loss)."""
+        Xs, ys = X[:4].to(self.device), y[:4].to(self.device)
+        try:
+            with torch.no_grad(), _running_stats_frozen(self.model):
+                out = functional_call(self.model, (dict(zip(self.names, self.params)), self.buffers), (Xs,))
+                per, mean = self.loss(out, ys, reduction="none"), self.loss(out, ys)
+        except TypeError:  # no `reduction` argument
+            return False
+        return (torch.is_tensor(per) and per.shape == (Xs.shape[0],)
+                and bool(torch.allclose(per.mean(), mean, rtol=1e-4, atol=1e-12)))
 
     def _chunks(self):
         for i in range(0, self.n, self.chunk_size):
@@ -274,8 +292,10 @@ def hessian_matvec(model, loss, data, chunk_size=None, subset=None, method=None,
     ``data``: ``(X, y)``; ``subset``: fixed LongTensor of indices; ``chunk_size``: points per pass.
     ``weights``: optional per-point weights w_i (aligned with ``data``): the Hessian of
     sum_i w_i l_i / sum_i w_i instead (``loss`` must then accept ``reduction="none"``).
-    ``method``: "double_backward" or "forward_over_reverse"; default per device from
-    ``DEFAULT_HVP_METHOD``. The model is evaluated in whatever mode (train/eval) it is in.
+    ``method``: "double_backward", "forward_over_reverse" or "r_operator"; default "r_operator"
+    for MLP chains (``eosbranch.mlp_chain``) whose loss also gives per-example losses with
+    ``reduction="none"``, else per device from ``DEFAULT_HVP_METHOD``. The model is evaluated in
+    whatever mode (train/eval) it is in.
     The callable takes a [dim] vector or a [dim, m] block (one batched product) and carries
     ``.dim``, ``.dtype``, ``.device``, which ``top_eigenpairs`` picks up.
     """

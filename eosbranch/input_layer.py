@@ -68,7 +68,9 @@ def split(model: nn.Module, param_names: list[str]) -> InputSplit | None:
     Flatten), else None. ``param_names``: the trainable parameters in flat-layout order."""
     if type(model) is not nn.Sequential:
         return None
-    children = list(model.named_children())
+    children = list(model._modules.items())
+    if len({id(m) for _, m in children}) != len(children):
+        return None  # a module used twice: named_children() would list it once and `rest` miss a step
     for j, (name, mod) in enumerate(children):
         if not _holds_tensors(mod):
             continue

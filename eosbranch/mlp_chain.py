@@ -1,6 +1,6 @@
 """MLP chains: the models whose curvature eosbranch computes by hand-written passes.
 
-An ``nn.Sequential`` of parameter-free modules (e.g. Flatten) up to the first ``nn.Linear``, then
+An ``nn.Sequential`` of reshapes (``PREFIX``: Flatten, Identity) up to the first ``nn.Linear``, then
 ``nn.Linear`` layers (every weight and bias trainable, in the flat layout's order) and elementwise
 activations (``ELEMENTWISE``), with one row per example at the first Linear. ``eosbranch.taylor``
 (group curvature) and ``eosbranch.r_operator`` (Hessian-vector products) work on such chains;
@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ELEMENTWISE", "Chain", "split", "activation"]
+__all__ = ["PREFIX", "ELEMENTWISE", "Chain", "split", "activation"]
 
-# Activations applied entry by entry, so their Jacobian is diagonal: the Taylor rules above hold.
+# Modules allowed before the first Linear: reshapes that act on each example alone.
+PREFIX = (nn.Flatten, nn.Identity)
+# Activations applied entry by entry, so their Jacobian is diagonal: the Taylor rules hold.
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Identity)
 
 
@@ -39,24 +41,23 @@ class Chain:
         return [s for s in self.steps if s[0] == "linear"]
 
 
-def _holds_tensors(mod: nn.Module) -> bool:
-    return any(True for _ in mod.parameters()) or any(True for _ in mod.buffers())
-
-
 def split(model: nn.Module, param_names: list[str], X_sample: Tensor) -> Chain | None:
     """A :class:`Chain` if ``model`` has the form this module covers and its first Linear sees one
     row per example (``X_sample``: a batch of inputs), else None."""
     if type(model) is not nn.Sequential:
         return None
+    children = list(model._modules.items())
+    if len({id(m) for _, m in children}) != len(children):
+        return None  # a module used twice: named_children() and named_parameters() would list it once
     prefix, steps, expected = [], [], []
-    for name, mod in model.named_children():
+    for name, mod in children:
         if type(mod) is nn.Linear:
             bias = f"{name}.bias" if mod.bias is not None else None
             steps.append(("linear", mod, f"{name}.weight", bias))
             expected += [f"{name}.weight"] + ([bias] if bias else [])
         elif steps and type(mod) in ELEMENTWISE and not getattr(mod, "inplace", False):
             steps.append(("act", mod))
-        elif not steps and not _holds_tensors(mod):
+        elif not steps and type(mod) in PREFIX:
             prefix.append(mod)
         else:
             return None
@@ -64,7 +65,7 @@ def split(model: nn.Module, param_names: list[str], X_sample: Tensor) -> Chain |
         return None
     chain = Chain(prefix, steps)
     with torch.no_grad():
-        if chain.inputs(X_sample[:1]).dim() != 2:  # a Linear over a trailing axis mixes no rows, but
+        if chain.inputs(X_sample[:2]).dim() != 2:  # a Linear over a trailing axis mixes no rows, but
             return None                            # its rows would no longer be examples
     return chain
 

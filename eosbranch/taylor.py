@@ -99,10 +99,10 @@ def group_pass(ctx) -> dict:
             per = ctx.loss_fn(x, yc, reduction="none")
             # Each loss depends on its own row only, so row i of dsum/dz_j is dl_i/dz_j.
             deltas = torch.autograd.grad(per.sum(), zs, allow_unused=True)
+            own = [torch.nonzero(Wc[k]).reshape(-1) for k in range(K)]  # each group's points in this chunk
             for j, (a, d) in enumerate(zip(ins, deltas)):
                 d = torch.zeros_like(zs[j]) if d is None else d
-                for k in range(K):  # each group's own points only: U_k = (w_k delta)^T A
-                    c = torch.nonzero(Wc[k]).reshape(-1)
+                for k, c in enumerate(own):  # each group's own points only: U_k = (w_k delta)^T A
                     wd = Wc[k, c].unsqueeze(1) * d[c]
                     blocks[j][0][k].addmm_(wd.T, a[c])
                     blocks[j][1][k] += wd.sum(0)

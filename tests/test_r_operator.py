@@ -95,3 +95,35 @@ def test_the_operator_is_a_snapshot():
         for p in model.parameters():
             p.add_(1.0)
     torch.testing.assert_close(hv(v), before, rtol=0, atol=0)
+
+
+def test_models_and_losses_the_r_operator_cannot_take_fall_back_to_autograd():
+    torch.manual_seed(0)
+    X, y = torch.randn(20, 5, dtype=F64), torch.randint(0, 3, (20,))
+    yf = torch.randn(20, 3, dtype=F64)
+    act = nn.Tanh()
+    shared = nn.Sequential(nn.Linear(5, 6), act, nn.Linear(6, 6), act, nn.Linear(6, 3)).to(F64)  # one Tanh twice
+    batch_prefix = nn.Sequential(nn.BatchNorm1d(5, affine=False, track_running_stats=False), nn.Linear(5, 3)).to(F64)
+    plain = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
+    cases = [
+        (shared, "mse", y),
+        (batch_prefix, "mse", y),
+        (plain, torch.nn.functional.mse_loss, yf),  # reduction="none" gives [n, 3], not one loss per example
+        (plain, lambda o, t: ((o - t) ** 2).mean(), yf),  # no reduction argument at all
+    ]
+    for model, loss, targets in cases:
+        hv = hessian_matvec(model, loss, (X, targets))
+        assert hv.method == "double_backward"
+        V = torch.randn(hv.dim, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(hv(V), dense(model, get_loss(loss) if isinstance(loss, str) else _mean(loss), X,
+                                                targets) @ V, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        hessian_matvec(plain, torch.nn.functional.mse_loss, (X, yf), method="r_operator")
+
+
+def _mean(loss):
+    """A loss without per-example reduction as dense() expects one (``reduction`` ignored, weights all 1)."""
+    def per(outputs, targets, reduction="mean"):
+        return loss(outputs, targets).expand(outputs.shape[0])  # the mean, repeated: its mean is the loss
+
+    return per

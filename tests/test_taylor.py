@@ -113,6 +113,7 @@ def test_auto_prefers_the_taylor_route_and_falls_back():
     lambda: nn.Sequential(nn.Flatten(), nn.Linear(40, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)),  # mixes the batch
     lambda: nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)),  # applied over a trailing axis of [n, 4, 10]
     lambda: nn.Sequential(nn.Flatten(), nn.Linear(40, 8), nn.Softmax(-1), nn.Linear(8, 3)),  # not elementwise
+    lambda: nn.Sequential(nn.BatchNorm1d(40, affine=False, track_running_stats=False), nn.Linear(40, 3)),  # mixes rows
 ])
 def test_taylor_split_refuses_models_it_does_not_cover(build):
     torch.manual_seed(0)
@@ -128,3 +129,22 @@ def test_taylor_split_refuses_a_frozen_layer():
     model, X, y = deep(nn.Tanh)
     model[3].bias.requires_grad_(False)  # its block is missing from the flat layout
     assert Context(model, "mse", X, y, GROUPS).taylor is None
+
+
+def test_a_module_used_twice_is_left_to_the_generic_pass():
+    # nn.Sequential applies a repeated module at each position, but named_children() lists it once.
+    torch.manual_seed(0)
+    act = nn.Tanh()
+    model = nn.Sequential(nn.Linear(5, 6), act, nn.Linear(6, 6), act, nn.Linear(6, 2)).to(F64)
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(20, 5, generator=g, dtype=F64), torch.randint(0, 2, (20,), generator=g)
+    groups = {"a": torch.arange(0, 4), "b": torch.arange(4, 7)}
+    d, H, v1, _, dS = oracle(model, "mse", X, y, torch.ones(20, dtype=F64), None)
+    ctx = Context(model, "mse", X, y, groups, v1)
+    assert ctx.taylor is None and ctx.input_split is None
+    got = rows_to_dict(group_probes(ctx))
+    J = d.per_example_grads()
+    for name, idx in groups.items():
+        gk = J[idx].mean(0)
+        assert got[(name, "rayleigh")] == pytest.approx((gk @ H @ gk / (gk @ gk)).item(), rel=1e-9)
+        assert got[(name, "sharpness_coupling")] == pytest.approx((gk @ dS).item(), rel=1e-8)
