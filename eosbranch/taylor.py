@@ -131,14 +131,16 @@ def _low_rank_groups(chain: Chain, sizes: list[int]) -> list[list[int]]:
             for _, mod, _, _ in chain.linears]
 
 
-def _times_group_blocks(x: Tensor, j: int, fac: dict, U: Tensor) -> Tensor:
+def _times_group_blocks(x: Tensor, j: int, fac: dict, U: Tensor, xA: Tensor | None = None) -> Tensor:
     """[K, n, out]: x_k U_k^T for every group k, x [n, in] shared or [K, n, in] per group; through
-    the factors of layer ``j`` for the groups that have them, else the dense blocks U [K, out, in]."""
+    the factors of layer ``j`` for the groups that have them, else the dense blocks U [K, out, in].
+    ``xA``: x times the factors' rows, when the caller has it already."""
     layer = fac["layers"][j]
     if layer is None:
         return x @ U.transpose(1, 2) if x.dim() == 3 else torch.einsum("ni,koi->kno", x, U)
     A, D = layer["A"], layer["D"]
-    xA = x @ A.T if x.dim() == 2 else None  # one pass over a shared x (it may be the data)
+    if xA is None and x.dim() == 2:
+        xA = x @ A.T  # one pass over a shared x (it may be the data)
     out = []
     for k in range(U.shape[0]):
         xk = x if x.dim() == 2 else x[k]
@@ -185,6 +187,13 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
     quad = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
     coup = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
     s_total = torch.zeros((), dtype=ctx.dtype, device=ctx.device)
+    # Everything the data meet in the first layer, as one matrix: its weight, v1's block and the
+    # groups' points (their factors' rows), so a single product with the data gives all three.
+    first_rows = [P[w1]] + ([vparts[w1]] if coupling else [])
+    if fac["layers"][0] is not None:
+        first_rows.append(fac["layers"][0]["A"])
+    first_rows = torch.cat(first_rows)
+    width = P[w1].shape[0]
     for Xh, yh, om in ctx._hessian_points():
         # At most SUB_CHUNK points at a time: the K group streams are K times the size of an
         # activation, and smaller blocks stay in cache and reuse the allocator's memory.
@@ -192,16 +201,15 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
             Xc, yc, omega = Xh[i:i + SUB_CHUNK], yh[i:i + SUB_CHUNK], om[i:i + SUB_CHUNK]
             A = chain.inputs(Xc)
             with torch.no_grad():
-                Zk = _times_group_blocks(A, 0, fac, gparts[w1])  # [K, n, h]: the groups' first tangents
+                out = A @ first_rows.T
+                Z0 = out[:, :width] + P[b1] if b1 else out[:, :width]
+                Zv = None
+                if coupling:
+                    Zv = out[:, width:2 * width] + vparts[b1] if b1 else out[:, width:2 * width]
+                xA = out[:, (2 if coupling else 1) * width:] if fac["layers"][0] is not None else None
+                Zk = _times_group_blocks(A, 0, fac, gparts[w1], xA)  # [K, n, h]: the groups' first tangents
                 if b1:
                     Zk += gparts[b1].unsqueeze(1)
-                Zv = None
-                if coupling:  # the layer's output and its tangent along v1 from one product with the data
-                    Z0, Zv = F.linear(A, torch.cat([P[w1], vparts[w1]])).split(P[w1].shape[0], dim=-1)
-                    if b1:
-                        Z0, Zv = Z0 + P[b1], Zv + vparts[b1]
-                else:
-                    Z0 = F.linear(A, P[w1], P[b1] if b1 else None)
             with torch.set_grad_enabled(coupling):
                 Z = Z0.requires_grad_(coupling)
                 phi = {n: P[n].detach().requires_grad_(coupling) for n in later}
