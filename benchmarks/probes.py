@@ -16,14 +16,15 @@ sharpness_coupling, rayleigh) <= 3 gradients; (b) per-example alignment for ever
 
 Results (2-core x86 VM, torch 2.14.1, 2 threads, min of 3), in gradients:
                          N=2000   N=10000
-  (a) all group probes     2.76     2.25    target <= 3: met
-      of which R_k + Q_k   2.49     2.21    (input_layer route 5.40 / 9.84, generic 9.80 / 12.00)
-  (b) alignment, all N     1.93     2.18    target <= 6: met
-Repeated runs scatter by about +-0.3 at N=2000 (a gradient there is 0.09 s). The Taylor route
+  (a) all group probes     2.70     2.16    target <= 3: met
+      of which R_k + Q_k   2.50     2.13    (input_layer route 5.13 / 7.39, generic 9.91 / 10.89)
+  (b) alignment, all N     2.28     2.19    target <= 6: met
+At N=2000 (a gradient is 0.09 s) repeated runs of (a) gave 2.54-2.82 on the idle machine and up
+to 3.15 while it was busy with other work; N=10000 stays at 2.1-2.4. The Taylor route
 (eosbranch.taylor) propagates second-order Taylor coefficients forward along each group gradient,
 applying its blocks through their low-rank factors (50 points per group), so R_k needs no backward
 pass; Q_k is one reverse pass over the forward along v1. What remains is about 1.8 gradients of
-matrix products: the data times [W1; V1] (0.8), the data times the groups' points (0.15) and
+matrix products: the data times [W1; V1; the groups' points] in one product (0.95) and
 about a dozen N x 512 x 512 products in the hidden layer (0.8), plus elementwise work.
 
 ``--vmap-norms`` also times the generic per-example norm path (torch.func.vmap(grad)) at the
