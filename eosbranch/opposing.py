@@ -80,23 +80,26 @@ def find(run: Union[Run, str], step: Union[int, str], top: int = 20, window: int
     run = run if isinstance(run, Run) else Run(run)
     t = resolve_step(run, step)
     losses, preds, exp = loss_trajectory(run, t, max(window, 2))
-    n = losses.shape[1]
+    # Only training points are ranked (held-out groups are measured but never trained on).
+    trained = np.arange(losses.shape[1]) if exp.train_index is None else np.sort(exp.train_index.cpu().numpy())
+    n = len(trained)
     if not 0 < top <= n // 2:
-        raise EosbranchError(f"--top must be between 1 and {n // 2} for {n} points, got {top}")
-    change = losses[1] - losses[0]
-    order = np.argsort(change, kind="stable")
+        raise EosbranchError(f"--top must be between 1 and {n // 2} for {n} training points, got {top}")
+    change_all = losses[1] - losses[0]
+    change = change_all[trained]
+    order = trained[np.argsort(change, kind="stable")]
     rise, fall = np.sort(order[::-1][:top]), np.sort(order[:top])
     y = exp.data.y.cpu()
-    label = y.numpy() if exp.data.task == "classification" else np.full(n, -1)
+    label = y.numpy() if exp.data.task == "classification" else np.full(losses.shape[1], -1)
     rows = []
     for role, idx in (("rise", order[::-1][:top]), ("fall", order[:top])):
         for i in idx:
-            rows.append((int(i), int(label[i]), role, losses[0, i], losses[1, i], change[i],
+            rows.append((int(i), int(label[i]), role, losses[0, i], losses[1, i], change_all[i],
                          float(preds[0][i]), float(preds[1][i])))
     points = pd.DataFrame(rows, columns=["index", "label", "role", "loss_before", "loss_after", "loss_change",
                                          "pred_before", "pred_after"])
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
+    perm = trained[rng.permutation(n)]
     control_a, control_b = perm[:top], perm[top:2 * top]
     pairs = pd.DataFrame([
         {"pair": "opposing", "group_a": "opposing_rise", "group_b": "opposing_fall", "size": top,
@@ -107,6 +110,6 @@ def find(run: Union[Run, str], step: Union[int, str], top: int = 20, window: int
     pairs.insert(1, "step", t)
     pairs.insert(2, "window", max(window, 2))
     pairs["fraction_loss_increased"] = float((change > 0).mean())
-    pairs["full_loss_amplitude"] = float(np.abs(np.diff(losses.mean(1))).mean())
+    pairs["full_loss_amplitude"] = float(np.abs(np.diff(losses[:, trained].mean(1))).mean())
     spec = {"kind": "opposing", "indices_rise": [int(i) for i in rise], "indices_fall": [int(i) for i in fall]}
     return Opposing(t, points, pairs, spec)

@@ -82,3 +82,25 @@ def test_the_opposing_group_kind_detects_the_pair_in_a_run(quick_run, tmp_path):
         resolve([{**entry, "indices_rise": [1]}], data.X, data.y)
     with pytest.raises(SpecError, match=r"\.indices_fall: missing"):
         resolve([{"kind": "opposing", "indices_rise": [1]}], data.X, data.y)
+
+
+def test_only_training_points_are_ranked_when_groups_are_held_out(tmp_path, tiny_spec):
+    import eosbranch
+    from conftest import write_spec
+    from eosbranch.train import build
+
+    tiny_spec.update(steps=10, groups={"kind": "prototypes", "per_class": 3, "mode": "heldout"})
+    run = eosbranch.train(write_spec(tmp_path / "s.yaml", tiny_spec), tmp_path / "runs")
+    exp = build(run.spec)
+    trained = set(exp.train_index.tolist())
+    held = set(range(len(exp.data.X))) - trained
+    assert held  # the prototype groups are not trained on
+    res = find(run, 4, top=8, window=3)
+    assert set(res.points["index"]) <= trained
+    # The fraction is over training points: recompute it from a replay.
+    from eosbranch.opposing import loss_trajectory
+
+    losses, _, _ = loss_trajectory(run, 4, 3)
+    idx = sorted(trained)
+    want = float(((losses[1] - losses[0])[idx] > 0).mean())
+    assert res.pairs["fraction_loss_increased"].iloc[0] == pytest.approx(want)
