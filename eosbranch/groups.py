@@ -444,7 +444,6 @@ class OpposingParams(Params):
     top: int = Field(20, ge=1, description="with run: points per group (the top rises and the top falls)")
 
 
-
 @GROUP_KINDS.register("opposing", OpposingParams)
 def opposing(state: Resolved, p: OpposingParams, where: str) -> Resolved:
     """A pair of opposing-signal groups: given by index, or detected in a run (``run``, ``step``,
@@ -476,29 +475,21 @@ def opposing(state: Resolved, p: OpposingParams, where: str) -> Resolved:
 def _detect_opposing(state: Resolved, p: OpposingParams, where: str) -> tuple[list[int], list[int]]:
     from .errors import EosbranchError
     from .opposing import find
-    from .run import Run
-    from .train import build
 
     path = Path(p.run).expanduser()
     if not (path / "spec.yaml").is_file():
         raise SpecError(f"{where}.run: no run directory at {p.run} (it has no spec.yaml)")
     try:
-        run = Run(path)
-        source = build(run.spec).data
-        # The run holds its data in its own dtype (resolution works in float64): compare in that.
-        same = source.X.shape == state.X.shape and torch.equal(source.X.cpu(), state.X.to(source.X.dtype).cpu()) \
-            and torch.equal(source.y.cpu(), state.y.to(source.y.dtype).cpu())
-        if not same:
-            raise SpecError(f"{where}.run: {p.run} was trained on other data ({len(source.X)} points) than this "
-                            f"spec has here ({len(state.X)} points); the pair's indices would name other points")
-        res = find(run, p.step, top=p.top, window=2)
-    except SpecError:
-        raise
+        res = find(str(path), p.step, top=p.top, window=2)
     except EosbranchError as err:
         raise SpecError(f"{where}: {err}") from None
-    pts = res.points
-    return (sorted(int(i) for i in pts[pts.role == "rise"]["index"]),
-            sorted(int(i) for i in pts[pts.role == "fall"]["index"]))
+    # The indices name rows of the run's data (held in its own dtype; resolution works in float64).
+    X, y = res.data.X.cpu(), res.data.y.cpu()
+    if not (X.shape == state.X.shape and torch.equal(X, state.X.to(X.dtype).cpu())
+            and torch.equal(y, state.y.to(y.dtype).cpu())):
+        raise SpecError(f"{where}.run: {p.run} was trained on other data ({len(X)} points) than this "
+                        f"spec has here ({len(state.X)} points); the pair's indices would name other points")
+    return res.group_spec["indices_rise"], res.group_spec["indices_fall"]
 
 
 # --------------------------------------------------------------------------------------- describe

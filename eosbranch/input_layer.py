@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .curvature import _running_stats_frozen, unflatten
+from .mlp_chain import sequential_children
 
 __all__ = ["InputSplit", "split", "group_curvature"]
 
@@ -66,11 +67,9 @@ def split(model: nn.Module, param_names: list[str]) -> InputSplit | None:
     """An :class:`InputSplit` when ``model`` is an ``nn.Sequential`` whose first module holding
     tensors is an ``nn.Linear`` with a trainable weight (modules before it hold none, e.g.
     Flatten), else None. ``param_names``: the trainable parameters in flat-layout order."""
-    if type(model) is not nn.Sequential:
+    children = sequential_children(model)
+    if children is None:
         return None
-    children = list(model._modules.items())
-    if len({id(m) for _, m in children}) != len(children):
-        return None  # a module used twice: named_children() would list it once and `rest` miss a step
     for j, (name, mod) in enumerate(children):
         if not _holds_tensors(mod):
             continue

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PREFIX", "ELEMENTWISE", "Chain", "split", "activation"]
+__all__ = ["PREFIX", "ELEMENTWISE", "Chain", "sequential_children", "split", "activation"]
 
 # Modules allowed before the first Linear: reshapes that act on each example alone.
 PREFIX = (nn.Flatten, nn.Identity)
@@ -41,14 +41,22 @@ class Chain:
         return [s for s in self.steps if s[0] == "linear"]
 
 
-def split(model: nn.Module, param_names: list[str], X_sample: Tensor) -> Chain | None:
-    """A :class:`Chain` if ``model`` has the form this module covers and its first Linear sees one
-    row per example (``X_sample``: a batch of inputs), else None."""
+def sequential_children(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """(name, module) of each position of a plain ``nn.Sequential``, or None for anything else and
+    for a module used at two positions (named_children() and named_parameters() list it once, so a
+    pass over them would skip a step the model takes)."""
     if type(model) is not nn.Sequential:
         return None
     children = list(model._modules.items())
-    if len({id(m) for _, m in children}) != len(children):
-        return None  # a module used twice: named_children() and named_parameters() would list it once
+    return children if len({id(m) for _, m in children}) == len(children) else None
+
+
+def split(model: nn.Module, param_names: list[str], X_sample: Tensor) -> Chain | None:
+    """A :class:`Chain` if ``model`` has the form this module covers and its first Linear sees one
+    row per example (``X_sample``: a batch of inputs), else None."""
+    children = sequential_children(model)
+    if children is None:
+        return None
     prefix, steps, expected = [], [], []
     for name, mod in children:
         if type(mod) is nn.Linear:

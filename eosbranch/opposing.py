@@ -28,6 +28,7 @@ class Opposing:
     points: pd.DataFrame  # index, label, role, loss_before, loss_after, loss_change, pred_before, pred_after
     pairs: pd.DataFrame  # pair, group_a, group_b, size, alternation_rate, amplitude_a, amplitude_b, correlation
     group_spec: dict  # an `opposing` group entry that makes the pair trackable in later runs
+    data: object  # the run's Dataset, whose rows the indices name
 
 
 def pair_statistics(a: np.ndarray, b: np.ndarray) -> dict:
@@ -112,4 +113,4 @@ def find(run: Union[Run, str], step: Union[int, str], top: int = 20, window: int
     pairs["fraction_loss_increased"] = float((change > 0).mean())
     pairs["full_loss_amplitude"] = float(np.abs(np.diff(losses[:, trained].mean(1))).mean())
     spec = {"kind": "opposing", "indices_rise": [int(i) for i in rise], "indices_fall": [int(i) for i in fall]}
-    return Opposing(t, points, pairs, spec)
+    return Opposing(t, points, pairs, spec, exp.data)

@@ -145,7 +145,7 @@ class Context:
         self.taylor = (mlp_chain.split(model, self.param_names, X) if curvature_method in ("auto", "taylor")
                        else None)
         if curvature_method == "taylor" and self.taylor is None:
-            raise ValueError("Context: curvature_method='taylor' needs an nn.Sequential of parameter-free modules, "
+            raise ValueError("Context: curvature_method='taylor' needs an nn.Sequential of Flatten/Identity, "
                              "then nn.Linear layers (all trainable) and elementwise activations; use 'auto'")
         self.input_split = (input_split(model, self.param_names) if curvature_method in ("auto", "input_layer")
                             else None)
@@ -284,30 +284,15 @@ class Context:
         return self._get(KEYS["group_accuracy"], self._group_pass)
 
     # ------------------------------------------------------------------ curvature pass
-    def _hessian_chunks(self):
-        """(X_c, y_c, positions, weight, objective) over the points of the Hessian (all, or
-        ``hessian_subset``): ``objective(outputs, y_c)`` is the chunk's (weighted) mean
-        loss and ``weight`` its share of the whole, so sum_c weight_c objective_c is the loss."""
-        n_h = self.n if self.hessian_subset is None else self.hessian_subset.numel()
-        w = self.weights
-        if w is not None:
-            w = w.to(self.device, self.dtype)
-            w_h = w.sum() if self.hessian_subset is None else w[self.hessian_subset.to(self.device)].sum()
-        for Xc, yc, pos in self._chunks(self.hessian_subset):
-            if w is None:
-                yield Xc, yc, pos, pos.numel() / n_h, self.loss_fn
-            else:
-                wc = w[(pos if self.hessian_subset is None else self.hessian_subset[pos]).to(self.device)]
-
-                def objective(out, yc, wc=wc):
-                    return (self.loss_fn(out, yc, reduction="none") * wc).sum() / wc.sum().clamp_min(1e-30)
-
-                yield Xc, yc, pos, wc.sum() / w_h, objective
+    @property
+    def _n_hessian(self) -> int:
+        return self.n if self.hessian_subset is None else self.hessian_subset.numel()
 
     def _hessian_points(self):
-        """(X_c, y_c, omega_c) over the points of the Hessian in chunks: omega_i is point i's weight
-        in the training loss (1/n, or w_i / sum w over those points), so L = sum_i omega_i l_i."""
-        n_h = self.n if self.hessian_subset is None else self.hessian_subset.numel()
+        """(X_c, y_c, positions, omega_c) over the points of the Hessian (all, or ``hessian_subset``)
+        in chunks: omega_i is point i's weight in the training loss (1/n, or w_i / sum w over those
+        points), so L = sum_i omega_i l_i."""
+        n_h = self._n_hessian
         w = None if self.weights is None else self.weights.to(self.device, self.dtype)
         if w is not None:
             w = w if self.hessian_subset is None else w[self.hessian_subset.to(self.device)]
@@ -315,7 +300,21 @@ class Context:
         for Xc, yc, pos in self._chunks(self.hessian_subset):
             omega = (torch.full((pos.numel(),), 1.0 / n_h, dtype=self.dtype, device=self.device) if w is None
                      else w[pos.to(self.device)])
-            yield Xc, yc, omega
+            yield Xc, yc, pos, omega
+
+    def _hessian_chunks(self):
+        """(X_c, y_c, positions, weight, objective): ``objective(outputs, y_c)`` is the chunk's
+        (weighted) mean loss and ``weight`` its share of the whole, so sum_c weight_c objective_c
+        is the loss (the autograd passes differentiate the chunk's mean)."""
+        for Xc, yc, pos, omega in self._hessian_points():
+            if self.weights is None:
+                yield Xc, yc, pos, pos.numel() / self._n_hessian, self.loss_fn
+                continue
+
+            def objective(out, yc, wc=omega):
+                return (self.loss_fn(out, yc, reduction="none") * wc).sum() / wc.sum().clamp_min(1e-30)
+
+            yield Xc, yc, pos, omega.sum(), objective
 
     def curvature(self, sharpness_gradient: bool = True, group_quadratic: bool = True,
                   sharpness_coupling: bool = False) -> None:

@@ -41,11 +41,13 @@ class Cache:
         self.omega: Tensor | None = None
         self.f: Tensor | None = None
         self.loss_grad: Tensor | None = None  # per-example dl/df with its graph (for d2l/df2)
+        self.losses: Tensor | None = None     # per-example losses l_i [n]
 
 
 def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor, omega: Tensor) -> Cache:
     """Forward and adjoint pass at ``params`` on (X, y); ``omega`` [n] are the points' weights in the
-    objective sum_i omega_i l_i."""
+    objective sum_i omega_i l_i (all ones: the adjoints are each example's own dl_i/dz, which
+    ``eosbranch.taylor`` uses for the group gradients' factors)."""
     c = Cache(chain, params)
     x = chain.inputs(X)
     with torch.no_grad():
@@ -62,7 +64,7 @@ def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor
         f = x.detach().requires_grad_(True)
         per = loss_fn(f, y, reduction="none")
         gl = torch.autograd.grad(per.sum(), f, create_graph=True)[0]
-    c.f, c.loss_grad, c.omega = f, gl, omega
+    c.f, c.loss_grad, c.omega, c.losses = f, gl, omega, per.detach()
     # Adjoints backward: deltas[i] is dL/d(output of step i).
     with torch.no_grad():
         d = omega.unsqueeze(-1) * gl.detach()

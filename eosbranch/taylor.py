@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import r_operator
 from .curvature import unflatten
 from .mlp_chain import Chain, activation
 
@@ -61,7 +62,7 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 # ---------------------------------------------------------------------- group pass
 def group_pass(ctx) -> dict:
     """Group gradients, losses, accuracies and the per-layer factors of the gradient blocks, from
-    one forward and one backward to the pre-activations over the union of the groups' points.
+    one forward and adjoint pass (``r_operator.build``) over the union of the groups' points.
     Fills ``ctx.cache`` (group_grads, group_loss, group_accuracy, taylor_factors)."""
     chain: Chain = ctx.taylor
     names = list(ctx.groups)
@@ -80,39 +81,25 @@ def group_pass(ctx) -> dict:
     cols = [torch.nonzero(Wmat[k]).reshape(-1) for k in range(K)]  # each group's positions in the union
     low = _low_rank_groups(chain, [c.numel() for c in cols])
     keep = [torch.unique(torch.cat([cols[k] for k in ks])) if ks else None for ks in low]  # sorted
-    with torch.enable_grad():
-        for Xc, yc, pos in ctx._chunks(union):
-            Wc = Wmat[:, pos.to(ctx.device)]
-            x = chain.inputs(Xc)
-            ins, zs = [], []
-            for step in chain.steps:
-                if step[0] == "linear":
-                    _, mod, wname, bname = step
-                    ins.append(x.detach())
-                    z = F.linear(x, P[wname], P[bname] if bname else None)
-                    if not zs:
-                        z = z.detach().requires_grad_(True)  # no parameter gradients: pre-activations only
-                    zs.append(z)
-                    x = z
-                else:
-                    x = step[1](x)
-            per = ctx.loss_fn(x, yc, reduction="none")
-            # Each loss depends on its own row only, so row i of dsum/dz_j is dl_i/dz_j.
-            deltas = torch.autograd.grad(per.sum(), zs, allow_unused=True)
-            own = [torch.nonzero(Wc[k]).reshape(-1) for k in range(K)]  # each group's points in this chunk
-            for j, (a, d) in enumerate(zip(ins, deltas)):
-                d = torch.zeros_like(zs[j]) if d is None else d
-                for k, c in enumerate(own):  # each group's own points only: U_k = (w_k delta)^T A
-                    wd = Wc[k, c].unsqueeze(1) * d[c]
-                    blocks[j][0][k].addmm_(wd.T, a[c])
-                    blocks[j][1][k] += wd.sum(0)
-                if keep[j] is not None:
-                    rows = torch.isin(pos.to(keep[j].device), keep[j])
-                    a_rows[j].append(a[rows])
-                    d_rows[j].append(d[rows])
-            losses += Wc @ per.detach()
-            if ctx.classification:
-                correct += Wc @ ctx._correct(x.detach(), yc)
+    linear_steps = [i for i, step in enumerate(chain.steps) if step[0] == "linear"]
+    for Xc, yc, pos in ctx._chunks(union):
+        Wc = Wmat[:, pos.to(ctx.device)]
+        # Weights all 1: the adjoint at each pre-activation is each example's own dl_i/dz_j.
+        ab = r_operator.build(chain, P, ctx.loss_fn, Xc, yc, torch.ones(len(pos), dtype=ctx.dtype, device=ctx.device))
+        own = [torch.nonzero(Wc[k]).reshape(-1) for k in range(K)]  # each group's points in this chunk
+        for j, (a, step) in enumerate(zip(ab.inputs, linear_steps)):
+            d = ab.deltas[step]
+            for k, c in enumerate(own):  # each group's own points only: U_k = (w_k delta)^T A
+                wd = Wc[k, c].unsqueeze(1) * d[c]
+                blocks[j][0][k].addmm_(wd.T, a[c])
+                blocks[j][1][k] += wd.sum(0)
+            if keep[j] is not None:
+                rows = torch.isin(pos.to(keep[j].device), keep[j])
+                a_rows[j].append(a[rows])
+                d_rows[j].append(d[rows])
+        losses += Wc @ ab.losses
+        if ctx.classification:
+            correct += Wc @ ctx._correct(ab.f.detach(), yc)
     # Per layer: the inputs a_i and pre-activation gradients delta_i of the points of the groups that
     # take the low-rank route there, and for each such group k its rows and weights w_ki.
     factors = [None if keep[j] is None else
@@ -127,7 +114,8 @@ def group_pass(ctx) -> dict:
 def _low_rank_groups(chain: Chain, sizes: list[int]) -> list[list[int]]:
     """Per Linear layer, the groups whose gradient block is cheaper applied through its factors:
     x U_k^T = (x A_k^T)(w_k delta_k) costs n |G_k| (in + out), the dense block n in out."""
-    return [[k for k, m in enumerate(sizes) if m * (mod.in_features + mod.out_features) < mod.in_features * mod.out_features]
+    return [[k for k, m in enumerate(sizes)
+             if m * (mod.in_features + mod.out_features) < mod.in_features * mod.out_features]
             for _, mod, _, _ in chain.linears]
 
 
@@ -194,7 +182,7 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
         first_rows.append(fac["layers"][0]["A"])
     first_rows = torch.cat(first_rows)
     width = P[w1].shape[0]
-    for Xh, yh, om in ctx._hessian_points():
+    for Xh, yh, _, om in ctx._hessian_points():
         # At most SUB_CHUNK points at a time: the K group streams are K times the size of an
         # activation, and smaller blocks stay in cache and reuse the allocator's memory.
         for i in range(0, Xh.shape[0], SUB_CHUNK):
