@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .loss import output_derivatives
 from .mlp_chain import Chain, activation
 
 __all__ = ["Cache", "build", "hvp", "gradient"]
@@ -40,7 +41,8 @@ class Cache:
         self.deltas: list[Tensor] = []   # per step, the adjoint of the step's output [n, out]
         self.omega: Tensor | None = None
         self.f: Tensor | None = None
-        self.loss_grad: Tensor | None = None  # per-example dl/df with its graph (for d2l/df2)
+        self.loss_grad: Tensor | None = None  # per-example dl/df (with its graph unless loss_hess is known)
+        self.loss_hess = None  # closed-form v -> (d2l/df2) v of a built-in loss (eosbranch.loss)
         self.losses: Tensor | None = None     # per-example losses l_i [n]
 
 
@@ -60,14 +62,19 @@ def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor
                 h, s1, s2 = activation(step[1], x, graph=False)
                 c.derivs.append((s1, s2))
                 x = h
-    with torch.enable_grad():
-        f = x.detach().requires_grad_(True)
-        per = loss_fn(f, y, reduction="none")
-        gl = torch.autograd.grad(per.sum(), f, create_graph=True)[0]
-    c.f, c.loss_grad, c.omega, c.losses = f, gl, omega, per.detach()
+    known = output_derivatives(loss_fn, x, y)  # built-in losses: no autograd graph of the loss
+    if known is not None:
+        c.f, c.loss_grad, c.losses, c.loss_hess = x, known.grad, known.losses, known.hess_times
+    else:
+        with torch.enable_grad():
+            f = x.detach().requires_grad_(True)
+            per = loss_fn(f, y, reduction="none")
+            gl = torch.autograd.grad(per.sum(), f, create_graph=True)[0]
+        c.f, c.loss_grad, c.losses = f, gl, per.detach()
+    c.omega = omega
     # Adjoints backward: deltas[i] is dL/d(output of step i).
     with torch.no_grad():
-        d = omega.unsqueeze(-1) * gl.detach()
+        d = omega.unsqueeze(-1) * c.loss_grad.detach()
         deltas = [None] * len(chain.steps)
         li, ai = len(c.inputs), len(c.derivs)
         for i in range(len(chain.steps) - 1, -1, -1):
@@ -86,6 +93,8 @@ def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor
 
 def _loss_hessian_times(c: Cache, Rf: Tensor) -> Tensor:
     """omega * (d2l/df2) R{f} per example, for a block [m, n, C]."""
+    if c.loss_hess is not None:
+        return c.omega.unsqueeze(-1) * c.loss_hess(Rf)
     if not c.loss_grad.requires_grad:  # loss linear in f
         return torch.zeros_like(Rf)
     hf = torch.autograd.grad(c.loss_grad, c.f, grad_outputs=Rf, retain_graph=True, is_grads_batched=True,

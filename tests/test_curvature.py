@@ -298,6 +298,27 @@ def test_deterministic_bit_for_bit():
     assert a.n_matvecs == b.n_matvecs
 
 
+def test_basis_storage_kept_between_solves_changes_nothing():
+    """The basis storage a CPU solve leaves for the next one (dirty, possibly larger) gives the same
+    result bit for bit as fresh storage, and is actually reused."""
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=F64))[0]
+    A = Q @ torch.diag(torch.cat([torch.tensor([10.0, 9.0, 8.0], dtype=F64), torch.rand(57, generator=g, dtype=F64)])) @ Q.T
+    B = torch.randn(90, 90, generator=g, dtype=F64)
+    B = B + B.T
+    curvature.release_workspace()
+    fresh = top_eigenpairs(lambda x: A @ x, 60, k=3, tol=1e-10, dtype=F64)
+    top_eigenpairs(lambda x: B @ x, 90, k=4, tol=1e-10, dtype=F64)  # leaves a larger, written basis
+    spare = curvature._spare_basis[0].data_ptr()
+    again = top_eigenpairs(lambda x: A @ x, 60, k=3, tol=1e-10, dtype=F64)
+    assert curvature._spare_basis[0].data_ptr() == spare  # the kept storage served this solve
+    assert torch.equal(fresh.values, again.values) and torch.equal(fresh.vectors, again.vectors)
+    top_eigenpairs(lambda x: A.float() @ x, 60, k=3, tol=1e-4, dtype=torch.float32)  # another dtype: new storage
+    assert curvature._spare_basis[0].dtype == torch.float32
+    curvature.release_workspace()
+    assert not curvature._spare_basis
+
+
 @pytest.fixture(params=["every step", "spaced checks"])
 def check_schedule(request, monkeypatch):
     # "spaced checks" is the accelerator schedule: several steps between host reads, so a rank

@@ -127,3 +127,21 @@ def _mean(loss):
         return loss(outputs, targets).expand(outputs.shape[0])  # the mean, repeated: its mean is the loss
 
     return per
+
+
+def test_r_operator_with_a_custom_per_example_loss_uses_autograd_for_the_loss():
+    """A loss that is not built in (no closed-form derivatives) but gives per-example losses: the
+    R-operator differentiates it with autograd, and still equals the dense Hessian."""
+    def smooth_l1(outputs, targets, reduction="mean"):
+        r = outputs - nn.functional.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
+        per = (torch.sqrt(1 + r * r) - 1).sum(1)  # pseudo-Huber: curvature varies with the residual
+        return per.mean() if reduction == "mean" else per
+
+    model, X, y = deep(nn.Tanh)
+    hv = hessian_matvec(model, smooth_l1, (X, y))
+    assert hv.method == "r_operator"
+    hv(torch.zeros(hv.dim, dtype=F64))
+    assert hv._r_cache.loss_hess is None  # the autograd path, not a closed form
+    H = dense(model, smooth_l1, X, y)
+    V = torch.randn(H.shape[0], 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(hv(V), H @ V, rtol=1e-10, atol=1e-12)
