@@ -10,35 +10,39 @@ At the final state every method estimates the top eigenpair; we report products 
 cost in full-batch gradients (one timed in the same run), relative error of lambda_1 against a
 tight float64 reference, and the achieved residual ||H v - lambda v|| / |lambda| (float64 HVP).
 
-    .venv/bin/python benchmarks/curvature.py [--settings cifar quick] [--repeats 3] [--cache DIR]
+    .venv/bin/python benchmarks/curvature.py [--settings cifar quick] [--repeats N] [--cache DIR]
 
 Peers: PyHessian's power iteration (its tol is on the eigenvalue's relative change) and SciPy
 eigsh through curvlinops' HessianLinearOperator, each at tol 1e-3 and tighter, so that the
 cheapest run that actually reaches residual <= 1e-3 can be named; SciPy eigsh on eosbranch's own
 matvec isolates the solver. Missing optional packages are skipped with a note.
 
-Results (2-core x86 VM, torch 2.14.1, 1 thread, CPU seconds, best of 3 (quick: of 5);
+Results (2-core x86 VM, torch 2.14.1, 1 thread, CPU seconds, best of 3 (cifar) / 20 (quick);
 --cache /tmp/bcache), cost in gradients (HVPs in brackets). eosbranch's default HVP for these MLPs
-is the R-operator (eosbranch.r_operator); double backward is timed beside it:
+is the R-operator (eosbranch.r_operator, closed-form loss derivatives); double backward beside it:
                                   quick.yaml (tanh 64-128-128-2)   cifar-shaped, N=2000
   lambda_1 / lambda_2             18.20 / 8.01                     22.77 / 10.24
-  eosbranch cold                  12.5 (5)   double backward 12.3  6.6 (4)   double backward 6.6
-  eosbranch warm (32 steps)        8.8 (3)   double backward  6.9  6.1 (4)   double backward 6.5
-  fastest peer at resid <= 1e-3   PyHessian tol 1e-4: 17.9 (9)     PyHessian tol 1e-5: 12.7 (9)
-  cold / warm vs that peer        0.70 / 0.49 (targets 0.5 / 0.25) 0.52 / 0.48 (targets 0.5 / 0.25)
-  eigsh on our matvec             52 grads (0.24 / 0.17)           42 grads (0.15 / 0.14)
-  top-5 / top-1 (block of 5)      4.2x                             20.2x
-  top-5 / top-1 (block_size=1)    2.7x  (target 3x: met)           9.3x  (target 3x)
-  one HVP, R-operator / double bw 1.3-2.3 / 1.4-2.1 (noisy at 1 ms) 1.36 / 1.26
-On quick.yaml a gradient costs 1.1-1.4 ms and repeated runs scatter by +-30% (product counts do
-not). Why the cifar targets stay missed: a Hessian-vector product costs at least the two products
-of the data with a 512 x 3072 matrix plus six 2000 x 512 x 512 products, 1.2-1.3 gradients by
-arithmetic alone, and building the operator costs a forward pass (0.55) plus 0.45 for the gradient
-that seeds a cold start (4 products instead of 6). A cold solve therefore costs at least
-0.55 + 0.45 + 4 x 1.25 = 6.0 gradients, 0.47 of PyHessian's 12.7; a warm start from the vector of
+  eosbranch cold                   8.6 (5)   double backward 10.0  6.8 (4)   double backward 6.9
+  eosbranch warm (32 steps)        5.3 (3)   double backward  6.5  6.3 (4)   double backward 6.5
+  fastest peer at resid <= 1e-3   PyHessian tol 1e-4: 14.8 (9)     PyHessian tol 1e-5: 13.1 (9)
+  cold / warm vs that peer        0.58 / 0.36 (targets 0.5 / 0.25) 0.52 / 0.48 (targets 0.5 / 0.25)
+  eigsh on our matvec             38 grads (0.22 / 0.14)           47 grads (0.15 / 0.13)
+  top-5 / top-1 (block of 5)      5.0x                             18.0x
+  top-5 / top-1 (block_size=1)    2.6x  (target 3x: met)           9.0x  (target 3x)
+  one HVP, R-operator / double bw 1.42 / 1.61                      1.26 / 1.25
+On quick.yaml a gradient costs 1.1 ms and this VM's runs scatter by +-30% (best of 5 gave cold
+9.3-15.9 in three runs; product counts do not move). Why the cifar targets stay missed: a
+Hessian-vector product costs at least the two products of the data with a 512 x 3072 matrix plus
+six 2000 x 512 x 512 products, 1.2-1.3 gradients by arithmetic alone (the gradient: two and
+three), and building the operator costs a forward pass (0.55) plus 0.45 for the gradient that
+seeds a cold start (4 products instead of 6-9). A cold solve therefore costs at least
+0.55 + 0.45 + 4 x 1.25 = 6.0 gradients, 0.46 of PyHessian's 13.1; a warm start from the vector of
 32 steps before (|cos| 0.99 with v1) still needs 4 products for residual 1e-3 (Lanczos gains a
-factor T_k(1 + 2 gap) = 3.45, 22.8, 154 over 1, 2, 3 steps against tan = 0.14), so >= 5.5 gradients,
-where the target allows 3.2. Top-5 meets lambda_5 = 4.545 next to lambda_6 = 4.508: 39 products.
+factor T_k(1 + 2 gap) = 3.45, 22.8, 154 over 1, 2, 3 steps against tan = 0.11), so >= 5.5 gradients,
+where the target allows 3.3. Top-5 meets lambda_5 = 4.545 next to lambda_6 = 4.508: 39 products
+against top-1's 4. On quick.yaml the gradient hint is useless (cos^2 with v1 = 2e-5 at this
+state): 5 products cold, 3 warm (|cos| 0.998), against PyHessian's 9; the warm target would need
+the 3 products and the build to cost under 3.7 gradients, where the products alone take 4.3.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ def cifar_setting():
     return mlp(X.shape[1], 0.2, seed=0), X, y, None  # step size from the initial sharpness
 
 
+DEFAULT_REPEATS = {"cifar": 3, "quick": 20}
 SETTINGS = {
     # name: () -> (model, X, y, step size or None for 2 / (1.3 S_0))
     "cifar": cifar_setting,
@@ -382,16 +387,20 @@ def report(res):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timings are the best of this many runs (default: cifar 3, quick 20: its solves take "
+                         "~10 ms, where a shared VM's scatter needs more runs for a stable minimum)")
     ap.add_argument("--cache", default=None, help="directory to keep trained states between runs")
     args = ap.parse_args()
     from threadpoolctl import threadpool_limits  # ships with scikit-learn
 
     torch.set_num_threads(1)  # CPU-time measurements need one thread everywhere
-    print(f"torch {torch.__version__}, 1 thread, CPU; times are CPU seconds (best of {args.repeats})")
+    print(f"torch {torch.__version__}, 1 thread, CPU; times are CPU seconds (best of n runs)")
     with threadpool_limits(1):
         for name in args.settings:
-            report(run_setting(name, args.repeats, args.cache))
+            repeats = args.repeats or DEFAULT_REPEATS[name]
+            print(f"\n{name}: best of {repeats}")
+            report(run_setting(name, repeats, args.cache))
 
 
 if __name__ == "__main__":
