@@ -38,6 +38,7 @@ class Cache:
         self.chain, self.params = chain, params
         self.inputs: list[Tensor] = []   # per Linear: its input a [n, in]
         self.derivs: list[tuple] = []    # per activation: (s', s'' or None)
+        self.s2_delta: list[Tensor | None] = []  # per activation: s'' * its output's adjoint (fixed)
         self.deltas: list[Tensor] = []   # per step, the adjoint of the step's output [n, out]
         self.omega: Tensor | None = None
         self.f: Tensor | None = None
@@ -88,6 +89,9 @@ def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor
                 ai -= 1
                 d = c.derivs[ai][0] * d
     c.deltas = deltas
+    acts = [i for i, step in enumerate(chain.steps) if step[0] != "linear"]
+    with torch.no_grad():
+        c.s2_delta = [None if s2 is None else s2 * deltas[i] for i, (_, s2) in zip(acts, c.derivs)]
     return c
 
 
@@ -132,8 +136,8 @@ def hvp(c: Cache, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
                 n = a.shape[0]
                 Ra.append(R)
                 out = (a @ _wide(tangents[w])).view(n, m, -1)  # a V_k^T, all k
-                if R is not None:
-                    out += (R.reshape(n * m, -1) @ P[w].T).view(n, m, -1)
+                if R is not None:  # in place: on small models each temporary costs as much as its product
+                    out.view(n * m, -1).addmm_(R.reshape(n * m, -1), P[w].T)
                 if b:
                     out += tangents[b]
                 R = out
@@ -150,22 +154,27 @@ def hvp(c: Cache, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
                 _, mod, w, b = step
                 a, dz, out_f = c.inputs[li], c.deltas[i], mod.out_features
                 n = a.shape[0]
-                gW = (Rd.reshape(n, m * out_f).T @ a).view(m, out_f, -1)
-                if Ra[li] is not None:  # + delta_z^T R{a}, all k
-                    gW += (dz.T @ Ra[li].reshape(n, -1)).view(out_f, m, -1).transpose(0, 1)
+                gW = Rd.reshape(n, m * out_f).T @ a
+                if Ra[li] is not None and m == 1:  # + delta_z^T R{a}
+                    gW.addmm_(dz.T, Ra[li].reshape(n, -1))
+                elif Ra[li] is not None:  # all k: [out, m*in] -> [m, out, in]
+                    gW.view(m, out_f, -1).add_((dz.T @ Ra[li].reshape(n, -1)).view(out_f, m, -1).transpose(0, 1))
+                gW = gW.view(m, out_f, -1)
                 result[w] = gW
                 if b:
                     result[b] = Rd.sum(0)
                 if li > 0:  # R{delta_a} = R{delta_z} W + delta_z V
-                    Rd_next = (Rd.reshape(n * m, out_f) @ P[w]).view(n, m, -1)
-                    Rd_next += (dz @ tangents[w].transpose(0, 1).reshape(out_f, -1)).view(n, m, -1)
-                    Rd = Rd_next
+                    Rd_next = Rd.reshape(n * m, out_f) @ P[w]
+                    if m == 1:
+                        Rd_next.addmm_(dz, tangents[w][0])
+                    else:
+                        Rd_next.view(n, -1).add_(dz @ tangents[w].transpose(0, 1).reshape(out_f, -1))
+                    Rd = Rd_next.view(n, m, -1)
             else:
                 ai -= 1
-                s1, s2 = c.derivs[ai]
-                Rd = s1.unsqueeze(1) * Rd
-                if s2 is not None:
-                    Rd += (s2 * c.deltas[i]).unsqueeze(1) * Rz[ai]
+                Rd = c.derivs[ai][0].unsqueeze(1) * Rd
+                if c.s2_delta[ai] is not None:
+                    Rd.addcmul_(c.s2_delta[ai].unsqueeze(1), Rz[ai])
     return result
 
 
