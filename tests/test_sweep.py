@@ -32,9 +32,10 @@ from eosbranch.train import run_dir_for
 train_module = importlib.import_module("eosbranch.train")  # the package binds `train` to the function
 runner = CliRunner()
 FORK = ("step", 10)
-# Wide enough that some measured quantities (curvature_fraction) are reductions whose rounding
-# depends on the number of torch threads (see test_the_sweeps_thread_count_decides_the_bits).
 SPEC = {**TINY, "model": {"kind": "mlp", "width": 64, "depth": 1}, "steps": 20, "measure": {"every": 10}}
+# Wide enough that some recorded values are reductions whose rounding depends on the number of
+# torch threads (see test_the_sweeps_thread_count_decides_the_bits; at width 64 they no longer do).
+THREAD_SENSITIVE = {**SPEC, "model": {"kind": "mlp", "width": 256, "depth": 2}}
 
 
 @contextlib.contextmanager
@@ -188,13 +189,13 @@ def test_ctrl_c_stops_the_sweep_instead_of_failing_one_job(tmp_path, monkeypatch
 
 
 def test_the_sweeps_thread_count_decides_the_bits(tmp_path):
-    one_by_one(tmp_path / "one", [1], threads=1)
-    one_by_one(tmp_path / "two", [1], threads=2)
+    one_by_one(tmp_path / "one", [1], threads=1, spec=THREAD_SENSITIVE)
+    one_by_one(tmp_path / "two", [1], threads=2, spec=THREAD_SENSITIVE)
     if same_runs(tmp_path / "one", tmp_path / "two"):
         pytest.skip("here 1 and 2 torch threads round this spec's reductions alike: nothing to tell apart")
     # The caller runs at 1 thread; the sweep's serial job must still run (and match) at 2.
     with torch_threads(1):
-        res = sweep(SPEC, [1], tmp_path / "sweep", fork=FORK, steps=10, threads=2)
+        res = sweep(THREAD_SENSITIVE, [1], tmp_path / "sweep", fork=FORK, steps=10, threads=2)
     assert res.ok and res.jobs[0].pid == os.getpid()
     assert_same_runs(tmp_path / "sweep", tmp_path / "two")
 
