@@ -22,16 +22,16 @@ Results (2-core x86 VM, torch 2.14.1, 1 thread, CPU seconds, best of 3 (cifar) /
 is the R-operator (eosbranch.r_operator, closed-form loss derivatives); double backward beside it:
                                   quick.yaml (tanh 64-128-128-2)   cifar-shaped, N=2000
   lambda_1 / lambda_2             18.20 / 8.01                     22.77 / 10.24
-  eosbranch cold                   8.6 (5)   double backward 10.0  6.8 (4)   double backward 6.9
-  eosbranch warm (32 steps)        5.3 (3)   double backward  6.5  6.3 (4)   double backward 6.5
-  fastest peer at resid <= 1e-3   PyHessian tol 1e-4: 14.8 (9)     PyHessian tol 1e-5: 13.1 (9)
-  cold / warm vs that peer        0.58 / 0.36 (targets 0.5 / 0.25) 0.52 / 0.48 (targets 0.5 / 0.25)
-  eigsh on our matvec             38 grads (0.22 / 0.14)           47 grads (0.15 / 0.13)
-  top-5 / top-1 (block of 5)      5.0x                             18.0x
-  top-5 / top-1 (block_size=1)    2.6x  (target 3x: met)           9.0x  (target 3x)
-  one HVP, R-operator / double bw 1.42 / 1.61                      1.26 / 1.25
-On quick.yaml a gradient costs 1.1 ms and this VM's runs scatter by +-30% (best of 5 gave cold
-9.3-15.9 in three runs; product counts do not move). Why the cifar targets stay missed: a
+  eosbranch cold                   8.5 (5)   double backward  9.8  6.8 (4)   double backward 6.9
+  eosbranch warm (32 steps)        5.2 (3)   double backward  6.3  6.3 (4)   double backward 6.5
+  fastest peer at resid <= 1e-3   PyHessian tol 1e-4: 15.1 (9)     PyHessian tol 1e-5: 13.1 (9)
+  cold / warm vs that peer        0.56 / 0.34 (targets 0.5 / 0.25) 0.52 / 0.48 (targets 0.5 / 0.25)
+  eigsh on our matvec             32 grads (0.27 / 0.16)           47 grads (0.15 / 0.13)
+  top-5 / top-1 (block of 5)      4.9x                             18.0x
+  top-5 / top-1 (block_size=1)    2.5x  (target 3x: met)           9.0x  (target 3x)
+  one HVP, R-operator / double bw 1.13 / 1.36                      1.26 / 1.25
+On quick.yaml a gradient costs 1.1 ms and this VM's runs scatter by +-30% (best of 20 gave cold
+0.54-0.58 of PyHessian in three runs; product counts do not move). Why the cifar targets stay missed: a
 Hessian-vector product costs at least the two products of the data with a 512 x 3072 matrix plus
 six 2000 x 512 x 512 products, 1.2-1.3 gradients by arithmetic alone (the gradient: two and
 three), and building the operator costs a forward pass (0.55) plus 0.45 for the gradient that
@@ -42,7 +42,7 @@ factor T_k(1 + 2 gap) = 3.45, 22.8, 154 over 1, 2, 3 steps against tan = 0.11), 
 where the target allows 3.3. Top-5 meets lambda_5 = 4.545 next to lambda_6 = 4.508: 39 products
 against top-1's 4. On quick.yaml the gradient hint is useless (cos^2 with v1 = 2e-5 at this
 state): 5 products cold, 3 warm (|cos| 0.998), against PyHessian's 9; the warm target would need
-the 3 products and the build to cost under 3.7 gradients, where the products alone take 4.3.
+the 3 products and the build to cost under 3.8 gradients, where they take 4.0 (3 x 1.13 + 0.6).
 """
 
 from __future__ import annotations
