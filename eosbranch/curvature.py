@@ -335,9 +335,9 @@ def _project_out(basis: Tensor, w: Tensor) -> Tensor:
     """Remove from rows of ``w`` their components along the orthonormal rows of ``basis``, twice
     (one classical Gram-Schmidt pass loses orthogonality when w is nearly in the span)."""
     c = w @ basis.T
-    w -= c @ basis
+    w.addmm_(c, basis, alpha=-1)  # in place: no [rows, dim] temporary
     c2 = w @ basis.T
-    w -= c2 @ basis
+    w.addmm_(c2, basis, alpha=-1)
     return c + c2
 
 
@@ -384,7 +384,7 @@ def _ritz(T: Tensor, n_done: int, n_total: int):
     theta, S = theta[::-1].copy(), S[:, ::-1].copy()
     R = Th @ S
     R[:n_done] -= S * theta
-    return torch.from_numpy(theta), torch.from_numpy(S), torch.from_numpy(np.linalg.norm(R, axis=0))
+    return theta, S, np.linalg.norm(R, axis=0)
 
 
 # A solve's basis (rows x dim) is its largest allocation. On CPU a fresh one is a new mapping
@@ -524,12 +524,12 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
                 grown = storage.view(rows, dim)
                 grown[:c] = V[:c]
                 V = grown
-            if c - a == 1:  # a single vector: QR is a normalisation
+            if c - a == 1:  # a single vector: QR is a normalisation, written straight into the basis
                 Rn = torch.linalg.vector_norm(W).reshape(1, 1)
-                Qn = (W / Rn.clamp_min(torch.finfo(dtype).tiny)).T  # a zero row stays zero, not NaN
+                torch.div(W, Rn.clamp_min(torch.finfo(dtype).tiny), out=V[c:c + 1])  # a zero row stays zero
             else:
                 Qn, Rn = torch.linalg.qr(W.T)  # no host read here; rank problems are caught below
-            V[c:c + nb] = Qn.T[:nb]
+                V[c:c + nb] = Qn.T[:nb]
             T[c:c + nb, a:c] = Rn[:nb]
             colnorm[c:c + nb] = Rn.diagonal()[:nb].abs()
             blocks.append((a, c, c + nb))
@@ -544,12 +544,12 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
         if not (full or out_of_budget or need_restart or every_step or steps >= next_check):
             continue
         next_check = steps + 1 + steps // 8
-        theta, S, res = _ritz(T, n_done, n_total)
-        scale = theta.abs().max().item()
+        theta, S, res = _ritz(T, n_done, n_total)  # NumPy: the checks below are host arithmetic
+        scale = float(np.abs(theta).max())
         # Rank check: a new row much shorter than ||A|| may be a QR artefact of a (near) breakdown,
         # not orthogonal to the basis. Roll back to the block that made it and rebuild it carefully.
-        suspect = (colnorm[checked:n_total].cpu() <= math.sqrt(eps) * scale).nonzero()  # <=: exact zeros
-        if suspect.numel():
+        suspect = np.flatnonzero(colnorm[checked:n_total].cpu().numpy() <= math.sqrt(eps) * scale)  # <=: exact zeros
+        if suspect.size:
             j = checked + int(suspect[0])
             a, c, e = next(blk for blk in blocks if blk[1] <= j < blk[2])
             Wr = T[c:e, a:c].T @ V[c:e]  # the orthogonalised products, rows a:c
@@ -563,24 +563,24 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
             full, out_of_budget, need_restart = stop_flags()
             theta, S, res = _ritz(T, n_done, n_total)
         checked, blocks = n_total, []
-        converged = (n_done >= max(k, fresh) or full) and bool((res[:k] <= tol * theta[:k].abs()).all())
+        converged = (n_done >= max(k, fresh) or full) and bool((res[:k] <= tol * np.abs(theta[:k])).all())
         if converged or full or out_of_budget:
             break
         if need_restart:  # thick restart: keep the top p Ritz vectors and the unexpanded block
             p = min(n_done, max(k, cap // 2))
-            Sp = S[:, :p].to(device=device, dtype=dtype)
+            Sp = torch.from_numpy(S[:, :p].copy()).to(device=device, dtype=dtype)
             Y = Sp.T @ V[:n_done]
             coupling = T[n_done:n_total, :n_done] @ Sp
             q = n_total - n_done
             V[p:p + q] = V[n_done:n_total].clone()
             V[:p] = Y
             T.zero_()
-            T[:p, :p] = torch.diag(theta[:p].to(device=device, dtype=dtype))
+            T[:p, :p] = torch.diag(torch.from_numpy(theta[:p].copy()).to(device=device, dtype=dtype))
             T[p:p + q, :p] = coupling
             fresh = p + q if fresh > n_done else 0
             n_done, n_total, checked = p, p + q, p + q
 
-    vectors = (S[:, :k].to(device=device, dtype=dtype).T @ V[:n_done]).T
+    vectors = (torch.from_numpy(S[:, :k].copy()).to(device=device, dtype=dtype).T @ V[:n_done]).T
     vectors = vectors / vectors.norm(dim=0, keepdim=True)
     # Deterministic signs: agree with the warm start where there is one, else the
     # largest-magnitude component is positive.
@@ -591,4 +591,4 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
     vectors = vectors * torch.where(ref < 0, -1.0, 1.0).to(dtype)
     if device.type == "cpu":
         _spare_basis[:] = [storage]
-    return EigenResult(theta[:k].clone(), vectors, res[:k].clone(), n_mv, converged)
+    return EigenResult(torch.from_numpy(theta[:k].copy()), vectors, torch.from_numpy(res[:k].copy()), n_mv, converged)
