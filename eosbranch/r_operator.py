@@ -122,7 +122,8 @@ def hvp(c: Cache, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
     Internally a block is laid out points first, [n, m, width], contiguous: every product with a
     weight matrix is then one matrix product over n*m rows, and the per-point factors (s', the
     adjoints, [n, width]) broadcast over m along a contiguous axis. (Tangents first, [m, n, width]
-    as transposed views, made the elementwise steps strided: 4x slower for a block of 5.)"""
+    as transposed views, made the elementwise steps strided: a block of 5 took 10.0 ms instead of
+    8.6 on quick.yaml.)"""
     chain, P = c.chain, c.params
     m = next(iter(tangents.values())).shape[0]
     result: dict[str, Tensor] = {}
