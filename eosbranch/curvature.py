@@ -47,10 +47,11 @@ __all__ = [
 # double backward too, since with the cached graph a product is a single backward pass.
 DEFAULT_HVP_METHOD = {"cpu": "double_backward", "cuda": "double_backward"}
 # MLPs of Linear layers and elementwise activations (eosbranch.mlp_chain.split) default to the
-# R-operator written out per layer (eosbranch.r_operator): about the cost per product of double
-# backward with a cached graph (1.36 vs 1.26 gradients on the MLP above), cheaper to build (a
-# forward pass, 0.54, instead of a forward and a create_graph backward), cheaper per vector in a
-# block of 5 (7.0 vs 7.6) and with chunks (1.8 vs 2.6: no graph to rebuild per chunk and product).
+# R-operator written out per layer (eosbranch.r_operator): per product as cheap as double backward
+# with a cached graph or cheaper (1.26 vs 1.25 gradients on the CIFAR-shaped MLP of
+# benchmarks/curvature.py, 1.13 vs 1.36 on quick.yaml), cheaper to build (a forward pass, 0.55,
+# instead of a forward and a create_graph backward) and with chunks (1.8 vs 2.3: no graph to
+# rebuild per chunk and product).
 HVP_METHODS = ("double_backward", "forward_over_reverse", "r_operator")
 
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from . import r_operator
 from .curvature import unflatten
+from .loss import output_derivatives
 from .mlp_chain import Chain, activation
 
 __all__ = ["group_pass", "group_curvature"]
@@ -142,16 +143,22 @@ def _times_group_blocks(x: Tensor, j: int, fac: dict, U: Tensor, xA: Tensor | No
 
 # ---------------------------------------------------------------------- curvature
 def _loss_jet(ctx, f: Tensor, yc: Tensor, f1: Tensor, f2: Tensor | None, graph: bool, batched: bool) -> Tensor:
-    """Per-example l'' = f'^T (d2l/df2) f' + (dl/df) . f'' ([n], or [K, n] when ``batched``)."""
-    if not graph:
-        f = f.detach().requires_grad_(True)
-    with torch.enable_grad():
-        per = ctx.loss_fn(f, yc, reduction="none")
-        gl = torch.autograd.grad(per.sum(), f, create_graph=True)[0]
-        hf = None
-        if gl.requires_grad:  # else the loss is linear in f: no curvature term
-            hf = torch.autograd.grad(gl, f, grad_outputs=f1, create_graph=graph, is_grads_batched=batched,
-                                     allow_unused=True)[0]
+    """Per-example l'' = f'^T (d2l/df2) f' + (dl/df) . f'' ([n], or [K, n] when ``batched``).
+    Built-in losses give their derivatives in closed form (``loss.output_derivatives``, which
+    stays differentiable in f when ``graph``); other losses are differentiated by autograd."""
+    known = output_derivatives(ctx.loss_fn, f if graph else f.detach(), yc)
+    if known is not None:
+        gl, hf = known.grad, known.hess_times(f1)
+    else:
+        if not graph:
+            f = f.detach().requires_grad_(True)
+        with torch.enable_grad():
+            per = ctx.loss_fn(f, yc, reduction="none")
+            gl = torch.autograd.grad(per.sum(), f, create_graph=True)[0]
+            hf = None
+            if gl.requires_grad:  # else the loss is linear in f: no curvature term
+                hf = torch.autograd.grad(gl, f, grad_outputs=f1, create_graph=graph, is_grads_batched=batched,
+                                         allow_unused=True)[0]
     axes = tuple(range(-(f.dim() - 1), 0))
     total = 0 if hf is None else (hf * f1).sum(axes)
     if f2 is not None:

@@ -148,3 +148,24 @@ def test_a_module_used_twice_is_left_to_the_generic_pass():
         gk = J[idx].mean(0)
         assert got[(name, "rayleigh")] == pytest.approx((gk @ H @ gk / (gk @ gk)).item(), rel=1e-9)
         assert got[(name, "sharpness_coupling")] == pytest.approx((gk @ dS).item(), rel=1e-8)
+
+
+def _pseudo_huber(outputs, targets, reduction="mean"):
+    """A loss that is not built in (no closed-form derivatives): curvature varies with the residual."""
+    r = outputs - nn.functional.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
+    per = (torch.sqrt(1 + r * r) - 1).sum(1)
+    return per.mean() if reduction == "mean" else per
+
+
+def test_taylor_route_with_a_custom_loss_differentiates_it_by_autograd():
+    model, X, y = deep(nn.Tanh)
+    w = torch.ones(X.shape[0], dtype=F64)
+    d, H, v1, lam, dS = oracle(model, _pseudo_huber, X, y, w, None)
+    ctx = Context(model, _pseudo_huber, X, y, GROUPS, v1, curvature_method="taylor")
+    got = rows_to_dict(group_probes(ctx))
+    J = d.per_example_grads()
+    for name, idx in GROUPS.items():
+        g = J[idx].mean(0)
+        assert got[(name, "rayleigh")] == pytest.approx((g @ H @ g / (g @ g)).item(), rel=1e-9), name
+        assert got[(name, "sharpness_coupling")] == pytest.approx((g @ dS).item(), rel=1e-8, abs=1e-12), name
+    assert ctx.v1_hessian_quadratic == pytest.approx(lam.item(), rel=1e-9)
