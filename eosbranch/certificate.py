@@ -53,7 +53,7 @@ def fork_snapshot(tr: "Trainer") -> dict:
 
     exp, st = tr.exp, tr.st
     probe = dataclasses.replace(st, cursor=dict(st.cursor))  # the step's batch, without advancing
-    loss, _, grads = forward_backward(exp, probe)
+    loss, _, grads, _, _ = forward_backward(exp, probe)
     g = torch.cat([x.reshape(-1) for x in grads])
     v1 = tr.fork_curvature()["v1"] if exp.spec.measure.sharpness else None
     rows = [("loss/all", loss.item()), ("grad_norm/all", g.norm().item())]

@@ -179,8 +179,11 @@ def measure_probes(tr: "Trainer") -> None:
     ctx = Context(exp.model, exp.loss_fn, exp.data.X, exp.data.y, exp.groups, v1, chunk_size=ms.chunk_size,
                   hessian_subset=_hessian_rows(exp), weights=exp.sample_weight)
     if ms.probes and exp.groups:
+        # Full-batch runs have every group's loss and accuracy at every step (eosbranch.step_losses).
+        every_step = exp.optimizer.batch_size is None
         for group, metric, value in group_probes(ctx):
-            tr.record(group, metric, value)
+            if not (every_step and metric in ("loss", "accuracy")):
+                tr.record(group, metric, value)
     for section in ms.extra_probes:  # registered probes named in the spec (validated there)
         params = dict(section)
         entry = PROBES.entry(params.pop("kind"), where="measure.extra_probes")

@@ -38,6 +38,11 @@ class MeasureSpec(_Section):
     alignment: bool = Field(True, description="per-example cos2(grad l_i, v1) and its Spearman rho with centroid distance")
     curvature_fraction: bool = True
     examples: Literal["all", "groups", "off"] = Field("groups", description="rows of examples.parquet")
+    group_loss_every: Optional[int] = Field(
+        None, gt=0, description="minibatch runs: full-data group losses every k steps (default: at measurements); "
+                                "full-batch runs record them at every step")
+    oscillation_window: int = Field(
+        8, ge=2, le=1024, description="steps before a measurement over which the oscillation variance along v1 is taken")
     reference: Optional[int] = Field(
         None, ge=0, description="step of theta_ref, v1_ref for weight_projection (a measurement step; default t*)")
     extra_probes: list[Any] = Field(

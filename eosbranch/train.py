@@ -33,6 +33,7 @@ from .models import build_model
 from .optimizer import Optimizer, build_optimizer
 from .run import Run
 from .spec import Spec, load_spec, parse_spec
+from .step_losses import StepLosses, group_loss_due
 from .store import SPEC, LINEAGE, RunStore
 from . import tables
 
@@ -237,18 +238,20 @@ def batch_indices(exp: Experiment, cursor: dict) -> Optional[torch.Tensor]:
 
 
 def forward_backward(exp: Experiment, st: TrainState, record: Callable = lambda group, metric, value: None):
-    """Loss, per-example losses (detached) and gradients at the current state on this step's
-    batch (advancing the data cursor). A branch's gradient transform (``exp.grad_hook``, e.g.
+    """Loss, per-example losses (detached), gradients, outputs (detached) and the batch's training
+    positions (None: full batch) at the current state on this step's batch (advancing the data
+    cursor). A branch's gradient transform (``exp.grad_hook``, e.g.
     gradient surgery) edits the gradients here, so every optimizer sees the edited ones."""
     idx = batch_indices(exp, st.cursor)
     X, y = (exp.train_X, exp.train_y) if idx is None else (exp.train_X[idx], exp.train_y[idx])
-    per = exp.loss_fn(exp.model(X), y, reduction="none")
+    out = exp.model(X)
+    per = exp.loss_fn(out, y, reduction="none")
     loss = exp.objective(per, idx)
     hook = exp.grad_hook
     grads = list(torch.autograd.grad(loss, exp.params, retain_graph=hook is not None))
     if hook is not None:
         grads = hook(exp, st, idx, per, grads, record)
-    return loss, per.detach(), grads
+    return loss, per.detach(), grads, out.detach(), idx
 
 
 def apply_update(exp: Experiment, st: TrainState, grads: list[torch.Tensor]) -> None:
@@ -263,7 +266,7 @@ def replay(exp: Experiment, st: TrainState, to_step: int) -> None:
     Measurements are skipped: use it where only parameters matter (a fork replays through
     :class:`Trainer` instead, so its warm starts and events match the parent's)."""
     while st.step < to_step:
-        loss, _, grads = forward_backward(exp, st)
+        loss, _, grads, _, _ = forward_backward(exp, st)
         if not np.isfinite(loss.item()):
             raise DivergenceError(f"replay diverged at step {st.step}")
         apply_update(exp, st, grads)
@@ -311,6 +314,7 @@ class Trainer:
         self.events: list[tuple] = []
         self.examples: list[tuple] = []
         self.st = TrainState(lr=exp.spec.optimizer["lr"])
+        self.step_losses = StepLosses(exp)  # rebuilt where interventions may change the groups' rows
         # A branch replays its parent from a checkpoint up to fork_at, checks the replayed state
         # (check_fork), then applies its interventions (eosbranch.interventions).
         self.fork_at: Optional[int] = None
@@ -379,6 +383,7 @@ class Trainer:
         """Train to ``steps`` (or to the first step where ``until`` holds); returns the last step."""
         exp, st, spec = self.exp, self.st, self.exp.spec
         full_batch = exp.optimizer.batch_size is None
+        self.step_losses = StepLosses(exp)
         stop = _StopFlag()
         with stop.installed():
             while True:
@@ -399,14 +404,15 @@ class Trainer:
                     self.save()  # the final state, as every run's last step
                 if t == steps:
                     with torch.no_grad():
-                        per = exp.loss_fn(exp.model(exp.train_X), exp.train_y, reduction="none")
-                    self.record_step_loss(exp.objective(per).item(), per, True)
+                        out = exp.model(exp.train_X)
+                        per = exp.loss_fn(out, exp.train_y, reduction="none")
+                    self.record_step_loss(exp.objective(per).item(), per, True, out)
                     break
-                loss, per, grads = forward_backward(exp, st, self.record)
+                loss, per, grads, out, idx = forward_backward(exp, st, self.record)
                 value = loss.item()
                 if not np.isfinite(value):
                     self.diverged(value)
-                self.record_step_loss(value, per, full_batch)
+                self.record_step_loss(value, per, full_batch, out, idx)
                 apply_update(exp, st, grads)
                 on_step(self, value)
         self.flush()
@@ -431,6 +437,7 @@ class Trainer:
         self.st.measured["fork_step"] = self.st.step
         for iv in self.interventions:
             iv.at_fork(self)
+        self.step_losses = StepLosses(self.exp)
         self.fork_at = None
         self.event("fork_step", float(self.st.step))
         self.save()
@@ -446,11 +453,20 @@ class Trainer:
             self._fork_curvature = solve_sharpness(self.exp, self.st)
         return self._fork_curvature
 
-    def record_step_loss(self, value: float, per: torch.Tensor, full_batch: bool) -> None:
+    def record_step_loss(self, value: float, per: torch.Tensor, full_batch: bool, out: torch.Tensor,
+                         idx: Optional[torch.Tensor] = None) -> None:
         """``loss`` (``batch_loss`` for minibatches) and, on full batches, the share of training
-        points whose loss rose since the previous step (DESIGN §1: about 0.5 at the EoS)."""
+        points whose loss rose since the previous step (DESIGN §1: about 0.5 at the EoS); each
+        group's loss and accuracy from the same per-example losses (eosbranch.step_losses)."""
         st = self.st
         self.record("all", "loss" if full_batch else "batch_loss", value)
+        steps = self.step_losses
+        if steps.active:
+            rows = steps.full(per, out) if full_batch else steps.batch(per, out, idx)
+            if not full_batch and group_loss_due(self.exp.spec.measure.group_loss_every, st.step):
+                rows += steps.data_rows()
+            for group, metric, v in rows:
+                self.record(group, metric, v)
         if full_batch:
             if st.prev_example_losses is not None and st.prev_example_losses.shape == per.shape:
                 rose = (per > st.prev_example_losses).double().mean().item()

@@ -180,7 +180,7 @@ def test_certificates_detect_a_difference(tmp_path, tiny_spec):
     assert cert.loc[("exit", "fork_state"), "value"] == 0.0 and ("exit", "null") not in cert.index
 
     m = null.metrics
-    at = (m.metric == "loss") & (m.step == 19)
+    at = (m.metric == "loss") & (m.step == 19) & (m.group == "all")
     x = float(m.loc[at, "value"].iloc[0])
     m.loc[at, "value"] = x + 0.25
     null.store.write_table("metrics", m)

@@ -1,0 +1,130 @@
+"""Group losses at every step (DESIGN §2, "Every-step group losses and the central Δ").
+
+At the EoS the loss oscillates with period two, so a group's loss read only at measurement steps
+reads one phase of the oscillation and can give the branch effect the wrong sign. The trainer
+therefore records, at every step of a full-batch run, each group's ``loss`` (and ``accuracy`` for
+classification) in ``metrics`` (``group`` = the group's name), from the per-example losses and
+outputs the step has already computed: one [K, n] x [n, 2] product per step, no extra forward
+pass (benchmarks/train_overhead.py measures the cost). A held-out group (``mode: heldout``) is not
+in the step's batch; its points alone are passed forward once more (no gradient), so every group
+has every-step rows.
+
+Minibatch optimizers: each step records ``batch_loss`` per group over the group's members in that
+step's batch (no row when none is in it), and the full-data group ``loss`` / ``accuracy`` come at
+the measurement schedule, or every ``measure.group_loss_every`` steps if set.
+
+Why rows of ``metrics`` and not a table of their own: the full-data ``loss`` of ``group = "all"``
+already has a row at every step there, so every loss curve is read the same way
+(``run.metric("loss", group)``), and Parquet's dictionary and run-length encodings store the
+repeated run/branch/seed/lr/group/metric columns in a few bytes per row (about 20 bytes a row
+in all: a 100,000-step run with four groups adds about 16 MB).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from .curvature import _running_stats_frozen
+
+if TYPE_CHECKING:
+    from .train import Experiment
+
+__all__ = ["StepLosses"]
+
+
+class StepLosses:
+    """Per-step group rows for one experiment: built once, applied to each step's losses."""
+
+    def __init__(self, exp: "Experiment"):
+        self.exp = exp
+        self.names: list[str] = []
+        self.heldout: dict[str, torch.Tensor] = {}  # group -> rows of data.X not trained on
+        self.classification = exp.data.task == "classification"
+        n = exp.train_X.shape[0]
+        if not exp.groups:
+            self.W = None
+            return
+        dev, dtype = exp.device, exp.dtype
+        # Position of each row of data.X in the training set (-1: held out).
+        pos = torch.full((exp.data.X.shape[0],), -1, dtype=torch.long, device=dev)
+        pos[exp.rows(None)] = torch.arange(n, device=dev)
+        trained, rows = [], []
+        for name, idx in exp.groups.items():
+            p = pos[idx]
+            if bool((p >= 0).all()):
+                trained.append(name)
+                rows.append(torch.zeros(n, dtype=dtype, device=dev).index_add_(
+                    0, p, torch.ones(p.numel(), dtype=dtype, device=dev)))
+            else:
+                self.heldout[name] = idx
+        self.names = trained
+        # Indicator rows [K, n]; divided by the group sizes they give the group means.
+        self.M = torch.stack(rows) if rows else None
+        self.W = None if self.M is None else self.M / self.M.sum(1, keepdim=True)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.exp.groups)
+
+    def _stack(self, per: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[n, 2] per-example loss and correctness (or [n, 1] for regression)."""
+        per = per.detach().reshape(-1, 1).to(self.exp.dtype)
+        if not self.classification:
+            return per
+        correct = (out.detach().argmax(-1) == y).to(per.dtype).reshape(-1, 1)
+        return torch.cat([per, correct], 1)
+
+    def full(self, per: torch.Tensor, out: torch.Tensor) -> list[tuple[str, str, float]]:
+        """(group, metric, value) rows from the whole training set's per-example losses."""
+        rows = []
+        if self.W is not None:
+            vals = (self.W @ self._stack(per, out, self.exp.train_y)).tolist()
+            for name, v in zip(self.names, vals):
+                rows.append((name, "loss", v[0]))
+                if self.classification:
+                    rows.append((name, "accuracy", v[1]))
+        rows += self._heldout_rows()
+        return rows
+
+    def batch(self, per: torch.Tensor, out: torch.Tensor, idx: torch.Tensor) -> list[tuple[str, str, float]]:
+        """``batch_loss`` rows: each group's mean loss over its members in this batch."""
+        if self.M is None:
+            return []
+        Mb = self.M[:, idx]
+        sums = (Mb @ per.detach().reshape(-1, 1).to(Mb.dtype)).reshape(-1)
+        counts = Mb.sum(1)
+        return [(name, "batch_loss", s / c) for name, s, c in zip(self.names, sums.tolist(), counts.tolist()) if c > 0]
+
+    def data_rows(self) -> list[tuple[str, str, float]]:
+        """Full-data group rows by a forward pass of their points (minibatch runs, at a cadence)."""
+        exp = self.exp
+        if not exp.groups:
+            return []
+        rows = []
+        for name, idx in exp.groups.items():
+            rows += self._forward_rows(name, idx)
+        return rows
+
+    def _heldout_rows(self) -> list[tuple[str, str, float]]:
+        rows = []
+        for name, idx in self.heldout.items():
+            rows += self._forward_rows(name, idx)
+        return rows
+
+    def _forward_rows(self, name: str, idx: torch.Tensor) -> list[tuple[str, str, float]]:
+        exp = self.exp
+        X, y = exp.data.X[idx], exp.data.y[idx]
+        with torch.no_grad(), _running_stats_frozen(exp.model):
+            out = exp.model(X)
+            per = exp.loss_fn(out, y, reduction="none")
+        v = self._stack(per, out, y).mean(0).tolist()
+        rows = [(name, "loss", v[0])]
+        if self.classification:
+            rows.append((name, "accuracy", v[1]))
+        return rows
+
+
+def group_loss_due(every: Optional[int], step: int) -> bool:
+    return bool(every) and step % every == 0
