@@ -1,11 +1,22 @@
-"""Comparing branches on effective time (DESIGN §2): t*, t**, and the branch effect Δl_k.
+"""Comparing branches on effective time (DESIGN §2): t*, t**, the branch effect Δl_k, and whether
+its window can be trusted.
 
 Branches that differ in step size take steps of different length, so they are compared at equal
 t_eff = sum of step sizes, never at equal step count. For a branch b and group k,
-Δl_k(t_eff) = l_k^b(t_eff) - l_k^EoS(t_eff), both curves interpolated linearly onto one grid over
-[t_fork, t**] (t**: the first t_eff after the fork at which b's own sharpness reaches b's own
-threshold, interpolated between measurements; the branch's last t_eff if it never does).
+Δl_k(t_eff) = l_k^b(t_eff) - l_k^EoS(t_eff) over the window [t_fork, t**] (t**: the first t_eff
+after the fork at which b's own sharpness reaches b's own threshold, interpolated between
+measurements; the branch's last t_eff if it never does, and the window is then invalid).
 Δ > 0: the group's loss is lower at the EoS, it learns faster there.
+
+Group losses come from every step (full-batch runs record them at each step, see
+``eosbranch.step_losses``), so the period-two oscillation of the EoS cannot alias the result;
+``source`` says whether both curves had a row at every step of the window (``every_step``) or
+only at measurements (``measurement_steps``: minibatch runs, runs recorded before every-step
+rows). ``delta_mean`` is the exact mean of Δl_k over the window; the ``central`` variant averages
+consecutive steps first (``eosbranch.branch_effect``). ``effect`` reads ``delta_central_mean``
+when the curves are every-step, else ``delta_at_end``. Each row carries the window's
+diagnostics and ``valid`` / ``invalid_reason`` (``eosbranch.window``); every invalid window is
+also reported as a one-line warning.
 
 The EoS reference of a branch is the branch named ``eos`` forked at the same step if there is
 one, else the parent itself (a branch without interventions reproduces it bit for bit).
@@ -13,27 +24,31 @@ one, else the parent itself (a branch without interventions reproduces it bit fo
 Across seeds (parents of one spec that differ only in their seed, e.g. a sweep): ``compare([run,
 ...])`` (or a sweep directory) stacks the per-seed tables with a ``seed`` column first
 (:data:`SEED_COLUMNS`, saved as ``comparison_seeds.parquet``), and :func:`summarize` gives per
-branch and group the median and inter-quartile range (pandas' linear quantiles) of Δl_k at the
-window's end and of its mean over the window (:data:`SUMMARY_COLUMNS`).
+branch and group the median and inter-quartile range (pandas' linear quantiles) over the seeds
+with a valid window (:data:`SUMMARY_COLUMNS`).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
 import pandas as pd
 
-from .errors import EosbranchError
+from . import branch_effect as be
+from .errors import EosbranchError, EosbranchWarning
 from .run import Run
+from .window import DIAGNOSTIC_COLUMNS, Validity, diagnose
 
 COLUMNS = ["branch", "group", "fork_step", "t_star", "t_fork", "t_star_star", "t_end", "delta_at_end",
-           "delta_mean", "effect"]
+           "delta_mean", "effect", "delta_central_at_end", "delta_central_mean", "source", *DIAGNOSTIC_COLUMNS]
 SEED_COLUMNS = ["seed", *COLUMNS]  # compare() over several seeds
-CURVE_COLUMNS = ["branch", "group", "fork_step", "t_eff", "delta"]  # comparison_curves.parquet: Δl_k(t_eff) on the grid
+CURVE_COLUMNS = ["branch", "group", "fork_step", "t_eff", "delta", "delta_central"]  # comparison_curves.parquet: Δl_k(t_eff) on the grid
 SUMMARY_COLUMNS = ["branch", "group", "n_seeds", "delta_at_end_median", "delta_at_end_q25", "delta_at_end_q75",
-                   "delta_mean_median", "delta_mean_q25", "delta_mean_q75", "effect"]
+                   "delta_mean_median", "delta_mean_q25", "delta_mean_q75", "effect", "n_valid", "invalid_seeds",
+                   "delta_central_mean_median", "delta_central_mean_q25", "delta_central_mean_q75"]
 
 
 def crossing(t: np.ndarray, value: np.ndarray, threshold: np.ndarray, after: float = -np.inf) -> float:
@@ -68,8 +83,29 @@ def _curve(run: Run, metric: str, group: str = "all") -> pd.Series:
 
 def branch_effect(t_branch, loss_branch, t_eos, loss_eos, start: float, end: float, grid: int = 3000) -> np.ndarray:
     """Δl(t_eff) = l^branch - l^EoS on ``grid`` points of [start, end], both curves interpolated."""
-    ts = np.linspace(start, end, grid)
-    return np.interp(ts, t_branch, loss_branch) - np.interp(ts, t_eos, loss_eos)
+    return be.on_grid(t_branch, loss_branch, t_eos, loss_eos, start, end, grid)
+
+
+def _ratio(run: Run) -> pd.Series:
+    """S / threshold at the run's measurements (the preconditioned sharpness where the optimizer's
+    threshold applies to it), indexed by t_eff."""
+    m = run.metrics
+    thr = m[(m.metric == "threshold") & (m.group == "all")].set_index("step")["value"]
+    pre = m[(m.metric == "preconditioned_sharpness") & (m.group == "all")].set_index("step")["value"]
+    sharp = m[(m.metric == "sharpness") & (m.group == "all")].set_index(["step"])
+    s = sharp["value"].copy()
+    s.loc[s.index.intersection(pre.index)] = pre.loc[s.index.intersection(pre.index)]
+    ratio = (s / thr.reindex(s.index)).dropna()
+    t = sharp["t_eff"].reindex(ratio.index)
+    return pd.Series(ratio.values, index=t.values).sort_index()
+
+
+def _every_step(run: Run, group: str, start: float, end: float) -> bool:
+    """Whether the group's loss has a row at every step of [start, end] in this run."""
+    m = run.metrics
+    m = m[(m.metric == "loss") & (m.group == group) & (m.t_eff >= start - 1e-12) & (m.t_eff <= end + 1e-12)]
+    steps = np.sort(m.step.to_numpy())
+    return len(steps) >= 2 and bool((np.diff(steps) == 1).all())
 
 
 def effect(delta: float) -> str:
@@ -78,7 +114,7 @@ def effect(delta: float) -> str:
     return "learns faster at EoS" if delta > 0 else "learns slower at EoS"
 
 
-def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000) -> pd.DataFrame:
+def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000, validity: Validity = Validity()) -> pd.DataFrame:
     """Per branch and group: fork step, t*, t**, Δl_k at the window's end and its mean over the window.
 
     ``run`` is one parent run (saves ``comparison.parquet`` in it, and the curves themselves,
@@ -86,12 +122,12 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000) -> pd.DataFr
     with :data:`CURVE_COLUMNS`; see :func:`curves`), or several parents of one spec with different
     seeds, or a sweep directory (rows per seed, see :func:`compare_seeds`)."""
     if isinstance(run, (list, tuple)):
-        return compare_seeds(run, grid)
+        return compare_seeds(run, grid, validity=validity)
     if not isinstance(run, Run) and not (Path(run) / "spec.yaml").exists():
         from .sweep import is_sweep, sweep_runs
 
         if is_sweep(run):
-            return compare_seeds(sweep_runs(run), grid, where=Path(run))
+            return compare_seeds(sweep_runs(run), grid, where=Path(run), validity=validity)
     parent = run if isinstance(run, Run) else Run(run)
     branches = branches_of(parent)
     if not branches:
@@ -113,22 +149,36 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000) -> pd.DataFr
             continue
         loss_all = _curve(b, "loss")
         t_fork = float(loss_all.index.min())
-        sharp, thr = _curve(b, "sharpness"), _curve(b, "threshold")
-        tss = crossing(sharp.index, sharp.values, thr.values, after=t_fork + 1e-12) if len(sharp) else float("nan")
-        ref_end = float(_curve(reference, "loss").index.max())
+        ratio = _ratio(b)
+        tss = crossing(ratio.index, ratio.values, np.ones(len(ratio)), after=t_fork + 1e-12) if len(ratio) else float("nan")
+        ref_loss = _curve(reference, "loss")
+        ref_end = float(ref_loss.index.max())
         t_end = min(tss if np.isfinite(tss) else float(loss_all.index.max()), float(loss_all.index.max()), ref_end)
+        ref_ratio = _ratio(reference)
+        diag = diagnose(t_fork=t_fork, t_end=t_end, tss=tss, ref_steps_t=ref_loss.index.to_numpy(),
+                        ref_ratio_t=ref_ratio.index.to_numpy(), ref_ratio=ref_ratio.to_numpy(),
+                        branch_ratio_t=ratio.index.to_numpy(), branch_ratio=ratio.to_numpy(), validity=validity)
+        name = b.lineage["branch"]
+        if not diag["valid"]:
+            warnings.warn(f"{parent.path}: branch {name!r} forked at step {s}: invalid window "
+                          f"({diag['invalid_reason']})", EosbranchWarning, stacklevel=2)
         groups = sorted(set(b.metrics.query("metric == 'loss'").group) - {"all"}) + ["all"]
+        ts = np.linspace(t_fork, t_end, grid)
         for g in groups:
             lb, lr = _curve(b, "loss", g), _curve(reference, "loss", g)
             lr = lr[lr.index >= t_fork - 1e-12]
             if len(lb) < 2 or len(lr) < 2:
                 continue
+            values = be.effect_values(lb.index, lb.values, lr.index, lr.values, t_fork, t_end)
+            every = _every_step(b, g, t_fork, t_end) and _every_step(reference, g, t_fork, t_end)
             delta = branch_effect(lb.index, lb.values, lr.index, lr.values, t_fork, t_end, grid)
-            curve_parts.append(pd.DataFrame({"branch": b.lineage["branch"], "group": g, "fork_step": s,
-                                             "t_eff": np.linspace(t_fork, t_end, grid), "delta": delta}))
-            rows.append({"branch": b.lineage["branch"], "group": g, "fork_step": s, "t_star": t_star,
-                         "t_fork": t_fork, "t_star_star": tss, "t_end": t_end, "delta_at_end": float(delta[-1]),
-                         "delta_mean": float(delta.mean()), "effect": effect(delta[-1])})
+            cb, cr = be.central(lb.index, lb.values), be.central(lr.index, lr.values)
+            curve_parts.append(pd.DataFrame({"branch": name, "group": g, "fork_step": s, "t_eff": ts, "delta": delta,
+                                             "delta_central": be.on_grid(*cb, *cr, t_fork, t_end, grid)}))
+            rows.append({"branch": name, "group": g, "fork_step": s, "t_star": t_star,
+                         "t_fork": t_fork, "t_star_star": tss, "t_end": t_end, **values,
+                         "effect": effect(values["delta_central_mean"] if every else values["delta_at_end"]),
+                         "source": "every_step" if every else "measurement_steps", **diag})
     df = pd.DataFrame(rows, columns=COLUMNS)
     parent.store.write_frame("comparison", df)
     curve = pd.concat(curve_parts, ignore_index=True) if curve_parts else pd.DataFrame(columns=CURVE_COLUMNS)
@@ -147,7 +197,7 @@ def curves(run: Union[Run, str, Path]) -> pd.DataFrame:
 
 
 def compare_seeds(runs: Sequence[Union[Run, str, Path]], grid: int = 3000,
-                  where: Union[str, Path, None] = None) -> pd.DataFrame:
+                  where: Union[str, Path, None] = None, validity: Validity = Validity()) -> pd.DataFrame:
     """:func:`compare` for each parent (same spec, different seeds), stacked with a ``seed`` column.
 
     Saved as ``comparison_seeds.parquet`` in ``where`` (default: the first run's directory's parent,
@@ -156,7 +206,7 @@ def compare_seeds(runs: Sequence[Union[Run, str, Path]], grid: int = 3000,
     if not parents:
         raise EosbranchError("compare: no runs given")
     _check_same_spec(parents)
-    frames = [compare(p, grid).assign(seed=p.spec.seed) for p in parents]
+    frames = [compare(p, grid, validity).assign(seed=p.spec.seed) for p in parents]
     df = pd.concat(frames, ignore_index=True)[SEED_COLUMNS] if frames else pd.DataFrame(columns=SEED_COLUMNS)
     from .store import RunStore
 
@@ -180,20 +230,32 @@ def _check_same_spec(parents: list[Run]) -> None:
                              "compare across seeds takes one run per seed")
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Per branch and group across seeds: ``n_seeds`` and the median, 25% and 75% quantiles (linear
-    interpolation, as pandas and NumPy default) of ``delta_at_end`` and ``delta_mean``; ``effect``
-    reads the median of ``delta_at_end``. Columns: :data:`SUMMARY_COLUMNS`."""
+def summarize(df: pd.DataFrame, valid_only: bool = True) -> pd.DataFrame:
+    """Per branch and group across seeds: ``n_seeds``, ``n_valid`` (seeds whose window is valid),
+    ``invalid_seeds`` (their seeds, comma-separated) and the median, 25% and 75% quantiles (linear
+    interpolation, as pandas and NumPy default) of ``delta_at_end``, ``delta_mean`` and
+    ``delta_central_mean`` over the valid seeds (every seed with ``valid_only=False``, or for a
+    table without validity columns); ``effect`` reads the median of ``delta_central_mean`` where
+    every seed's curves were every-step, else of ``delta_at_end``; "no valid window" when no seed
+    is valid. Columns: :data:`SUMMARY_COLUMNS`."""
     missing = [c for c in ("seed", "branch", "group", "delta_at_end", "delta_mean") if c not in df.columns]
     if missing:
         raise EosbranchError(f"summarize: needs a per-seed comparison (compare([run, ...])); missing {missing}")
     rows = []
     for (branch, group), d in df.groupby(["branch", "group"], sort=False):
-        row = {"branch": branch, "group": group, "n_seeds": int(d.seed.nunique())}
-        for col in ("delta_at_end", "delta_mean"):
-            v = d[col].astype(float)
+        valid = d["valid"].astype(bool) if "valid" in d.columns else pd.Series(True, index=d.index)
+        row = {"branch": branch, "group": group, "n_seeds": int(d.seed.nunique()),
+               "n_valid": int(d.seed[valid].nunique()),
+               "invalid_seeds": ",".join(str(x) for x in sorted(d.seed[~valid].unique()))}
+        use = d[valid] if valid_only else d
+        for col in ("delta_at_end", "delta_mean", "delta_central_mean"):
+            v = use[col].astype(float) if col in use.columns else pd.Series(dtype=float)
             row.update({f"{col}_median": float(v.median()), f"{col}_q25": float(v.quantile(0.25)),
                         f"{col}_q75": float(v.quantile(0.75))})
-        row["effect"] = effect(row["delta_at_end_median"])
+        every = "source" in use.columns and len(use) and (use.source == "every_step").all()
+        if len(use) == 0:
+            row["effect"] = "no valid window"
+        else:
+            row["effect"] = effect(row["delta_central_mean_median" if every else "delta_at_end_median"])
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
