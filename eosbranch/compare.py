@@ -39,6 +39,7 @@ import pandas as pd
 
 from . import branch_effect as be
 from .errors import EosbranchError, EosbranchWarning
+from .mechanism import MECHANISM_COLUMNS, measured_rate, predict
 from .run import Run
 from .window import DIAGNOSTIC_COLUMNS, Validity, diagnose
 
@@ -141,7 +142,7 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000, validity: Va
     ev = parent.events
     hit = ev[ev.event == "t_star"]
     t_star = float(hit.t_eff.iloc[0]) if len(hit) else float("nan")
-    rows, curve_parts = [], []
+    rows, curve_parts, mech_rows = [], [], []
     for b in branches:
         s = b.lineage["fork_step"]
         reference = eos_at.get(s, parent)
@@ -175,6 +176,8 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000, validity: Va
             cb, cr = be.central(lb.index, lb.values), be.central(lr.index, lr.values)
             curve_parts.append(pd.DataFrame({"branch": name, "group": g, "fork_step": s, "t_eff": ts, "delta": delta,
                                              "delta_central": be.on_grid(*cb, *cr, t_fork, t_end, grid)}))
+            mech_rows.append(_mechanism_row(reference, name, g, s, t_fork, t_end, diag["valid"], values,
+                                            ts, be.on_grid(*cb, *cr, t_fork, t_end, grid)))
             rows.append({"branch": name, "group": g, "fork_step": s, "t_star": t_star,
                          "t_fork": t_fork, "t_star_star": tss, "t_end": t_end, **values,
                          "effect": effect(values["delta_central_mean"] if every else values["delta_at_end"]),
@@ -183,7 +186,41 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000, validity: Va
     parent.store.write_frame("comparison", df)
     curve = pd.concat(curve_parts, ignore_index=True) if curve_parts else pd.DataFrame(columns=CURVE_COLUMNS)
     parent.store.write_frame("comparison_curves", curve[CURVE_COLUMNS])
+    parent.store.write_frame("mechanism", pd.DataFrame(mech_rows, columns=MECHANISM_COLUMNS))
     return df
+
+
+def _mechanism_row(reference: Run, branch: str, group: str, fork_step: int, t_fork: float, t_end: float,
+                   valid: bool, values: dict, ts: np.ndarray, central_delta: np.ndarray) -> dict:
+    """The central-flow prediction of Δl_k beside the measured one (eosbranch.mechanism), from
+    the reference's measurements in the window: means of its mechanism terms, the predicted and
+    measured mean Δl_k (central), and the predicted and measured rates (the measured one the
+    least-squares slope of the central Δl_k on t_eff)."""
+    def series(metric, g=group):
+        c = _curve(reference, metric, g)
+        return c[(c.index >= t_fork - 1e-12) & (c.index <= t_end + 1e-12)]
+
+    cost, drift = series("oscillation_cost"), series("drift_rate")
+    both = cost.index.intersection(drift.index)
+    pred = predict(both.to_numpy(), drift.loc[both].to_numpy(), cost.loc[both].to_numpy(), t_fork, t_end)
+    mean = lambda c: float(c.mean()) if len(c) else float("nan")  # noqa: E731
+    return {"branch": branch, "group": group, "fork_step": fork_step, "valid": valid,
+            "oscillation_variance": mean(series("oscillation_variance", "all")),
+            "v1_group_curvature": mean(series("v1_group_curvature")), "oscillation_cost": mean(cost),
+            "drift_rate": mean(drift), **pred, "measured_delta_mean": values["delta_central_mean"],
+            "measured_rate": measured_rate(ts, central_delta)}
+
+
+def mechanism(run: Union[Run, str, Path]) -> pd.DataFrame:
+    """The mechanism table of the last :func:`compare` of ``run`` (``mechanism.parquet``; columns
+    :data:`eosbranch.mechanism.MECHANISM_COLUMNS`): per branch and group, the reference's mean
+    σ², v1ᵀ∇²l_k v1, oscillation cost and drift rate over the window, and the predicted Δl_k
+    (mean and rate) beside the measured one."""
+    parent = run if isinstance(run, Run) else Run(run)
+    path = parent.path / "mechanism.parquet"
+    if not path.is_file():
+        raise EosbranchError(f"{parent.path}: no mechanism.parquet; run `eosbranch compare {parent.path}` first")
+    return pd.read_parquet(path)
 
 
 def curves(run: Union[Run, str, Path]) -> pd.DataFrame:

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from .curvature import flatten, hessian_matvec, preconditioned_matvec, top_eigenpairs
+from .mechanism import TRACK_KEY, sigma_squared, v1_group_curvature
 from .probes import (
-    PROBES, Context, curvature_fraction, group_probes, per_example_alignment, spearman, weight_projection,
+    KEYS, PROBES, Context, curvature_fraction, group_probes, per_example_alignment, spearman, weight_projection,
 )
 
 if TYPE_CHECKING:
@@ -120,6 +121,14 @@ def effective_step_v1(exp: "Experiment", st, v1: torch.Tensor) -> float:
 
 def measure_curvature(tr: "Trainer") -> None:
     exp, st, ms = tr.exp, tr.st, tr.exp.spec.measure
+    if ms.mechanism:
+        # sigma^2 along the previous v1, over the steps tracked since it was found (eosbranch.mechanism).
+        sigma2 = sigma_squared(st, ms.oscillation_window)
+        st.measured.pop("oscillation_variance", None)
+        if sigma2 is not None:
+            tr.record("all", "oscillation_variance", sigma2)
+            st.measured["oscillation_variance"] = sigma2
+        st.measured[TRACK_KEY] = []  # the next window is tracked along the new v1
     res, pres = solve_curvature(exp, st, k=ms.top_k)
     st.eig_vectors = res.vectors.detach()
     values = res.values.tolist()
@@ -184,6 +193,8 @@ def measure_probes(tr: "Trainer") -> None:
         for group, metric, value in group_probes(ctx):
             if not (every_step and metric in ("loss", "accuracy")):
                 tr.record(group, metric, value)
+    if ms.mechanism and exp.groups and v1 is not None:
+        _mechanism_rows(tr, ctx)
     for section in ms.extra_probes:  # registered probes named in the spec (validated there)
         params = dict(section)
         entry = PROBES.entry(params.pop("kind"), where="measure.extra_probes")
@@ -196,6 +207,20 @@ def measure_probes(tr: "Trainer") -> None:
         tr.record("all", "spearman_alignment_distance", spearman(align, dist))
     if want_examples:
         _example_rows(tr, ctx, align, dist)
+
+
+def _mechanism_rows(tr: "Trainer", ctx) -> None:
+    """v1_group_curvature per group and, with sigma^2 of this step, the oscillation cost and drift
+    rate (eosbranch.mechanism)."""
+    curv = v1_group_curvature(ctx)
+    sigma2 = tr.st.measured.get("oscillation_variance")
+    coupling = ctx.cache.get(KEYS["sharpness_coupling"])  # Q_k, if the group probes computed it
+    for name, value in curv.items():
+        tr.record(name, "v1_group_curvature", value)
+        if sigma2 is not None:
+            tr.record(name, "oscillation_cost", 0.5 * sigma2 * value)
+            if coupling is not None:
+                tr.record(name, "drift_rate", 0.5 * sigma2 * coupling[name])
 
 
 def _hessian_rows(exp: "Experiment") -> Optional[torch.Tensor]:

@@ -41,11 +41,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .curvature import _running_stats_frozen, flatten, unflatten
+from pydantic import Field
+
+from .curvature import _running_stats_frozen, flatten, hessian_matvec, top_eigenpairs, unflatten
 from . import mlp_chain, taylor
 from .input_layer import group_curvature, split as input_split
 from .loss import get_loss
-from .registry import Registry
+from .registry import Params, Registry
 
 # torch 2.14's forward-mode AD scripts a helper on first use and warns that torch.jit.script is
 # deprecated; the warning is torch's own and nothing a user of eosbranch can act on.
@@ -53,7 +55,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 
 __all__ = [
     "Context", "Row", "KEYS", "PROBES", "GROUP_METRICS", "group_probes", "per_example_alignment",
-    "curvature_fraction", "weight_projection", "spearman", "fraction_loss_increased",
+    "curvature_fraction", "weight_projection", "spearman", "fraction_loss_increased", "cos2_v1_own",
 ]
 
 Row = tuple[str, str, float]
@@ -584,6 +586,33 @@ def group_probes(ctx: Context, metrics: Iterable[str] = GROUP_METRICS) -> list[R
         if "rayleigh" in want:
             values["rayleigh"] = _ratio(ctx.group_hessian_quadratic[name], sq)
         rows += [(name, m, values[m]) for m in GROUP_METRICS if m in want and m in values]
+    return rows
+
+
+class OwnV1Params(Params):
+    tol: float = Field(1e-4, gt=0, lt=1, description="residual tolerance of each group's own Lanczos solve")
+    max_matvecs: int = Field(500, gt=0)
+
+
+@PROBES.register("cos2_v1_own", OwnV1Params)
+def cos2_v1_own(ctx: Context, tol: float = 1e-4, max_matvecs: int = 500) -> list[Row]:
+    """Opt-in (``measure.extra_probes: [cos2_v1_own]``): per group, cos² of g_k with the top
+    eigenvector of the group's *own* Hessian ∇²l_k (``cos2_v1_own``), that eigenvalue
+    (``group_sharpness``) and its relative residual (``group_eig_residual``).
+
+    This is the quantity the 2026 authors' code logs under ``grad_vmax_cos2`` (its eigenvector
+    cache is overwritten by the group solve); the paper's text means the global v1, ``cos2_v1``.
+    Reported beside it, never instead of it, so the two readings can be compared."""
+    rows: list[Row] = []
+    for name, idx in ctx.groups.items():
+        X, y = ctx.X[idx.to(ctx.X.device)], ctx.y[idx.to(ctx.y.device)]
+        H = hessian_matvec(ctx.model, ctx.loss_fn, (X, y), chunk_size=ctx.chunk_size)
+        res = top_eigenpairs(H, ctx.dim, k=1, tol=tol, max_matvecs=max_matvecs, dtype=ctx.dtype, device=ctx.device)
+        g, v = ctx.group_grads[name], res.vectors[:, 0]
+        lam = res.values[0].item()
+        rows += [(name, "cos2_v1_own", _ratio((g @ v).item() ** 2, (g @ g).item())),
+                 (name, "group_sharpness", lam),
+                 (name, "group_eig_residual", res.residuals[0].item() / max(abs(lam), 1e-30))]
     return rows
 
 

@@ -37,6 +37,8 @@ class MeasureSpec(_Section):
     probes: bool = Field(True, description="per-group probes (needs groups)")
     alignment: bool = Field(True, description="per-example cos2(grad l_i, v1) and its Spearman rho with centroid distance")
     curvature_fraction: bool = True
+    mechanism: bool = Field(True, description="oscillation_variance, v1_group_curvature, oscillation_cost and "
+                                              "drift_rate (eosbranch.mechanism; needs groups for the per-group terms)")
     examples: Literal["all", "groups", "off"] = Field("groups", description="rows of examples.parquet")
     group_loss_every: Optional[int] = Field(
         None, gt=0, description="minibatch runs: full-data group losses every k steps (default: at measurements); "

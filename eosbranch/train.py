@@ -29,6 +29,7 @@ from .data import Dataset, load_data
 from .errors import DivergenceError, EosbranchError
 from .loss import get_loss
 from .measure import measure
+from .mechanism import record_track
 from .models import build_model
 from .optimizer import Optimizer, build_optimizer
 from .run import Run
@@ -396,6 +397,8 @@ class Trainer:
                     if stop.stop:
                         raise Interrupted(f"interrupted at step {t}; checkpoint saved, resume with "
                                           f"`eosbranch train --resume {self.store.path}`")
+                if spec.measure.sharpness and spec.measure.mechanism:
+                    record_track(st, exp.params, spec.measure.oscillation_window, spec.measure)
                 if spec.measure.due(t):
                     measure(self)
                 if t < steps and self.until is not None and self.fork_at is None and self.until(self):
