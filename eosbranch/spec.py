@@ -117,10 +117,17 @@ class Spec(_Section):
         body = self.model_dump(mode="json", exclude={"steps"})
         if not body["measure"]["extra_probes"]:  # a field added later: names of runs without it stay
             del body["measure"]["extra_probes"]
+        for key, default in _LATER_MEASURE_DEFAULTS.items():  # likewise, at their defaults
+            if body["measure"].get(key) == default:
+                del body["measure"][key]
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Measure fields added after runs were named: at these values a spec keeps its old digest.
+_LATER_MEASURE_DEFAULTS = {"group_loss_every": None, "oscillation_window": 8, "mechanism": True}
 
 
 def _resolve_sections(spec: Spec, source: str) -> Spec:
