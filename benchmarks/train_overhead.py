@@ -1,8 +1,13 @@
-"""Framework overhead: eosbranch's per-step time over a bare PyTorch loop doing the same GD steps.
+"""Framework overhead: eosbranch's per-step time over a bare PyTorch loop doing the same GD steps,
+and the cost of the every-step group losses (eosbranch.step_losses) on examples/quick.yaml.
 
-Both run side by side in one process, alternating, on the same data and initial weights, with no
-measurements scheduled (eosbranch still records the loss every step and writes its checkpoints
-at step 0 and at the end). Target: ratio <= 1.10.
+1. Both run side by side in one process, alternating, on the same data and initial weights, with
+   no measurements scheduled (eosbranch still records the loss every step and writes its
+   checkpoints at step 0 and at the end). Target: ratio <= 1.10.
+2. examples/quick.yaml (digits 3 vs 5 with the four prototype groups) without measurements, with
+   and without its groups, alternating: the difference is the per-step group loss and accuracy
+   rows and nothing else (the groups are used by nothing else when no measurement is due).
+   Target: <= 3 % of a plain GD step.
 
     .venv/bin/python benchmarks/train_overhead.py [--steps 400] [--repeats 5] [--width 512]
 """
@@ -31,8 +36,10 @@ def spec(steps: int, width: int) -> dict:
     }
 
 
-def framework(s, root) -> float:
+def framework(s, root, groups: bool = True) -> float:
     exp = build(s)
+    if not groups:
+        exp.groups = {}
     store = RunStore(root)
     tr = Trainer(exp, store)
     tr.start_fresh()
@@ -77,6 +84,30 @@ def main() -> None:
     print(f"{'bare torch':<12}{br_ms:>18.3f}")
     print(f"{'eosbranch':<12}{fw_ms:>18.3f}")
     print(f"ratio eosbranch / bare = {fw_ms / br_ms:.3f}  (target <= 1.10)")
+    group_losses(args.steps, args.repeats)
+
+
+def group_losses(steps: int, repeats: int) -> None:
+    from eosbranch.catalog import example_path
+    from eosbranch.spec import load_spec
+
+    q = load_spec(example_path("quick"), steps=steps)
+    q = parse_spec({**q.model_dump(mode="json"), "device": "cpu",
+                    "measure": {"every": None, "sharpness": False}, "checkpoint": {"every": None}})
+    on, off = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        framework(q, f"{tmp}/warm")
+        for i in range(repeats):
+            off.append(framework(q, f"{tmp}/off{i}", groups=False))
+            on.append(framework(q, f"{tmp}/on{i}", groups=True))
+    on_ms, off_ms = 1e3 * min(on) / steps, 1e3 * min(off) / steps
+    k = len(build(q).groups)
+    print(f"\nexamples/quick.yaml, N={build(q).train_X.shape[0]}, {k} groups, {steps} steps, {repeats} alternating "
+          f"repeats (min)")
+    print(f"{'GD step':<34}{'ms/step':>10}")
+    print(f"{'plain (no group rows)':<34}{off_ms:>10.4f}")
+    print(f"{'with every-step group loss, acc.':<34}{on_ms:>10.4f}")
+    print(f"every-step group losses cost {100 * (on_ms - off_ms) / off_ms:+.2f} % of a plain GD step  (target <= 3 %)")
 
 
 if __name__ == "__main__":
