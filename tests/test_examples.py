@@ -281,3 +281,42 @@ def test_cifar10_pair_smoke(tmp_path):
     assert run.complete and np.isfinite(run.metric("loss")).all()
     eosbranch.fork(run, at=("step", 10), branches=EXAMPLES / "branches" / "exit_tenth.yaml", steps=10)
     check_certificates(run)
+
+
+@pytest.mark.examples
+@pytest.mark.slow
+def test_selective_mse_seed0_valid_window_outliers_slower_inliers_faster(tmp_path):
+    """examples/README.md, example 1 at full size for seed 0: the window is valid and the every-step
+    mean Δl_k has the signs the README states (the authors' code's reading of their Figure 4)."""
+    with _no_invalid_warning():
+        run = eosbranch.train(load_spec(EXAMPLES / "selective_mse.yaml"), tmp_path)
+        eosbranch.fork(run, at=("onset", 0), branches=EXAMPLES / "branches" / "exit_half.yaml", until="tss")
+        df = eosbranch.compare(run).set_index("group")
+    assert df.valid.all() and (df.source == "every_step").all()
+    assert df.reference_ratio_median.iloc[0] == pytest.approx(1.0, abs=0.05)
+    assert df.loc["inlier", "delta_mean"] > 0
+    assert df.loc["input_outlier", "delta_mean"] < 0 and df.loc["output_outlier", "delta_mean"] < 0
+
+
+@pytest.mark.examples
+@pytest.mark.slow
+def test_cross_entropy_shift_window_is_invalid_because_the_reference_does_not_hover(tmp_path):
+    run = eosbranch.train(load_spec(EXAMPLES / "cross_entropy_shift.yaml"), tmp_path)
+    eosbranch.fork(run, at=("onset", 0), branches=EXAMPLES / "branches" / "exit_half.yaml", until="tss")
+    with pytest.warns(eosbranch.errors.EosbranchWarning, match="does not hover"):
+        df = eosbranch.compare(run)
+    assert not df.valid.any() and (df.reference_ratio_median < 0.6).all()
+    assert (eosbranch.summarize(df.assign(seed=0)).effect == "no valid window").all()
+
+
+def _no_invalid_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def ctx():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*invalid window.*")
+            yield
+
+    return ctx()
