@@ -92,7 +92,7 @@ class StepLosses:
         """``batch_loss`` rows: each group's mean loss over its members in this batch."""
         if self.M is None:
             return []
-        Mb = self.M[:, idx]
+        Mb = self.M if idx is None else self.M[:, idx]  # a batch as large as the data: every point
         sums = (Mb @ per.detach().reshape(-1, 1).to(Mb.dtype)).reshape(-1)
         counts = Mb.sum(1)
         return [(name, "batch_loss", s / c) for name, s, c in zip(self.names, sums.tolist(), counts.tolist()) if c > 0]

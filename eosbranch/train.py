@@ -463,11 +463,17 @@ class Trainer:
         group's loss and accuracy from the same per-example losses (eosbranch.step_losses)."""
         st = self.st
         self.record("all", "loss" if full_batch else "batch_loss", value)
-        steps = self.step_losses
+        steps, ms = self.step_losses, self.exp.spec.measure
         if steps.active:
-            rows = steps.full(per, out) if full_batch else steps.batch(per, out, idx)
-            if not full_batch and group_loss_due(self.exp.spec.measure.group_loss_every, st.step):
-                rows += steps.data_rows()
+            # Under a minibatch optimizer the probes record the full-data group losses at a
+            # measurement step; the trainer adds them at the cadence in between.
+            probed = self.exp.optimizer.batch_size is not None and ms.probes and ms.due(st.step)
+            if full_batch:
+                rows = [] if probed else steps.full(per, out)
+            else:
+                rows = steps.batch(per, out, idx)
+                if not probed and group_loss_due(ms.group_loss_every, st.step):
+                    rows += steps.data_rows()
             for group, metric, v in rows:
                 self.record(group, metric, v)
         if full_batch:
