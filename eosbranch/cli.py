@@ -101,8 +101,8 @@ def train(
     elif spec is None:
         raise EosbranchError("give a SPEC.yaml to train, or --resume RUN")
     else:
-        s = load_spec(spec, steps=steps, seed=seed)
-        run = train_run(s, out_dir, progress=True, warn=_warn, threads=_threads_for(s, out_dir, threads))
+        threads = _threads_for(load_spec(spec, steps=steps, seed=seed), out_dir, threads)
+        run = train_run(spec, out_dir, steps=steps, seed=seed, progress=True, warn=_warn, threads=threads)
     _summary(run)
     print(run.path)
 
@@ -140,11 +140,14 @@ def demo(
 @app.command()
 @_user_errors
 def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory that holds run directories.")) -> None:
-    """List the runs under --out with their lineage and progress."""
+    """List the runs under --out, at any depth (e.g. runs/<example>/...), with their lineage and
+    progress; each run's path is printed whole, ready to copy."""
+    from rich.measure import Measurement
+
     from .run import Run
 
     table = Table("run", "branch", "parent", "fork step", "steps", "complete")
-    for path in sorted(p for p in out_dir.glob("*") if (p / "spec.yaml").is_file()):
+    for path in sorted(p.parent for p in out_dir.rglob("spec.yaml") if p.is_file()):
         try:
             r = Run(path)
             lin, ck, steps, complete = r.lineage, r.checkpoints, r.spec.steps, r.complete
@@ -152,10 +155,12 @@ def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory tha
             # Removed between the glob and the read (a failed start cleans up after itself while
             # other runs are being written): it is no longer a run, so it is not listed.
             continue
-        table.add_row(r.name, str(lin.get("branch")), str(lin.get("parent") or "-"),
+        table.add_row(str(path), str(lin.get("branch")), str(lin.get("parent") or "-"),
                       "-" if lin.get("fork_step") is None else str(lin["fork_step"]),
                       f"{max(ck) if ck else 0}/{steps}", "yes" if complete else "no")
-    out.print(table)
+    # Wider than the terminal if need be: a path cut to "runs/quick-s0-2c…" cannot be copied.
+    need = Measurement.get(out, out.options.update(width=10_000), table).maximum
+    Console(width=max(out.width, need)).print(table)
 
 
 @app.command()
@@ -183,7 +188,7 @@ def fork(
     kind, value = _parse_at(at if at_value is None else f"{at} {at_value}", "--at")
     if run_dir is None:
         # Parent runs only: a branch is written after its parent, but forking it again is rarely meant.
-        candidates = [p for p in Path("runs").glob("*") if (p / "spec.yaml").is_file() and not _is_branch(p)]
+        candidates = [p.parent for p in Path("runs").rglob("spec.yaml") if p.is_file() and not _is_branch(p.parent)]
         if not candidates:
             raise EosbranchError("no runs under ./runs; pass --run RUN")
         run_dir = max(candidates, key=lambda p: (p / "spec.yaml").stat().st_mtime)
@@ -242,13 +247,20 @@ def compare(run_dirs: list[Path] = typer.Argument(
 
 
 def _print_comparison(run, df) -> None:
+    import numpy as np
+
     head = df.iloc[0] if len(df) else None
-    where = "" if head is None else f", fork step {head.fork_step}, t* = {head.t_star:.4g} (t_eff)"
+    where = "" if head is None else f", fork step {head.fork_step}, " + (
+        f"t* = {head.t_star:.4g} (t_eff)" if np.isfinite(head.t_star) else "no t* (the parent never reached its threshold)")
     table = Table("branch", "group", "t**", "Δl at end", "mean Δl", "effect",
                   title=f"{run.name} branches vs EoS{where}; Δl > 0: learns faster at EoS")
     for r in df.itertuples(index=False):
-        table.add_row(r.branch, r.group, f"{r.t_star_star:.4g}", f"{r.delta_at_end:+.2e}", f"{r.delta_mean:+.2e}",
+        tss = f"{r.t_star_star:.4g}" if np.isfinite(r.t_star_star) else "not reached"
+        table.add_row(r.branch, r.group, tss, f"{r.delta_at_end:+.2e}", f"{r.delta_mean:+.2e}",
                       r.effect.replace("learns ", ""))
+    if len(df) and not np.isfinite(df.t_star_star).all():
+        err.print("t** not reached: the branch's sharpness never reached its threshold; its window ends at its "
+                  "last step", highlight=False, soft_wrap=True)
     err.print(table)
     _print_certificate(run.path)
 

@@ -157,6 +157,7 @@ def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "e
     cap = s + (max_steps if max_steps is not None else 10 * parent.spec.steps)
     specs = load_branches(branches)
     _check_names(parent, specs)
+    _check_groups(parent, specs, branches)
     t_fork = _t_eff_at(parent, s)
     if until is not None:
         order = [b for b in specs if b.interventions] + [b for b in specs if not b.interventions]
@@ -202,6 +203,37 @@ def _check_names(parent: Run, specs: list[BranchSpec]) -> None:
                     f"{parent.path}: branch name {b.name!r} is taken by a different branch ({was}, forked at step "
                     f"{lin.get('fork_step')}: {other.path.name}); give this one another name "
                     f"(name: in a branch YAML file)")
+
+
+def _check_groups(parent: Run, specs: list[BranchSpec], branches: Any) -> None:
+    """Every ``group:`` an intervention names must be a group of the parent, checked before any
+    branch runs; the error names the branch file and the field."""
+    named = [(i, j, iv["group"]) for i, b in enumerate(specs) for j, iv in enumerate(b.interventions)
+             if isinstance(iv.get("group"), str)]
+    if not named:
+        return
+    from .data import load_data
+    from .groups import resolve
+
+    spec = parent.spec
+    data = load_data(spec.data)
+    have = list(resolve(spec.groups, data.X, data.y).groups) if spec.groups else []
+    for i, j, g in named:
+        if g not in have:
+            source = _branch_source(branches)
+            loc = f"{'branches[' + str(i) + '].' if len(specs) > 1 else ''}interventions[{j}].group"
+            raise SpecError(f"{source + ': ' if source else ''}{loc}: no group {g!r} in {parent.path}; groups: "
+                            f"{', '.join(have) or 'none (its spec defines no groups)'}")
+
+
+def _branch_source(branches: Any) -> str:
+    """The file ``load_branches`` reads ``branches`` from ('' for a mapping or a list)."""
+    from .catalog import entry_path
+
+    if not isinstance(branches, (str, Path)):
+        return ""
+    path = Path(branches)
+    return str(path if path.suffix in (".yaml", ".yml") and path.is_file() else entry_path("interventions", str(branches)))
 
 
 def _describe_interventions(ivs: list) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from .data import Dataset, load_data
-from .errors import DivergenceError, EosbranchError
+from .errors import DivergenceError, EosbranchError, SpecError
 from .loss import get_loss
 from .measure import measure
 from .models import build_model
@@ -513,6 +513,7 @@ def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *,
 
     ``threads``: torch threads for a new run (default: torch's current count), recorded in
     ``lineage.json`` and kept on resume and fork; an existing run refuses another count."""
+    source = str(spec) if isinstance(spec, (str, Path)) else ""
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec, steps=steps, seed=seed)
     else:
@@ -526,6 +527,8 @@ def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *,
     except BaseException as e:
         if created and not isinstance(e, DivergenceError):
             _remove_unstarted(path)
+        if isinstance(e, SpecError) and source and not str(e).startswith(source):
+            raise SpecError(f"{source}: {e}") from None  # e.g. a group named nowhere: name the file too
         raise
 
 
