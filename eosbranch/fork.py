@@ -158,6 +158,8 @@ def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "e
     specs = load_branches(branches)
     _check_names(parent, specs)
     _check_groups(parent, specs, branches)
+    for w in _parent_health(parent, s):
+        warn(w)
     t_fork = _t_eff_at(parent, s)
     if until is not None:
         order = [b for b in specs if b.interventions] + [b for b in specs if not b.interventions]
@@ -226,6 +228,19 @@ def _check_groups(parent: Run, specs: list[BranchSpec], branches: Any) -> None:
                             f"{', '.join(have) or 'none (its spec defines no groups)'}")
 
 
+def _parent_health(parent: Run, s: int) -> list[str]:
+    """Warnings when the parent is saturated or collapsed at the fork step (see :mod:`eosbranch.health`)."""
+    from .data import load_data
+    from .health import at_fork, chance_level
+
+    m = parent.metrics
+    chance = None
+    if (m.metric == "accuracy").any():
+        data = load_data(parent.spec.data)
+        chance = chance_level(data.y) if data.task == "classification" else None
+    return at_fork(m, s, chance)
+
+
 def _branch_source(branches: Any) -> str:
     """The file ``load_branches`` reads ``branches`` from ('' for a mapping or a list)."""
     from .catalog import entry_path
@@ -266,6 +281,7 @@ def _sibling_ends(parent: Run, s: int) -> list[float]:
 def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, progress: bool, warn,
                 threads: Optional[int] = None) -> Run:
     from .spec import load_spec
+    from .health import Watch
     from .train import Trainer, _progress, build, check_threads, pinned_threads, positive_threads, restore_state, resume
 
     path = parent.path.parent / f"{parent.name}--{b.name}-at{s}-{b.digest()}"
@@ -299,7 +315,7 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
         tr.check_fork = lambda loss: _check_replay(parent, None, s, loss, threads, parent_threads)
         tr.until = stop_rule({"until": rule})
         with pinned_threads(threads), _progress(progress, total, tr.st.step) as show:
-            tr.run(total, show)
+            tr.run(total, Watch(show, warn))
     except BaseException:
         if created and not _has_checkpoints(store):
             # Failed before the fork step's checkpoint (replay mismatch, an intervention that does

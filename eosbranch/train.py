@@ -27,6 +27,7 @@ import torch
 from . import __version__
 from .data import Dataset, load_data
 from .errors import DivergenceError, EosbranchError, SpecError
+from .health import Watch
 from .loss import get_loss
 from .measure import measure
 from .models import build_model
@@ -605,7 +606,7 @@ def _drive_pinned(spec: Spec, store: RunStore, lineage: dict, progress: bool, wa
         else:
             trainer.start_fresh()
         with _progress(progress, spec.steps, trainer.st.step) as on_step:
-            trainer.run(spec.steps, on_step)
+            trainer.run(spec.steps, Watch(on_step, warn))  # warns if the run saturates or collapses
     finally:
         store.unlock()
     return Run(store.path)
