@@ -251,17 +251,17 @@ def _print_comparison(run, df) -> None:
 
     head = df.iloc[0] if len(df) else None
     where = "" if head is None else f", fork step {head.fork_step}, " + (
-        f"t* = {head.t_star:.4g} (t_eff)" if np.isfinite(head.t_star) else "no t* (the parent never reached its threshold)")
+        f"t* = {head.t_star:.4g} (t_eff)" if np.isfinite(head.t_star) else "no t*")
     table = Table("branch", "group", "t**", "Δl at end", "mean Δl", "effect",
                   title=f"{run.name} branches vs EoS{where}; Δl > 0: learns faster at EoS")
     for r in df.itertuples(index=False):
         tss = f"{r.t_star_star:.4g}" if np.isfinite(r.t_star_star) else "not reached"
         table.add_row(r.branch, r.group, tss, f"{r.delta_at_end:+.2e}", f"{r.delta_mean:+.2e}",
                       r.effect.replace("learns ", ""))
+    err.print(table)
     if len(df) and not np.isfinite(df.t_star_star).all():
         err.print("t** not reached: the branch's sharpness never reached its threshold; its window ends at its "
                   "last step", highlight=False, soft_wrap=True)
-    err.print(table)
     _print_certificate(run.path)
 
 
