@@ -210,7 +210,7 @@ def _check_names(parent: Run, specs: list[BranchSpec]) -> None:
 def _check_groups(parent: Run, specs: list[BranchSpec], branches: Any) -> None:
     """Every ``group:`` an intervention names must be a group of the parent, checked before any
     branch runs; the error names the branch file and the field."""
-    named = [(i, j, iv["group"]) for i, b in enumerate(specs) for j, iv in enumerate(b.interventions)
+    named = [(i, j, iv["group"], iv.get("kind")) for i, b in enumerate(specs) for j, iv in enumerate(b.interventions)
              if isinstance(iv.get("group"), str)]
     if not named:
         return
@@ -220,10 +220,10 @@ def _check_groups(parent: Run, specs: list[BranchSpec], branches: Any) -> None:
     spec = parent.spec
     data = load_data(spec.data)
     have = list(resolve(spec.groups, data.X, data.y).groups) if spec.groups else []
-    for i, j, g in named:
+    for i, j, g, kind in named:
         if g not in have:
             source = _branch_source(branches)
-            loc = f"{'branches[' + str(i) + '].' if len(specs) > 1 else ''}interventions[{j}].group"
+            loc = f"{'branches[' + str(i) + '].' if len(specs) > 1 else ''}interventions[{j}]: {kind}.group"
             raise SpecError(f"{source + ': ' if source else ''}{loc}: no group {g!r} in {parent.path}; groups: "
                             f"{', '.join(have) or 'none (its spec defines no groups)'}")
 

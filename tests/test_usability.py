@@ -337,7 +337,7 @@ def test_an_unknown_group_names_the_file_and_the_field(tiny_run, tmp_path):
         {"kind": "reweight", "group": "inlierr", "weight": 2.0}]})
     error = one_line_error(cli("fork", "--run", tiny_run.path, "--at", "step", 10, "--branches", branch,
                                "--steps", 3))
-    assert error.startswith(f"error: {branch}: interventions[0].group: no group 'inlierr'"), error
+    assert error.startswith(f"error: {branch}: interventions[0]: reweight.group: no group 'inlierr'"), error
     assert not list(tiny_run.path.parent.glob("*--rw-*"))  # refused before anything ran
 
 
