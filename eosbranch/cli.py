@@ -59,6 +59,22 @@ def _user_errors(fn):
     return wrapper
 
 
+# torch threads of a new run trained from the command line (`train --threads`; `sweep --threads` has
+# the same default): one thread is never oversubscribed by another busy process, and a sweep's runs
+# then equal the same `train` + `fork` calls made one by one.
+DEFAULT_THREADS = 1
+
+
+def _threads_for(spec, out_dir: Path, threads: Optional[int]) -> Optional[int]:
+    """--threads as given; else DEFAULT_THREADS for a new run, and None (its recorded count) for a
+    run that exists."""
+    from .train import run_dir_for
+
+    if threads is None and not (run_dir_for(spec, out_dir) / "spec.yaml").exists():
+        return DEFAULT_THREADS
+    return threads
+
+
 def _warn(msg: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
@@ -71,18 +87,22 @@ def train(
     steps: Optional[int] = typer.Option(None, "--steps", help="Total number of steps (overrides the spec)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (overrides the spec)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run from its last checkpoint."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1 for a new run; a run "
+                                          "that exists keeps the count recorded in its lineage.json)."),
 ) -> None:
     """Train SPEC into a new run directory (or continue one) and print its path."""
+    from .spec import load_spec
     from .train import resume as resume_run, train as train_run
 
     if resume is not None:
         if spec is not None or seed is not None:
             raise EosbranchError("--resume takes the run's own spec; pass only --steps to extend it")
-        run = resume_run(resume, steps=steps, progress=True, warn=_warn)
+        run = resume_run(resume, steps=steps, progress=True, warn=_warn, threads=threads)
     elif spec is None:
         raise EosbranchError("give a SPEC.yaml to train, or --resume RUN")
     else:
-        run = train_run(spec, out_dir, steps=steps, seed=seed, progress=True, warn=_warn)
+        threads = _threads_for(load_spec(spec, steps=steps, seed=seed), out_dir, threads)
+        run = train_run(spec, out_dir, steps=steps, seed=seed, progress=True, warn=_warn, threads=threads)
     _summary(run)
     print(run.path)
 
@@ -94,7 +114,7 @@ def demo(
     steps: Optional[int] = typer.Option(None, "--steps", help="Total number of steps (overrides the default)."),
 ) -> None:
     """Run the embedded default offline: train digits 3 vs 5 with the prototype groups, fork at
-    the EoS onset into `eos` and `exit_eos` (lr x 0.5, the 2026 study's factor for this class
+    the EoS onset into `eos` and `exit_half` (lr x 0.5, the 2026 study's factor for this class
     pair), run the exit branch to its own t** and the EoS branch as far in effective time, then
     print the per-group comparison on effective time and the integrity certificate."""
     from .catalog import example_path
@@ -102,10 +122,13 @@ def demo(
     from .fork import fork as fork_run
     from .train import train as train_run
 
-    run = train_run(example_path("quick"), out_dir, steps=steps, progress=True, warn=_warn)
+    from .spec import load_spec
+
+    s = load_spec(example_path("quick"), steps=steps)
+    run = train_run(s, out_dir, progress=True, warn=_warn, threads=_threads_for(s, out_dir, None))
     _summary(run)
     if (run.events.event == "t_star").any():
-        branches = {"branches": [{"name": "eos"}, {"name": "exit_eos", "interventions": [{"kind": "lr", "factor": 0.5}]}]}
+        branches = {"branches": [{"name": "eos"}, {"name": "exit_half", "interventions": [{"kind": "lr", "factor": 0.5}]}]}
         for b in fork_run(run, at=("onset", 0), branches=branches, until="tss", progress=True, warn=_warn):
             err.print(f"branch {b.lineage['branch']}: {b.path}")
         _print_comparison(run, compare_run(run))
@@ -117,11 +140,14 @@ def demo(
 @app.command()
 @_user_errors
 def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory that holds run directories.")) -> None:
-    """List the runs under --out with their lineage and progress."""
+    """List the runs under --out, at any depth (e.g. runs/<example>/...), with their lineage and
+    progress; each run's path is printed whole, ready to copy."""
+    from rich.measure import Measurement
+
     from .run import Run
 
     table = Table("run", "branch", "parent", "fork step", "steps", "complete")
-    for path in sorted(p for p in out_dir.glob("*") if (p / "spec.yaml").is_file()):
+    for path in sorted(p.parent for p in out_dir.rglob("spec.yaml") if p.is_file()):
         try:
             r = Run(path)
             lin, ck, steps, complete = r.lineage, r.checkpoints, r.spec.steps, r.complete
@@ -129,16 +155,21 @@ def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory tha
             # Removed between the glob and the read (a failed start cleans up after itself while
             # other runs are being written): it is no longer a run, so it is not listed.
             continue
-        table.add_row(r.name, str(lin.get("branch")), str(lin.get("parent") or "-"),
+        table.add_row(str(path), str(lin.get("branch")), str(lin.get("parent") or "-"),
                       "-" if lin.get("fork_step") is None else str(lin["fork_step"]),
                       f"{max(ck) if ck else 0}/{steps}", "yes" if complete else "no")
-    out.print(table)
+    # Wider than the terminal if need be: a path cut to "runs/quick-s0-2c…" cannot be copied.
+    need = Measurement.get(out, out.options.update(width=10_000), table).maximum
+    Console(width=max(out.width, need)).print(table)
 
 
 @app.command()
 @_user_errors
 def fork(
-    at: tuple[str, float] = typer.Option(..., "--at", help="Where to fork: 'step N', 'onset K' (t* + K) or 'teff T'."),
+    at: str = typer.Option(..., "--at", help="Where to fork: 'step N', 'onset' (t*), 'onset K' (t* + K steps) or "
+                           "'teff T'."),
+    at_value: Optional[str] = typer.Argument(None, hidden=True, metavar="",
+                                             help="The value after --at's kind (--at step 500)."),
     run_dir: Optional[Path] = typer.Option(None, "--run", help="Parent run (default: the newest run under ./runs)."),
     branches: str = typer.Option("exit_eos", "--branches", help="A name from interventions/ or a YAML file."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps after the fork (default: to the parent's end)."),
@@ -147,20 +178,22 @@ def fork(
     teff: Optional[float] = typer.Option(None, "--teff", help="Effective time T to run after the fork."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap for --until/--teff, in steps after the "
                                             "fork (default: 10x the parent's steps)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads of the branches (default: the "
+                                          "parent's recorded count, which its bit-exact replay needs)."),
 ) -> None:
     """Fork a run's exact state into branches; prints the integrity certificate, then each
     branch's run directory on its own line, last."""
     from .fork import fork as fork_run
 
+    kind, value = _parse_at(at if at_value is None else f"{at} {at_value}", "--at")
     if run_dir is None:
         # Parent runs only: a branch is written after its parent, but forking it again is rarely meant.
-        candidates = [p for p in Path("runs").glob("*") if (p / "spec.yaml").is_file() and not _is_branch(p)]
+        candidates = [p.parent for p in Path("runs").rglob("spec.yaml") if p.is_file() and not _is_branch(p.parent)]
         if not candidates:
             raise EosbranchError("no runs under ./runs; pass --run RUN")
         run_dir = max(candidates, key=lambda p: (p / "spec.yaml").stat().st_mtime)
-    kind, value = at
     done = fork_run(run_dir, at=(kind, value), branches=branches, steps=steps, until=until, teff=teff,
-                    max_steps=max_steps, progress=True, warn=_warn)
+                    max_steps=max_steps, progress=True, warn=_warn, threads=threads)
     _print_certificate(done[0].path.parent / done[0].lineage["parent"], {b.lineage["fork_step"] for b in done})
     for b in done:
         print(b.path)
@@ -214,10 +247,12 @@ def compare(run_dirs: list[Path] = typer.Argument(
 
 
 def _print_comparison(run, df) -> None:
+    import numpy as np
     from rich.table import Column
 
     head = df.iloc[0] if len(df) else None
-    where = "" if head is None else f", fork step {head.fork_step}, t* = {head.t_star:.4g} (t_eff)"
+    where = "" if head is None else f", fork step {head.fork_step}, " + (
+        f"t* = {head.t_star:.4g} (t_eff)" if np.isfinite(head.t_star) else "no t*")
     source = "" if head is None else ("; Δl from every-step losses" if (df.source == "every_step").all()
                                       else "; Δl from losses at measurement steps only (may alias)")
     table = Table("branch", Column("group", no_wrap=True), "t**", Column("mean Δl", no_wrap=True),
@@ -225,10 +260,14 @@ def _print_comparison(run, df) -> None:
                   title=f"{run.name} branches vs EoS{where}; Δl > 0: learns faster at EoS{source}; "
                         "Δl at end: the central curve (consecutive steps averaged)")
     for r in df.itertuples(index=False):
-        table.add_row(r.branch, r.group, f"{r.t_star_star:.4g}", f"{r.delta_mean:+.2e}",
+        tss = f"{r.t_star_star:.4g}" if np.isfinite(r.t_star_star) else "not reached"
+        table.add_row(r.branch, r.group, tss, f"{r.delta_mean:+.2e}",
                       f"{r.delta_central_at_end:+.2e}", r.effect.replace("learns ", "").replace(" at EoS", ""),
                       "valid" if r.valid else "INVALID")
     err.print(table)
+    if len(df) and not np.isfinite(df.t_star_star).all():
+        err.print("t** not reached: the branch's sharpness never reached its threshold; its window ends at its "
+                  "last step", highlight=False, soft_wrap=True)
     _print_certificate(run.path)
 
 
@@ -258,8 +297,13 @@ def _parse_fork(text: Optional[str]) -> Optional[tuple]:
     """'onset' -> (onset, 0); 'onset 5', 'step 500', 'teff 4.0' -> (kind, value)."""
     if text is None:
         return None
+    return _parse_at(text, "--fork")
+
+
+def _parse_at(text: str, option: str) -> tuple:
+    """`fork --at` and `sweep --fork` read the same syntax: 'onset' (K = 0), 'onset K', 'step N', 'teff T'."""
     parts = text.replace("=", " ").split()
-    usage = f"--fork: expected 'onset', 'onset K', 'step N' or 'teff T'; got {text!r}"
+    usage = f"{option}: expected 'onset', 'onset K', 'step N' or 'teff T'; got {text!r}"
     if not parts or parts[0] not in ("onset", "step", "teff") or len(parts) > 2 or (len(parts) == 1 and parts[0] != "onset"):
         raise EosbranchError(usage)
     if len(parts) == 1:

@@ -129,7 +129,7 @@ def _reached(t_eff: float, target: float) -> bool:
 def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "exit_eos",
          steps: Optional[int] = None, until: Optional[str] = None, teff: Optional[float] = None,
          max_steps: Optional[int] = None, progress: bool = False,
-         warn: Callable[[str], None] = lambda m: None) -> list[Run]:
+         warn: Callable[[str], None] = lambda m: None, threads: Optional[int] = None) -> list[Run]:
     """Fork ``run`` at ``at`` into ``branches`` and run each until one of:
 
     - ``steps``: N steps after the fork;
@@ -139,6 +139,9 @@ def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "e
       whole window. At most ``max_steps`` steps after the fork (default 10x the parent's steps);
     - ``teff``: effective time T after the fork (t_eff >= t_eff(fork) + T);
     - none of these: the parent's last step.
+
+    ``threads``: torch threads of new branches (default: the parent's recorded count, which the
+    bit-exact replay to the fork step needs; another count is recorded and may fail that check).
 
     Returns the branch runs in the order given (finished branches are reused, interrupted ones
     resumed). Certificates (:mod:`eosbranch.certificate`) are computed and stored as events."""
@@ -153,6 +156,10 @@ def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "e
         raise EosbranchError(f"--until takes tss (the branch's own t**); got {until!r}")
     cap = s + (max_steps if max_steps is not None else 10 * parent.spec.steps)
     specs = load_branches(branches)
+    _check_names(parent, specs)
+    _check_groups(parent, specs, branches)
+    for w in _parent_health(parent, s):
+        warn(w)
     t_fork = _t_eff_at(parent, s)
     if until is not None:
         order = [b for b in specs if b.interventions] + [b for b in specs if not b.interventions]
@@ -175,13 +182,79 @@ def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "e
             rule, total = {"kind": "steps"}, parent.spec.steps
         if total <= s:
             raise EosbranchError(f"nothing to run: the fork is at step {s} and the branch would end at {total}")
-        done[b.name] = _run_branch(parent, s, b, rule, total, progress, warn)
+        done[b.name] = _run_branch(parent, s, b, rule, total, progress, warn, threads)
         if rule["kind"] == "tss" and not (done[b.name].events.event == "t_star_star").any():
             warn(f"branch {b.name}: its sharpness never reached its threshold within {total - s} steps after "
                  "the fork (--max-steps); its window ends at its last step")
     out = [done[b.name] for b in specs]
     certify(parent, out)
     return out
+
+
+def _check_names(parent: Run, specs: list[BranchSpec]) -> None:
+    """A branch name means one branch spec per parent: `compare` and `report` label rows and lines by
+    name, so a second, different branch under a name already used (at any fork step) is refused."""
+    from .compare import branches_of
+
+    for b in specs:
+        for other in branches_of(parent):
+            lin = other.lineage
+            if lin.get("branch") == b.name and lin.get("branch_hash") not in (None, b.digest()):
+                was = _describe_interventions((lin.get("branch_spec") or {}).get("interventions") or [])
+                raise EosbranchError(
+                    f"{parent.path}: branch name {b.name!r} is taken by a different branch ({was}, forked at step "
+                    f"{lin.get('fork_step')}: {other.path.name}); give this one another name "
+                    f"(name: in a branch YAML file)")
+
+
+def _check_groups(parent: Run, specs: list[BranchSpec], branches: Any) -> None:
+    """Every ``group:`` an intervention names must be a group of the parent, checked before any
+    branch runs; the error names the branch file and the field."""
+    named = [(i, j, iv["group"], iv.get("kind")) for i, b in enumerate(specs) for j, iv in enumerate(b.interventions)
+             if isinstance(iv.get("group"), str)]
+    if not named:
+        return
+    from .data import load_data
+    from .groups import resolve
+
+    spec = parent.spec
+    data = load_data(spec.data)
+    have = list(resolve(spec.groups, data.X, data.y).groups) if spec.groups else []
+    for i, j, g, kind in named:
+        if g not in have:
+            source = _branch_source(branches)
+            loc = f"{'branches[' + str(i) + '].' if len(specs) > 1 else ''}interventions[{j}]: {kind}.group"
+            raise SpecError(f"{source + ': ' if source else ''}{loc}: no group {g!r} in {parent.path}; groups: "
+                            f"{', '.join(have) or 'none (its spec defines no groups)'}")
+
+
+def _parent_health(parent: Run, s: int) -> list[str]:
+    """Warnings when the parent is saturated or collapsed at the fork step (see :mod:`eosbranch.health`)."""
+    from .data import load_data
+    from .health import at_fork, chance_level
+
+    m = parent.metrics
+    chance = None
+    if (m.metric == "accuracy").any():
+        data = load_data(parent.spec.data)
+        chance = chance_level(data.y) if data.task == "classification" else None
+    return at_fork(m, s, chance)
+
+
+def _branch_source(branches: Any) -> str:
+    """The file ``load_branches`` reads ``branches`` from ('' for a mapping or a list)."""
+    from .catalog import entry_path
+
+    if not isinstance(branches, (str, Path)):
+        return ""
+    path = Path(branches)
+    return str(path if path.suffix in (".yaml", ".yml") and path.is_file() else entry_path("interventions", str(branches)))
+
+
+def _describe_interventions(ivs: list) -> str:
+    if not ivs:
+        return "no interventions"
+    return "; ".join(", ".join(f"{k}: {v}" for k, v in iv.items()) for iv in ivs)
 
 
 def _t_eff_at(parent: Run, s: int) -> float:
@@ -205,14 +278,17 @@ def _sibling_ends(parent: Run, s: int) -> list[float]:
     return ends
 
 
-def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, progress: bool, warn) -> Run:
+def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, progress: bool, warn,
+                threads: Optional[int] = None) -> Run:
     from .spec import load_spec
-    from .train import Trainer, _progress, build, pinned_threads, restore_state, resume
+    from .health import Watch
+    from .train import Trainer, _progress, build, check_threads, pinned_threads, positive_threads, restore_state, resume
 
     path = parent.path.parent / f"{parent.name}--{b.name}-at{s}-{b.digest()}"
     store = RunStore(path)
     if store.path.exists() and store.checkpoint_steps():
         existing = Run(path)
+        check_threads(path, existing.lineage.get("threads"), threads)
         if existing.complete and not _reaches(existing, rule, total):
             # Asked to go further than it went (e.g. --steps 100 before, --until tss now): extend it.
             store.write_json(LINEAGE, {**existing.lineage, "until": rule})
@@ -222,7 +298,8 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
         _check_replay(parent, branch, s)
         return branch
     spec = parent.spec.model_copy(update={"steps": total})
-    threads = parent.lineage.get("threads") or torch.get_num_threads()
+    parent_threads = parent.lineage.get("threads") or torch.get_num_threads()
+    threads = parent_threads if threads is None else positive_threads(threads)
     store.check_writable()  # a planted symlink must not redirect the branch's files
     created = not store.path.exists()
     store.path.mkdir(parents=True, exist_ok=True)
@@ -235,10 +312,10 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
         tr = Trainer(exp, store, branch=b.name, warn=warn)
         tr.st = restore_state(exp, parent.store.load_checkpoint(s, warn=warn))
         tr.fork_at, tr.interventions = s, b.compose()
-        tr.check_fork = lambda loss: _check_replay(parent, None, s, loss)
+        tr.check_fork = lambda loss: _check_replay(parent, None, s, loss, threads, parent_threads)
         tr.until = stop_rule({"until": rule})
         with pinned_threads(threads), _progress(progress, total, tr.st.step) as show:
-            tr.run(total, show)
+            tr.run(total, Watch(show, warn))
     except BaseException:
         if created and not _has_checkpoints(store):
             # Failed before the fork step's checkpoint (replay mismatch, an intervention that does
@@ -271,7 +348,8 @@ def _reaches(branch: Run, rule: dict, total: int) -> bool:
     return end >= total
 
 
-def _check_replay(parent: Run, branch: Optional[Run], s: int, loss: Optional[float] = None) -> None:
+def _check_replay(parent: Run, branch: Optional[Run], s: int, loss: Optional[float] = None,
+                  threads: Optional[int] = None, parent_threads: Optional[int] = None) -> None:
     """The replayed training loss at the fork step, before any intervention, must equal the
     parent's recorded one bit for bit (``loss``: from the running branch; else read from the
     finished branch's ``fork_state`` events)."""
@@ -286,4 +364,6 @@ def _check_replay(parent: Run, branch: Optional[Run], s: int, loss: Optional[flo
     if s in p.index and p[s] != loss:
         where = branch.path if branch is not None else parent.path
         raise EosbranchError(f"{where}: replay mismatch at step {s}: parent loss {p[s]!r}, "
-                             f"replayed {loss!r}; the parent's checkpoints or code changed")
+                             f"replayed {loss!r}; " + (f"the parent ran with {parent_threads} torch thread(s), this fork "
+                             f"with {threads}: omit --threads" if threads != parent_threads else
+                             "the parent's checkpoints or code changed"))

@@ -6,7 +6,8 @@ Conventions shared by every figure, so a reader learns them once:
 - one colour per group, the same in every figure (:func:`group_colors`; Okabe–Ito, colour-blind
   safe; ``all`` is black);
 - the EoS reference branch (the branch named ``eos``, else the parent; see ``compare``) solid, the
-  other branches dashed / dotted / dash-dotted, the parent before the fork thin grey;
+  other branches dashed / dash-dotted / dash-dot-dotted, the parent before the fork thin grey;
+  dotted lines are reserved for the time markers t* (black) and t** (grey), never a branch;
 - effective time t_eff = Σ η on the x axis wherever branches with different step sizes meet;
 - legends outside the data area, constrained layout, no pyplot state (figures are built on the
   Agg canvas directly, so a notebook's backend is never touched);
@@ -46,7 +47,8 @@ KNOWN_GROUPS = {
 CYCLE = [BLUE, VERMILLION, GREEN, PURPLE, ORANGE, SKY_BLUE,
          "#332288", "#117733", "#882255", "#44AA99", "#999933", "#AA4499", "#88CCEE", "#DDCC77", "#CC6677"]
 GREY, LIGHT_GREY = "#7F7F7F", "#BBBBBB"
-OTHER_STYLES = ["--", ":", "-."]
+OTHER_STYLES = ["--", "-.", (0, (6, 2, 1, 2, 1, 2))]  # never dotted: dots mark t* and t**
+T_STAR_STYLE, T_STAR_STAR_STYLE = (0, (1, 2)), (0, (1, 1))
 DPI = 110
 
 
@@ -185,7 +187,8 @@ def _xlim_window(run: StudyRun, ax) -> None:
         return
     lo, hi = run.window()
     span = max(hi - lo, 1e-12)
-    ax.set_xlim(lo - 0.25 * span, hi + 0.05 * span)
+    first = min(float(m.t_eff.min()) for m in run.lines.values())  # never before the run's start
+    ax.set_xlim(max(first, lo - 0.25 * span), hi + 0.05 * span)
 
 
 def _shade_window(run: StudyRun, ax, label: bool = False) -> Optional[Patch]:
@@ -205,14 +208,14 @@ def _shade_window(run: StudyRun, ax, label: bool = False) -> Optional[Patch]:
 
 def _time_lines(run: StudyRun, ax, label: bool = True) -> None:
     if np.isfinite(run.t_star):
-        line = ax.axvline(run.t_star, color=BLACK, linestyle=(0, (1, 2)), linewidth=1.2,
+        line = ax.axvline(run.t_star, color=BLACK, linestyle=T_STAR_STYLE, linewidth=1.2,
                           label=f"t* = {run.t_star:.4g}" if label else None)
         tag(line, marker="t_star")
     c = run.comparison
     for b in run.others:
         rows = c[c.branch == b]
         if len(rows) and np.isfinite(rows.t_star_star.iloc[0]):
-            line = ax.axvline(rows.t_star_star.iloc[0], color=GREY, linestyle=(0, (4, 2, 1, 2)), linewidth=1.2,
+            line = ax.axvline(rows.t_star_star.iloc[0], color=GREY, linestyle=T_STAR_STAR_STYLE, linewidth=1.4,
                               label=f"t** of {b} = {rows.t_star_star.iloc[0]:.4g}" if label else None)
             tag(line, marker="t_star_star", branch=b)
 
@@ -220,54 +223,86 @@ def _time_lines(run: StudyRun, ax, label: bool = True) -> None:
 T_EFF = "effective time t_eff = Σ η"
 
 
+SHARPNESS_LABELS = {"sharpness": "sharpness λ1(∇²L)", "preconditioned_sharpness": "preconditioned sharpness λ1(P⁻¹H)"}
+
+
+def sharpness_metric(run: StudyRun, label: str) -> str:
+    """The sharpness a branch's threshold applies to: Adam's preconditioned one where recorded."""
+    m = run.lines[label]
+    return "preconditioned_sharpness" if (m.metric == "preconditioned_sharpness").any() else "sharpness"
+
+
+def zoom_range(run: StudyRun) -> tuple[float, float, str]:
+    """The x range of figure 1's zoomed panel and its title: the comparison window with a little
+    context, never before the run's first t_eff; when the window fills most of the run, its first
+    quarter (where the branches part)."""
+    lo, hi = run.window()
+    first = min(float(m.t_eff.min()) for m in run.lines.values())
+    last = max(float(m.t_eff.max()) for m in run.lines.values())
+    span = max(hi - lo, 1e-12)
+    if span > 0.5 * max(last - first, 1e-12):
+        return max(first, lo - 0.02 * span), lo + 0.25 * span, "the first quarter of the window, zoomed in"
+    return max(first, lo - 0.25 * span), hi + 0.05 * span, "the comparison window, zoomed in"
+
+
 def plot_sharpness(run: StudyRun, path) -> Path:
     """Figure 1: sharpness per branch against t_eff; thresholds as horizontal lines, t* and t** as
     vertical lines, the comparison window shaded. Left the whole run, right the window zoomed in
-    (where the branches part)."""
-    metric = "preconditioned_sharpness" if any(
-        (m.metric == "preconditioned_sharpness").any() for m in run.lines.values()) else "sharpness"
-    labels = list(dict.fromkeys(b for b in (run.parent, run.reference, *run.others) if len(run.curve(b, metric))))
-    if not labels:
+    (where the branches part). Each branch is drawn on the sharpness its threshold applies to:
+    Adam's preconditioned sharpness (scale ~1/((1−β1)η) times larger) gets a row of its own, so
+    GD, SGD and momentum branches stay readable beside it."""
+    present = [b for b in dict.fromkeys((run.parent, run.reference, *run.others))
+               if len(run.curve(b, sharpness_metric(run, b)))]
+    if not present:
         raise NothingToPlot("no sharpness was measured (measure.sharpness is off)")
+    metrics = [k for k in SHARPNESS_LABELS if any(sharpness_metric(run, b) == k for b in present)]
     zoom = len(run.comparison) > 0
-    fig = _new_figure(14 if zoom else 10, 5.0)
-    axes = fig.subplots(1, 2 if zoom else 1, squeeze=False, width_ratios=[3, 2] if zoom else None)[0]
-    top = max(float(np.nanmax(run.curve(b, metric).values)) for b in labels)
-    off_scale, shown = [], []  # thresholds too high to draw; thresholds drawn
-    for k, ax in enumerate(axes):
-        for b in labels:
-            s = run.curve(b, metric)
-            line, = ax.plot(s.index, s.values, label=f"{metric.replace('_', ' ')}: {_describe(run, b)}",
-                            marker="o" if len(s) < 40 else None, markersize=2.5, **{"color": BLACK, **_style(run, b)})
-            tag(line, branch=b, role=_role(run, b), metric=metric)
-        for b in labels:
-            thr = run.curve(b, "threshold")
-            if thr.empty or (b == run.parent and run.reference != run.parent):
-                continue
-            text = f"threshold of {b} = {float(thr.iloc[-1]):.4g}"
-            if float(thr.min()) > 1.6 * top:  # e.g. an exit branch's 2/η, far above every sharpness
-                if k == 0:
-                    off_scale.append(text + " (above the axis)")
-                continue
-            shown.append(float(thr.max()))
-            line, = ax.plot(thr.index, thr.values, color=GREY, linewidth=1.3, label=text,
-                            linestyle="-" if b == run.reference else _style(run, b)["linestyle"])
-            tag(line, branch=b, role=_role(run, b), metric="threshold")
-        _time_lines(run, ax)
-        _shade_window(run, ax, label=True)
-        ax.set_xlabel(T_EFF)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylim(0, 1.08 * max([top, *shown]))
-    axes[0].set_ylabel("sharpness λ1(∇²L)" if metric == "sharpness" else "preconditioned sharpness λ1(P⁻¹H)")
-    axes[0].set_title("whole run", fontsize=10)
-    if run.others:
-        _label_ends(axes[0], [(b, run.curve(b, metric)) for b in labels if b != run.parent])
-    if zoom:
-        _xlim_window(run, axes[1])
-        _autoscale_visible(axes[1])
-        axes[1].set_title("the comparison window, zoomed in", fontsize=10)
-    handles, _ = axes[0].get_legend_handles_labels()
-    handles += [Line2D([], [], color="none", label=t) for t in off_scale]
+    fig = _new_figure(14 if zoom else 10, 5.0 if len(metrics) == 1 else 8.4)
+    grid = fig.subplots(len(metrics), 2 if zoom else 1, squeeze=False, width_ratios=[3, 2] if zoom else None)
+    off_scale = []  # thresholds too high to draw
+    for row, metric in zip(grid, metrics):
+        labels = [b for b in present if sharpness_metric(run, b) == metric]
+        top = max(float(np.nanmax(run.curve(b, metric).values)) for b in labels)
+        shown = []  # thresholds drawn
+        for k, ax in enumerate(row):
+            for b in labels:
+                s = run.curve(b, metric)
+                line, = ax.plot(s.index, s.values, label=f"{metric.replace('_', ' ')}: {_describe(run, b)}",
+                                marker="o" if len(s) < 40 else None, markersize=2.5,
+                                **{"color": BLACK, **_style(run, b)})
+                tag(line, branch=b, role=_role(run, b), metric=metric)
+            for b in labels:
+                thr = run.curve(b, "threshold")
+                if thr.empty or (b == run.parent and run.reference != run.parent):
+                    continue
+                text = f"threshold of {b} = {float(thr.iloc[-1]):.4g}"
+                if float(thr.min()) > 1.6 * top:  # e.g. an exit branch's 2/η, far above every sharpness
+                    if k == 0:
+                        off_scale.append(text + " (above the axis)")
+                    continue
+                shown.append(float(thr.max()))
+                line, = ax.plot(thr.index, thr.values, color=GREY, linewidth=1.3, label=text,
+                                linestyle="-" if b == run.reference else _style(run, b)["linestyle"])
+                tag(line, branch=b, role=_role(run, b), metric="threshold")
+            _time_lines(run, ax)
+            _shade_window(run, ax, label=True)
+            ax.set_xlabel(T_EFF)
+            ax.grid(alpha=0.3)
+        row[0].set_ylim(0, 1.08 * max([top, *shown]))
+        row[0].set_ylabel(SHARPNESS_LABELS[metric])
+        if run.others:
+            _label_ends(row[0], [(b, run.curve(b, metric)) for b in labels if b != run.parent])
+        if zoom:
+            x0, x1, title = zoom_range(run)
+            row[1].set_xlim(x0, x1)
+            _autoscale_visible(row[1])
+            row[1].set_title(title, fontsize=10)
+    grid[0][0].set_title("whole run", fontsize=10)
+    handles = {}
+    for ax in grid.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    handles = list(handles.values()) + [Line2D([], [], color="none", label=t) for t in dict.fromkeys(off_scale)]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     fig.suptitle(f"{run.name}: sharpness per branch (seed {run.seed})")
     return _save(fig, path)
@@ -332,7 +367,7 @@ def plot_group_losses(run: StudyRun, path, colors: dict[str, str]) -> Path:
     for ax in axes.flat[len(groups) - ncols:len(groups)]:
         ax.set_xlabel(T_EFF)
         ax.xaxis.set_tick_params(labelbottom=True)
-    handles = _style_legend(run) + [Line2D([], [], color=BLACK, linestyle=(0, (1, 2)), label="t*")] + _window_patch(run)
+    handles = _style_legend(run) + [Line2D([], [], color=BLACK, linestyle=T_STAR_STYLE, label="t*")] + _window_patch(run)
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     fig.suptitle(f"{run.name}: group losses per branch (seed {run.seed})")
     return _save(fig, path)
@@ -385,7 +420,9 @@ def _autoscale_visible(axes, log: bool = False, floor: Optional[float] = None) -
 def plot_branch_effect(bands: pd.DataFrame, path, colors: dict[str, str], reference: str = "eos",
                        relative: bool = False) -> Path:
     """Figure 3: Δℓ_k = ℓ_k(branch) − ℓ_k(EoS) per group on t_eff, the median across seeds with its
-    inter-quartile band (one line for one seed); Δ > 0 reads "faster at EoS".
+    inter-quartile band (one line for one seed); Δ > 0 reads "faster at EoS". One panel per branch
+    (row) and group (column), each with its own y axis symmetric about 0: a group whose Δ is 1e-3
+    stays as visible as one whose Δ is 0.1 (the tick labels give the scale).
 
     ``bands``: columns branch, group, x, median, q25, q75, n_seeds (see ``report.effect_bands``).
     ``relative``: x is time since each seed's fork (several seeds), else absolute t_eff."""
@@ -394,39 +431,41 @@ def plot_branch_effect(bands: pd.DataFrame, path, colors: dict[str, str], refere
     branches = list(dict.fromkeys(bands.branch))
     groups = sorted(set(bands.group) - {"all"}) + (["all"] if "all" in set(bands.group) else [])
     n_seeds = int(bands.n_seeds.max())
-    fig = _new_figure(6.0 * len(branches) + 2.4, 4.8)
-    axes = fig.subplots(1, len(branches), squeeze=False)[0]
-    for ax, b in zip(axes, branches):
+    fig = _new_figure(3.0 * len(groups) + 2.4, 2.9 * len(branches) + 1.1)
+    axes = fig.subplots(len(branches), len(groups), squeeze=False)
+    for row, b in zip(axes, branches):
         d = bands[bands.branch == b]
-        top = 0.0
-        for g in groups:
+        for ax, g in zip(row, groups):
             r = d[d.group == g]
-            if r.empty:
-                continue
-            line, = ax.plot(r.x, r["median"], color=colors[g], linewidth=1.8 if g != "all" else 1.2, label=g)
-            tag(line, group=g, branch=b, metric="delta")
-            top = max(top, float(np.nanmax(np.abs(r["median"]))))
-            if int(r.n_seeds.iloc[0]) > 1:
-                ax.fill_between(r.x, r.q25, r.q75, color=colors[g], alpha=0.18, linewidth=0)
-                top = max(top, float(np.nanmax(np.abs(r[["q25", "q75"]].to_numpy()))))
-        top = top or 1.0
-        ax.axhline(0, color=BLACK, linewidth=0.8)
-        ax.set_ylim(-1.35 * top, 1.35 * top)  # symmetric, with free bands at top and bottom for the notes
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        ax.text(0.015, 0.975, "↑ Δ > 0: faster at EoS", transform=ax.transAxes, va="top", ha="left", fontsize=9,
-                color="#333333")
-        ax.text(0.015, 0.025, "↓ Δ < 0: slower at EoS", transform=ax.transAxes, va="bottom", ha="left", fontsize=9,
-                color="#333333")
-        ax.set_title(f"{b} − {reference}" + (f" (median of {n_seeds} seeds)" if n_seeds > 1 else ""))
-        ax.set_xlabel("effective time since the fork, t_eff − t_fork (Σ η)" if relative else T_EFF)
-        ax.set_xlim(float(d.x.min()), float(d.x.max()))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("Δℓ_k = ℓ_k(branch) − ℓ_k(EoS)")
+            top = 0.0
+            if len(r):
+                line, = ax.plot(r.x, r["median"], color=colors[g], linewidth=1.8 if g != "all" else 1.2, label=g)
+                tag(line, group=g, branch=b, metric="delta")
+                top = float(np.nanmax(np.abs(r["median"])))
+                if int(r.n_seeds.iloc[0]) > 1:
+                    ax.fill_between(r.x, r.q25, r.q75, color=colors[g], alpha=0.18, linewidth=0)
+                    top = max(top, float(np.nanmax(np.abs(r[["q25", "q75"]].to_numpy()))))
+            top = top or 1.0
+            ax.axhline(0, color=BLACK, linewidth=0.8)
+            ax.set_ylim(-1.45 * top, 1.45 * top)  # symmetric, own scale, free bands at top and bottom for the notes
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+            ax.text(0.02, 0.975, "↑ Δ > 0: faster at EoS", transform=ax.transAxes, va="top", ha="left", fontsize=7,
+                    color="#333333")
+            ax.text(0.02, 0.025, "↓ Δ < 0: slower at EoS", transform=ax.transAxes, va="bottom", ha="left", fontsize=7,
+                    color="#333333")
+            ax.set_title(g if len(branches) == 1 else f"{g} ({b})", color=colors[g], fontweight="bold", fontsize=9)
+            ax.set_xlim(float(d.x.min()), float(d.x.max()))
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel(f"Δℓ_k = ℓ_k({b}) − ℓ_k({reference})", fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("t_eff − t_fork (Σ η)" if relative else "t_eff = Σ η", fontsize=9)
     handles = [Line2D([], [], color=colors[g], linewidth=1.8, label=g) for g in groups]
     if n_seeds > 1:
         handles.append(Patch(color=GREY, alpha=0.3, label=f"inter-quartile range\nacross {n_seeds} seeds"))
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False, title="group")
-    fig.suptitle("branch effect Δℓ_k per group (Δ > 0: loss lower at EoS)")
+    seeds = f", median of {n_seeds} seeds" if n_seeds > 1 else ""
+    fig.suptitle(f"branch effect Δℓ_k per group (Δ > 0: loss lower at EoS{seeds}); each panel has its own y scale")
     return _save(fig, path)
 
 
@@ -550,6 +589,21 @@ def curvature_steps(run: StudyRun, label: str) -> list[tuple[str, int, float]]:
     return out
 
 
+def tensor_labels(names: list[str]) -> list[str]:
+    """Readable names for parameter tensors in model order: ``1.weight`` -> ``layer 1 weights
+    (1.weight)``; the modules holding parameters are numbered from 1, the last one is the output
+    layer; the raw name stays in brackets so it can be matched with the tables' ``group``."""
+    modules = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
+    kinds = {"weight": "weights", "bias": "biases"}
+    out = []
+    for n in names:
+        module, _, kind = n.rpartition(".")
+        i = modules.index(module)
+        layer = "output layer" if i == len(modules) - 1 and len(modules) > 1 else f"layer {i + 1}"
+        out.append(f"{layer} {kinds.get(kind, kind)} ({n})")
+    return out
+
+
 def plot_curvature_fraction(run: StudyRun, path) -> Path:
     """Figure 6: the fraction of curvature ‖v1[p]‖² per parameter tensor at the fork, mid-window and
     the window's end, as grouped bars, one panel per branch."""
@@ -571,7 +625,7 @@ def plot_curvature_fraction(run: StudyRun, path) -> Path:
             v = m[m.step == step].set_index("group")["value"].reindex(tensors).to_numpy()
             ax.barh(y - 0.4 + h * (k + 0.5), v, height=h, color=TIME_COLORS[k], edgecolor="#333333",
                     linewidth=0.4, label=role)
-        ax.set_yticks(y, tensors)
+        ax.set_yticks(y, tensor_labels(tensors))
         ax.set_xlabel("fraction of curvature ‖v1[p]‖²")
         ax.set_title(f"{_describe(run, b)}\nsteps " + " / ".join(str(s) for _, s, _ in steps), fontsize=9)
         ax.grid(alpha=0.3, axis="x")

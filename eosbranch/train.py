@@ -26,7 +26,8 @@ import torch
 
 from . import __version__
 from .data import Dataset, load_data
-from .errors import DivergenceError, EosbranchError
+from .errors import DivergenceError, EosbranchError, SpecError
+from .health import Watch
 from .loss import get_loss
 from .measure import measure
 from .mechanism import record_track
@@ -497,27 +498,48 @@ def run_dir_for(spec: Spec, out: Union[str, Path]) -> Path:
     return Path(out) / f"{spec.name}-s{spec.seed}-{spec.digest()}"
 
 
-def open_run(spec: Spec, path: Path, lineage: Optional[dict] = None) -> RunStore:
-    """Create a run directory, or check that an existing one holds the same spec."""
+def open_run(spec: Spec, path: Path, lineage: Optional[dict] = None, threads: Optional[int] = None) -> RunStore:
+    """Create a run directory, or check that an existing one holds the same spec (and, if
+    ``threads`` is given, the same torch thread count)."""
     store = RunStore(path)
     store.check_writable()  # a planted symlink must not redirect the run outside --out
     if (path / SPEC).exists():
         old = load_spec(path / SPEC)
         if old.digest() != spec.digest():
             raise EosbranchError(f"{path}: exists with a different spec; choose another --out or name")
+        check_threads(path, _lineage(store).get("threads"), threads)
     else:
         store.path.mkdir(parents=True, exist_ok=True)
         store.create(spec.to_yaml(), lineage or {
             "parent": None, "fork_step": None, "branch": "trunk", "branch_spec": None,
-            "branch_hash": None, "code_version": __version__, "threads": torch.get_num_threads(),
+            "branch_hash": None, "code_version": __version__,
+            "threads": positive_threads(threads) if threads is not None else torch.get_num_threads(),
         })
     return store
 
 
+def positive_threads(threads) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise EosbranchError(f"threads: expected a positive number of torch threads, got {threads!r}")
+    return threads
+
+
+def check_threads(path: Path, recorded: Optional[int], threads: Optional[int]) -> None:
+    """A run continues with the thread count it was started with (lineage.json ``threads``):
+    float reductions can round differently with another count, which would break bit-exact resume."""
+    if threads is not None and recorded is not None and positive_threads(threads) != int(recorded):
+        raise EosbranchError(f"{path / LINEAGE}: threads: the run was started with {recorded} torch thread(s) "
+                             f"and continues with them; --threads {threads} differs (omit it)")
+
+
 def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *, steps: Optional[int] = None,
           seed: Optional[int] = None, run_dir: Optional[Union[str, Path]] = None, progress: bool = False,
-          warn: Callable[[str], None] = lambda m: None) -> Run:
-    """Train a spec into a run directory (resuming it if it already exists) and return the Run."""
+          warn: Callable[[str], None] = lambda m: None, threads: Optional[int] = None) -> Run:
+    """Train a spec into a run directory (resuming it if it already exists) and return the Run.
+
+    ``threads``: torch threads for a new run (default: torch's current count), recorded in
+    ``lineage.json`` and kept on resume and fork; an existing run refuses another count."""
+    source = str(spec) if isinstance(spec, (str, Path)) else ""
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec, steps=steps, seed=seed)
     else:
@@ -526,11 +548,13 @@ def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *,
     path = Path(run_dir) if run_dir else run_dir_for(spec, out)
     created = not path.exists() and not path.is_symlink()
     try:
-        store = open_run(spec, path)
+        store = open_run(spec, path, threads=threads)
         return _drive(spec, store, progress, warn)
     except BaseException as e:
         if created and not isinstance(e, DivergenceError):
             _remove_unstarted(path)
+        if isinstance(e, SpecError) and source and not str(e).startswith(source):
+            raise SpecError(f"{source}: {e}") from None  # e.g. a group named nowhere: name the file too
         raise
 
 
@@ -548,13 +572,15 @@ def _remove_unstarted(path: Path) -> None:
 
 
 def resume(run_dir: Union[str, Path], steps: Optional[int] = None, progress: bool = False,
-           warn: Callable[[str], None] = lambda m: None) -> Run:
-    """Continue a run from its last valid checkpoint; ``steps`` is the new total."""
+           warn: Callable[[str], None] = lambda m: None, threads: Optional[int] = None) -> Run:
+    """Continue a run from its last valid checkpoint; ``steps`` is the new total; ``threads``, if
+    given, must equal the run's recorded count."""
     path = Path(run_dir)
     if not (path / SPEC).exists():
         raise EosbranchError(f"{path}: not a run directory (no {SPEC})")
     spec = load_spec(path / SPEC, steps=steps)
     store = RunStore(path)
+    check_threads(path, _lineage(store).get("threads"), threads)
     return _drive(spec, store, progress, warn)
 
 
@@ -605,7 +631,7 @@ def _drive_pinned(spec: Spec, store: RunStore, lineage: dict, progress: bool, wa
         else:
             trainer.start_fresh()
         with _progress(progress, spec.steps, trainer.st.step) as on_step:
-            trainer.run(spec.steps, on_step)
+            trainer.run(spec.steps, Watch(on_step, warn))  # warns if the run saturates or collapses
     finally:
         store.unlock()
     return Run(store.path)

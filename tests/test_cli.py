@@ -54,7 +54,7 @@ def test_full_demo_trains_forks_and_compares(tmp_path):
     assert res.exit_code == 0, res.output
     run = eosbranch.load(res.stdout.strip().splitlines()[-1])
     names = sorted(p.name.split("--")[1].split("-at")[0] for p in tmp_path.glob(f"{run.name}--*"))
-    assert names == ["eos", "exit_eos"]
+    assert names == ["eos", "exit_half"]
     cmp = pd.read_parquet(run.path / "comparison.parquet")
     assert set(cmp.group) == {"all", "inlier", "boundary", "input_outlier", "output_outlier"}
 

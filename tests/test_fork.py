@@ -135,7 +135,7 @@ def test_cli_fork_prints_branch_dirs(tmp_path, tiny_spec, monkeypatch):
     branch = eosbranch.load(Path(res.stdout.strip().splitlines()[-1]))
     assert branch.lineage["parent"] == parent.name and branch.spec.steps == 25
     res = CliRunner().invoke(app, ["fork", "--at", "later", "3", "--run", str(parent.path)])
-    assert res.exit_code == 2 and "step, onset or teff" in res.output
+    assert res.exit_code == 2 and "--at: expected 'onset', 'onset K', 'step N' or 'teff T'" in res.output
 
 
 def test_cli_fork_defaults_to_the_newest_parent_run_and_forks_at_teff(tmp_path, tiny_spec, monkeypatch):
