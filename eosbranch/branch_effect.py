@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["central", "interp_ends", "window_mean", "on_grid", "effect_values"]
+__all__ = ["central", "interp_ends", "window_mean", "on_grid", "central_on_grid", "effect_values"]
 
 
 def central(t, loss) -> tuple[np.ndarray, np.ndarray]:
@@ -61,6 +61,13 @@ def on_grid(t_branch, loss_branch, t_ref, loss_ref, start: float, end: float, gr
     """Δ on ``grid`` evenly spaced points of [start, end] (for figures and the saved curves)."""
     ts = np.linspace(start, end, grid)
     return np.interp(ts, t_branch, loss_branch) - np.interp(ts, t_ref, loss_ref)
+
+
+def central_on_grid(t_branch, loss_branch, t_ref, loss_ref, start: float, end: float, grid: int) -> np.ndarray:
+    """The central Δ (consecutive steps averaged first) on ``grid`` points of [start, end]; its last
+    value is ``delta_central_at_end``."""
+    ts = np.linspace(start, end, grid)
+    return interp_ends(ts, *central(t_branch, loss_branch)) - interp_ends(ts, *central(t_ref, loss_ref))
 
 
 def effect_values(t_branch, loss_branch, t_ref, loss_ref, start: float, end: float) -> dict:

@@ -173,11 +173,10 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000, validity: Va
             values = be.effect_values(lb.index, lb.values, lr.index, lr.values, t_fork, t_end)
             every = _every_step(b, g, t_fork, t_end) and _every_step(reference, g, t_fork, t_end)
             delta = branch_effect(lb.index, lb.values, lr.index, lr.values, t_fork, t_end, grid)
-            cb, cr = be.central(lb.index, lb.values), be.central(lr.index, lr.values)
+            central = be.central_on_grid(lb.index, lb.values, lr.index, lr.values, t_fork, t_end, grid)
             curve_parts.append(pd.DataFrame({"branch": name, "group": g, "fork_step": s, "t_eff": ts, "delta": delta,
-                                             "delta_central": be.on_grid(*cb, *cr, t_fork, t_end, grid)}))
-            mech_rows.append(_mechanism_row(reference, name, g, s, t_fork, t_end, diag["valid"], values,
-                                            ts, be.on_grid(*cb, *cr, t_fork, t_end, grid)))
+                                             "delta_central": central}))
+            mech_rows.append(_mechanism_row(reference, name, g, s, t_fork, t_end, diag["valid"], values, ts, central))
             rows.append({"branch": name, "group": g, "fork_step": s, "t_star": t_star,
                          "t_fork": t_fork, "t_star_star": tss, "t_end": t_end, **values,
                          "effect": effect(values["delta_central_mean"] if every else values["delta_at_end"]),

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .compare import COLUMNS as COMPARE_COLUMNS
+from . import branch_effect as be
 from .compare import branch_effect, branches_of
 from .errors import EosbranchError
 from .run import Run
@@ -82,11 +83,12 @@ def load_study_run(run: Union[Run, str, Path], comparison: Optional[pd.DataFrame
 
 def effect_bands(seeds: list, grid: int = 3000) -> pd.DataFrame:
     """Δl_k per branch and group on a common grid: per seed ``compare.branch_effect`` over that
-    seed's window, then the median and quartiles across seeds.
+    seed's window (every-step curves), then the median and quartiles across seeds; ``central``
+    is the median of the central curves (consecutive steps averaged, ``eosbranch.branch_effect``).
 
     One seed: x is t_eff over [t_fork, t_end] (the curve ``compare`` summarises; its last value is
     ``delta_at_end``). Several seeds: x is time since each seed's fork, up to the shortest window.
-    Columns: branch, group, x, median, q25, q75, n_seeds."""
+    Columns: branch, group, x, median, q25, q75, n_seeds, central."""
     relative = len(seeds) > 1
     out = []
     branches = list(dict.fromkeys(b for s in seeds for b in s.comparison.branch))
@@ -96,7 +98,7 @@ def effect_bands(seeds: list, grid: int = 3000) -> pd.DataFrame:
         span = min(float(c.t_end.iloc[0] - c.t_fork.iloc[0]) for _, c in rows)
         groups = list(dict.fromkeys(g for _, c in rows for g in c.group))
         for g in groups:
-            curves = []
+            curves, centrals = [], []
             for s, c in rows:
                 if g not in set(c.group):
                     continue
@@ -105,13 +107,50 @@ def effect_bands(seeds: list, grid: int = 3000) -> pd.DataFrame:
                 lr = lr[lr.index >= t_fork - 1e-12]  # as compare() does
                 end = t_fork + span if relative else t_end
                 curves.append(branch_effect(lb.index, lb.values, lr.index, lr.values, t_fork, end, grid))
+                centrals.append(be.central_on_grid(lb.index, lb.values, lr.index, lr.values, t_fork, end, grid))
                 x = np.linspace(0.0, span, grid) if relative else np.linspace(t_fork, t_end, grid)
             d = np.vstack(curves)
             q25, med, q75 = np.percentile(d, [25, 50, 75], axis=0)
             out.append(pd.DataFrame({"branch": b, "group": g, "x": x, "median": med, "q25": q25, "q75": q75,
-                                     "n_seeds": len(curves)}))
-    cols = ["branch", "group", "x", "median", "q25", "q75", "n_seeds"]
+                                     "n_seeds": len(curves), "central": np.median(np.vstack(centrals), axis=0)}))
+    cols = ["branch", "group", "x", "median", "q25", "q75", "n_seeds", "central"]
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
+def window_ratios(seeds: list) -> tuple[pd.DataFrame, dict]:
+    """The EoS reference's S / threshold over each branch's window, per seed (x as in
+    :func:`effect_bands`), and per branch ``(n_valid, n_seeds, reasons)`` from compare's
+    validity columns. Columns of the first: branch, seed, x, ratio."""
+    relative = len(seeds) > 1
+    parts, validity = [], {}
+    for s in seeds:
+        for b, c in s.comparison.groupby("branch", sort=False):
+            head = c.iloc[0]
+            t_fork, t_end = float(head.t_fork), float(head.t_end)
+            r = _ratio_from_lines(s, s.reference)
+            r = r[(r.index >= t_fork - 1e-12) & (r.index <= t_end + 1e-12)]
+            parts.append(pd.DataFrame({"branch": b, "seed": s.seed, "x": r.index - (t_fork if relative else 0.0),
+                                       "ratio": r.to_numpy()}))
+            ok = bool(head.valid) if "valid" in c.columns else True
+            n_valid, n, reasons = validity.get(b, (0, 0, []))
+            reason = str(head.invalid_reason) if "invalid_reason" in c.columns else ""
+            validity[b] = (n_valid + ok, n + 1, reasons + ([] if ok else [reason]))
+    cols = ["branch", "seed", "x", "ratio"]
+    return (pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)), validity
+
+
+def _ratio_from_lines(s, label: str) -> pd.Series:
+    """S / threshold of one of a study run's lines, indexed by t_eff."""
+    m = s.lines[label]
+    m = m[m.group == "all"]
+    thr = m[m.metric == "threshold"].set_index("step")["value"]
+    pre = m[m.metric == "preconditioned_sharpness"].set_index("step")["value"]
+    sharp = m[m.metric == "sharpness"].set_index("step")
+    v = sharp["value"].copy()
+    both = v.index.intersection(pre.index)
+    v.loc[both] = pre.loc[both]
+    ratio = (v / thr.reindex(v.index)).dropna()
+    return pd.Series(ratio.to_numpy(), index=sharp["t_eff"].reindex(ratio.index).to_numpy()).sort_index()
 
 
 def opposing_trace(run: Run, seed) -> tuple[Optional[dict], str]:
@@ -209,8 +248,15 @@ def write_summary(path: Path, runs: list[Run], seeds: list, figures: dict, skipp
         for b, c in s.comparison.groupby("branch", sort=False):
             r = c.iloc[0]
             tss = _num(r.t_star_star) if np.isfinite(r.t_star_star) else "not reached"
-            rows.append([s.name, str(s.seed), t_star, f"{b} vs {s.reference}", str(int(r.fork_step)), tss, _num(r.t_end)])
-    lines += _table(["run", "seed", "t*", "branch", "fork step", "t**", "window end t_end"], rows) + [""]
+            ok = bool(r.valid) if "valid" in c.columns else True
+            why = "valid" if ok else f"**invalid**: {r.invalid_reason}"
+            rows.append([s.name, str(s.seed), t_star, f"{b} vs {s.reference}", str(int(r.fork_step)), tss, _num(r.t_end),
+                         why])
+    lines += _table(["run", "seed", "t*", "branch", "fork step", "t**", "window end t_end", "window"], rows) + [""]
+    lines += ["A window is valid when the branch reaches its own t** (not a step cap) and stays below its own "
+              "threshold until then, and the EoS reference hovers (median S/threshold within 10 % of 1, at least "
+              "half of its measurements within ±10 %; at least 3 measurements and 20 steps; `eosbranch.window`). "
+              "Invalid windows are reported, never summarised as effects.", ""]
 
     lines += ["## Branch effect Δℓ_k per group", ""]
     comps = [s.comparison for s in seeds if len(s.comparison)]
@@ -224,8 +270,13 @@ def write_summary(path: Path, runs: list[Run], seeds: list, figures: dict, skipp
                   "at EoS**; Δ < 0: it learns slower at EoS.", ""]
         if not multi:
             c = seeds[0].comparison
-            lines += _table(["branch", "group", "Δℓ_k at t**", "mean Δℓ_k over the window", "reading"],
-                            [[r.branch, r.group, _delta(r.delta_at_end), _delta(r.delta_mean), _reading(r.delta_at_end, r.effect)]
+            central = "delta_central_at_end" in c.columns
+            lines += _table(["branch", "group", "Δℓ_k at t**", "mean Δℓ_k over the window", "central Δℓ_k at t**",
+                             "reading"],
+                            [[r.branch, r.group, _delta(r.delta_at_end), _delta(r.delta_mean),
+                              _delta(r.delta_central_at_end) if central else "—",
+                              _reading(r.delta_central_mean if central and r.source == "every_step" else r.delta_at_end,
+                                       r.effect) + ("" if not central or r.valid else " (invalid window)")]
                              for r in c.itertuples()]) + [""]
         else:
             from .compare import summarize
@@ -235,9 +286,9 @@ def write_summary(path: Path, runs: list[Run], seeds: list, figures: dict, skipp
             summ = summarize(per_seed)
             faster = per_seed.assign(up=per_seed.delta_at_end > 0).groupby(["branch", "group"]).up.sum()
             summ["n_faster"] = [int(faster[(b, g)]) for b, g in zip(summ.branch, summ.group)]
-            lines += _table(["branch", "group", "seeds", "Δℓ_k at t**: median [q25, q75]",
+            lines += _table(["branch", "group", "valid seeds", "Δℓ_k at t**: median [q25, q75]",
                              "mean Δℓ_k: median [q25, q75]", "seeds with Δ > 0", "reading (median)"],
-                            [[r.branch, r.group, str(r.n_seeds),
+                            [[r.branch, r.group, f"{r.n_valid}/{r.n_seeds}",
                               f"{_delta(r.delta_at_end_median)} [{_delta(r.delta_at_end_q25)}, {_delta(r.delta_at_end_q75)}]",
                               f"{_delta(r.delta_mean_median)} [{_delta(r.delta_mean_q25)}, {_delta(r.delta_mean_q75)}]",
                               f"{r.n_faster}/{r.n_seeds}", _reading(r.delta_at_end_median, r.effect)]
@@ -320,10 +371,12 @@ def report(run_or_runs: Union[Run, str, Path, Iterable], out: Union[str, Path, N
     colors = plots.group_colors(names)
 
     bands = effect_bands(seeds)
+    ratios, validity = window_ratios(seeds)
     makers = {
         1: lambda p: plots.plot_sharpness(first, p),
         2: lambda p: plots.plot_group_losses(first, p, colors),
-        3: lambda p: plots.plot_branch_effect(bands, p, colors, reference=first.reference, relative=len(seeds) > 1),
+        3: lambda p: plots.plot_branch_effect(bands, p, colors, reference=first.reference, relative=len(seeds) > 1,
+                                              ratios=ratios, validity=validity),
         4: lambda p: plots.plot_alignment(first, p, colors),
         5: lambda p: plots.plot_opposing(traces, p, colors),
         6: lambda p: plots.plot_curvature_fraction(first, p),

@@ -88,9 +88,11 @@ def test_summary_holds_the_numbers_compare_returns(study, reported):
     assert f"| {t_star:.6g} (step {step}) | mild vs eos | {step} | {mild.t_star_star:.6g} | {mild.t_end:.6g} |" in text
     for r in df.itertuples():
         assert r.delta_at_end != 0
-        assert r.effect == ("learns faster at EoS" if r.delta_at_end > 0 else "learns slower at EoS")
+        assert r.source == "every_step"  # full-batch GD: every group's loss at every step
+        assert r.effect == ("learns faster at EoS" if r.delta_central_mean > 0 else "learns slower at EoS")
         sign = "+" if r.delta_at_end > 0 else "-"
-        assert f"| {r.branch} | {r.group} | {sign}{abs(r.delta_at_end):.3e} | {r.delta_mean:+.3e} | {r.effect} |" in text
+        row = f"| {r.branch} | {r.group} | {sign}{abs(r.delta_at_end):.3e} | {r.delta_mean:+.3e} | "
+        assert row in text and f"{r.effect}{'' if r.valid else ' (invalid window)'} |" in text.split(row)[1].splitlines()[0]
     events = [eosbranch.load(p).events for p in study.path.parent.glob(f"{study.name}--*")]
     certs = [e[e.event.str.startswith("certificate")] for e in events]
     rows = [r for c in certs for r in c.itertuples()]
@@ -112,7 +114,9 @@ def test_figure_3_ends_at_the_delta_compare_reports(study):
         assert len(b) == 3000 and b.n_seeds.iloc[0] == 1
         assert b.x.iloc[0] == pytest.approx(r.t_fork) and b.x.iloc[-1] == pytest.approx(r.t_end)
         assert b["median"].iloc[-1] == pytest.approx(r.delta_at_end, abs=1e-15)
-        assert b["median"].mean() == pytest.approx(r.delta_mean, abs=1e-15)
+        # compare's delta_mean is the exact mean of the piecewise-linear Δ; the grid's trapezoid approaches it.
+        assert np.trapezoid(b["median"], b.x) / (r.t_end - r.t_fork) == pytest.approx(r.delta_mean, rel=1e-3, abs=1e-9)
+        assert b["central"].iloc[-1] == pytest.approx(r.delta_central_at_end, rel=1e-9, abs=1e-15)
         assert (b.q25 == b["median"]).all() and (b.q75 == b["median"]).all()  # one seed: no band
 
 
@@ -347,7 +351,7 @@ def test_figure_1_draws_thresholds_onset_and_the_window(study, reported):
         assert t.xy[0] == pytest.approx(ends[b], abs=0.01 * ax.get_xlim()[1])
 
 
-def test_figures_2_to_4_log_scales_and_annotations(reported):
+def test_figures_2_to_4_log_scales_and_annotations(study, reported):
     drawn = reported[2]
     fig2 = drawn[FIGURES[2][0]]
     assert all(ax.get_yscale() == "log" for ax in fig2.axes if ax.get_visible())
@@ -356,10 +360,26 @@ def test_figures_2_to_4_log_scales_and_annotations(reported):
     assert [scales[k] for k in sorted(scales)] and scales[plots.ALIGNMENT_ROWS[0][1]] == "linear"
     assert scales[plots.ALIGNMENT_ROWS[1][1]] == scales[plots.ALIGNMENT_ROWS[2][1]] == "log"
     fig3 = drawn[FIGURES[3][0]]
-    for ax in fig3.axes:
+    ratio_axes = [ax for ax in fig3.axes if any(plots.tags(line).get("metric") == "reference_ratio"
+                                                for line in ax.get_lines())]
+    delta_axes = [ax for ax in fig3.axes if ax not in ratio_axes]
+    for ax in delta_axes:
         notes = {t.get_text() for t in ax.texts}
         assert notes == {"↑ Δ > 0: faster at EoS", "↓ Δ < 0: slower at EoS"}
         assert ax.get_ylim()[0] < 0 < ax.get_ylim()[1]
+        kinds = {plots.tags(line).get("metric") for line in ax.get_lines()}
+        assert {"delta", "delta_central"} <= kinds  # every step (thin) and the central curve (bold)
+    # The last row: the reference's S / threshold over the window with the ±10 % band.
+    groups = {plots.tags(line)["group"] for ax in delta_axes for line in ax.get_lines() if plots.tags(line)}
+    assert len(ratio_axes) == len(groups)
+    df = eosbranch.compare(study)
+    # exit never reaches its t** (invalid window): its panels are greyed and titled so; mild is valid.
+    assert not df[df.branch == "exit"].valid.any() and df[df.branch == "mild"].valid.all()
+    for ax in delta_axes:
+        branch = {plots.tags(line)["branch"] for line in ax.get_lines() if plots.tags(line)}.pop()
+        grey = to_hex(ax.get_facecolor()) != "#ffffff"
+        assert grey == (branch == "exit") and ("invalid window" in ax.get_title()) == (branch == "exit")
+    assert "exit: invalid window (grey), t** not reached" in fig3.get_suptitle()
 
 
 def test_opposing_trace_replays_the_recorded_full_loss(study):
