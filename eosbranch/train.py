@@ -34,7 +34,7 @@ from .optimizer import Optimizer, build_optimizer
 from .run import Run
 from .spec import Spec, load_spec, parse_spec
 from .store import SPEC, LINEAGE, RunStore
-from . import tables
+from . import faults, tables
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -341,15 +341,22 @@ class Trainer:
         self.events += [tuple(r) for r in ckpt.get("events_at_step", [])]
         self._seg_start = s if chained else None
 
-    def save(self) -> None:
+    def save(self, state: Optional[dict] = None) -> None:
         s = self.st.step
         self.flush(before=s)
         if s == self._seg_start:
             return  # the checkpoint this run just resumed from: kept as it is, never rewritten
-        state = checkpoint_state(self.exp, self.st)
-        state["events_at_step"] = [list(r) for r in self.events if r[1] == s]  # see resume()
+        if state is None:
+            state = checkpoint_state(self.exp, self.st)
+            state["events_at_step"] = [list(r) for r in self.events if r[1] == s]  # see resume()
         self.store.save_checkpoint(s, state, rows=self._segment(self._seg_start, s), rows_from=self._seg_start)
         self._seg_start = s
+
+    def _state_before_measuring(self) -> dict:
+        """The checkpoint of this step as :meth:`save` would write it before the measurement."""
+        state = checkpoint_state(self.exp, self.st)
+        state["events_at_step"] = [list(r) for r in self.events if r[1] == self.st.step]
+        return state
 
     def _segment(self, lo: Optional[int], hi: Optional[int]) -> dict:
         """The rows of steps in [lo, hi) as DataFrames (None: unbounded), for the store's segments."""
@@ -383,6 +390,7 @@ class Trainer:
         with stop.installed():
             while True:
                 t = st.step
+                faults.reached("step", t)
                 if self.fork_at is not None:
                     if t == self.fork_at:
                         self.start_branch()
@@ -391,12 +399,21 @@ class Trainer:
                     if stop.stop:
                         raise Interrupted(f"interrupted at step {t}; checkpoint saved, resume with "
                                           f"`eosbranch train --resume {self.store.path}`")
+                pre = None
                 if spec.measure.due(t):
+                    if t < steps and self.until is not None and self.fork_at is None:
+                        pre = self._state_before_measuring()  # the final checkpoint, should the rule fire
                     measure(self)
+                    faults.reached("measured", t)
                 if t < steps and self.until is not None and self.fork_at is None and self.until(self):
+                    faults.reached("stopping", t)
+                    # The final checkpoint holds the state *before* step t's measurement, as every
+                    # checkpoint does (a resume or an extension from it re-measures step t bit for
+                    # bit); it is committed before the spec says the run ends here, so a kill in
+                    # between resumes from it and the stop rule fires again at the same step.
+                    self.save(pre)
                     self.store.write_text(SPEC, spec.model_copy(update={"steps": t}).to_yaml())
                     steps = t  # the stop rule ends the run here: its spec now says so
-                    self.save()  # the final state, as every run's last step
                 if t == steps:
                     with torch.no_grad():
                         per = exp.loss_fn(exp.model(exp.train_X), exp.train_y, reduction="none")
