@@ -18,6 +18,7 @@ Several actions are separated by commas. The points are (see :mod:`eosbranch.tra
 - ``measured``: just after iteration t's measurement (inside the measurement step: before the
   stop rule, the update and any later write),
 - ``stopping``: a stop rule fired at t; the spec is about to say so and the final checkpoint follows.
+- ``lock`` (step 0): a new run's directory is made, its lock not yet taken (store.new_locked).
 
 An action fires once per process (a resumed run starts a new process, so it may fire again
 if the variable is still set: tests unset it for the resume).

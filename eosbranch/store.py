@@ -72,7 +72,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import tables
+from . import faults, tables
 from .errors import CheckpointError, EosbranchError, EosbranchWarning, StorageError
 
 SPEC = "spec.yaml"
@@ -193,6 +193,7 @@ class RunStore:
         self.path = Path(path)
         self.warn = warn
         self._lock_fd: Optional[int] = None
+        self._lock_depth = 0  # lock() is re-entrant: a caller may hold it around a callee that takes it
         self._warned: set = set()
 
     def _report(self, msg: str, warn: Optional[Warn] = None) -> None:
@@ -213,7 +214,13 @@ class RunStore:
 
     # -- locking ---------------------------------------------------------------------------
     def lock(self) -> None:
-        """Take the run's write lock; a second writer fails fast instead of interleaving."""
+        """Take the run's write lock; a second writer fails fast instead of interleaving. Taken
+        before anything of the run is created, written or cleaned: a process that fails to get it
+        has changed nothing (at most it created the empty directory and its ``.lock`` file, both
+        of which the winner uses)."""
+        if self._lock_fd is not None:
+            self._lock_depth += 1
+            return
         self.check_writable()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -226,7 +233,31 @@ class RunStore:
             os.close(fd)
             raise EosbranchError(f"{self.path}: another process is writing this run (lock held)") from None
         self._lock_fd = fd
+        self._lock_depth = 1
         self._remove_orphaned_temp_files()
+
+    @property
+    def locked(self) -> bool:
+        """Whether this store holds the run's write lock."""
+        return self._lock_fd is not None
+
+    def new_locked(self) -> tuple["RunStore", bool]:
+        """Make the run directory if it is absent and take its lock: ``(self, created)``.
+        ``created`` comes from ``mkdir`` itself (atomic: of two racing processes exactly one
+        creates), not from a look beforehand; a process that then fails to get the lock raises
+        having written nothing, so it never removes or cleans what the lock holder is writing."""
+        self.check_writable()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(self.path)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as err:
+            raise StorageError(f"{self.path}: cannot create the run directory: {_why(err)}") from None
+        faults.reached("lock", 0)  # tests: pause here, between the mkdir and the lock
+        self.lock()
+        return self, created
 
     def _remove_orphaned_temp_files(self) -> None:
         """Temp files of atomic writes that a kill interrupted (each can be checkpoint-sized).
@@ -241,6 +272,10 @@ class RunStore:
                          f"({', '.join(sorted(f.name for f in found)[:3])}{', ...' if len(found) > 3 else ''})")
 
     def unlock(self) -> None:
+        if self._lock_depth > 1:
+            self._lock_depth -= 1
+            return
+        self._lock_depth = 0
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)

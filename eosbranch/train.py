@@ -489,9 +489,9 @@ def run_dir_for(spec: Spec, out: Union[str, Path]) -> Path:
     return Path(out) / f"{spec.name}-s{spec.seed}-{spec.digest()}"
 
 
-def open_run(spec: Spec, path: Path, lineage: Optional[dict] = None) -> RunStore:
+def open_run(spec: Spec, path: Path, lineage: Optional[dict] = None, store: Optional[RunStore] = None) -> RunStore:
     """Create a run directory, or check that an existing one holds the same spec."""
-    store = RunStore(path)
+    store = store or RunStore(path)
     store.check_writable()  # a planted symlink must not redirect the run outside --out
     if (path / SPEC).exists():
         old = load_spec(path / SPEC)
@@ -516,14 +516,18 @@ def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *,
         raw = spec.model_dump() if isinstance(spec, Spec) else dict(spec)
         spec = parse_spec({**raw, **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}})
     path = Path(run_dir) if run_dir else run_dir_for(spec, out)
-    created = not path.exists() and not path.is_symlink()
+    # The lock before anything is written or cleaned (store.new_locked): a second writer fails
+    # here having changed nothing, and only the lock holder ever removes a run it failed to start.
+    store, created = RunStore(path).new_locked()
     try:
-        store = open_run(spec, path)
+        store = open_run(spec, path, store=store)
         return _drive(spec, store, progress, warn)
     except BaseException as e:
         if created and not isinstance(e, DivergenceError):
             _remove_unstarted(path)
         raise
+    finally:
+        store.unlock()
 
 
 def _remove_unstarted(path: Path) -> None:
@@ -540,13 +544,13 @@ def _remove_unstarted(path: Path) -> None:
 
 
 def resume(run_dir: Union[str, Path], steps: Optional[int] = None, progress: bool = False,
-           warn: Callable[[str], None] = lambda m: None) -> Run:
+           warn: Callable[[str], None] = lambda m: None, store: Optional[RunStore] = None) -> Run:
     """Continue a run from its last valid checkpoint; ``steps`` is the new total."""
     path = Path(run_dir)
     if not (path / SPEC).exists():
         raise EosbranchError(f"{path}: not a run directory (no {SPEC})")
     spec = load_spec(path / SPEC, steps=steps)
-    store = RunStore(path)
+    store = store or RunStore(path)
     return _drive(spec, store, progress, warn)
 
 

@@ -40,6 +40,15 @@ def _env(fault=None):
     return env
 
 
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    spec = copy.deepcopy(TINY)
+    spec.update(steps=200, groups="classes", checkpoint={"every": 50}, measure={"every": 50, "sharpness": False})
+    spec["data"]["n_per_class"] = 150
+    spec["model"]["width"] = 64
+    return eosbranch.train(spec, tmp_path_factory.mktemp("parent"))
+
+
 def fork_cmd(parent_path, steps=STEPS, branches="exit_eos"):
     return CLI + ["fork", "--run", str(parent_path), "--at", "step", str(AT), "--branches", branches,
                   "--steps", str(steps)]
