@@ -183,7 +183,13 @@ def read_yaml(path: Union[str, Path]) -> Any:
 
 
 def load_spec(path: Union[str, Path], **overrides) -> Spec:
-    """Read, override (e.g. ``steps``, ``seed``) and validate a spec file."""
+    """Read, override (e.g. ``steps``, ``seed``) and validate a spec file (a run's own spec.yaml
+    is first checked against the run's record: store.RunStore.verified_bytes)."""
+    path = Path(path)
+    if path.name == "spec.yaml" and (path.parent / "record.json").exists():
+        from .store import RunStore
+
+        RunStore(path.parent).verified_bytes(path.name)
     raw = read_yaml(path)
     if isinstance(raw, dict):
         raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
