@@ -147,6 +147,25 @@ def atomic_write(path: Path, data: bytes) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
+def check_output_dir(out: Path) -> None:
+    """An output folder (e.g. RUN/report) must not be a symlink: a planted link would redirect
+    writes outside the run. One line, before anything is written."""
+    out = Path(out)
+    if out.is_symlink():
+        raise EosbranchError(f"{out}: is a symlink (to {os.readlink(out)}); refusing to write through it "
+                             "(remove it, or give --out a real directory)")
+
+
+def write_output(path: Path, data: bytes) -> None:
+    """An analysis output (summary.md, a figure): refused if it or its folder is a symlink, then
+    written atomically like every file of a run (a kill leaves the old file or the new one)."""
+    path = Path(path)
+    check_output_dir(path.parent)
+    if path.is_symlink():
+        raise EosbranchError(f"{path}: is a symlink (to {os.readlink(path)}); refusing to write through it")
+    atomic_write(path, data)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
