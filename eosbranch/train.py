@@ -585,7 +585,8 @@ def _drive_pinned(spec: Spec, store: RunStore, lineage: dict, progress: bool, wa
                                      "a run can be extended, not shortened")
             store.write_text(SPEC, spec.to_yaml())  # an extension: the same run, more steps
         done = store.completed_steps()
-        if done is not None and done == spec.steps and store.repair_tables(warn):
+        if done is not None and done == spec.steps and _final_checkpoint_ok(store, done, warn) \
+                and store.repair_tables(warn):
             return Run(store.path)  # complete (damaged tables rewritten from the checkpoints' rows)
         exp = build(spec)
         trainer = Trainer(exp, store, branch=lineage.get("branch") or "trunk", warn=warn)
@@ -605,6 +606,20 @@ def _drive_pinned(spec: Spec, store: RunStore, lineage: dict, progress: bool, wa
     finally:
         store.unlock()
     return Run(store.path)
+
+
+def _final_checkpoint_ok(store: RunStore, done: int, warn) -> bool:
+    """A finished run's final checkpoint is there and valid; else it is reported and the run is
+    re-run from its newest valid checkpoint (the training is deterministic: it comes back bit for bit)."""
+    try:
+        step = store.load_checkpoint(warn=warn)["step"]
+    except EosbranchError:
+        step = None
+    if step == done:
+        return True
+    warn(f"{store.checkpoint_dir}: the final checkpoint (step {done}) is missing or damaged; rebuilding it "
+         f"from {'the start' if step is None else f'step {step}'}")
+    return False
 
 
 def _lineage(store: RunStore) -> dict:

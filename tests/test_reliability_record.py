@@ -124,3 +124,17 @@ def test_a_deleted_spec_is_listed_by_runs(tmp_path, family):
     res = runner.invoke(app, ["runs", "--out", str(out)])
     assert res.exit_code == 0 and run.name in res.stdout and "damaged" in res.stdout
     assert "spec.yaml: missing" in res.stderr
+
+
+def test_a_missing_final_checkpoint_of_a_finished_run_is_rebuilt_by_resume(tmp_path, family):
+    import torch
+
+    run = shutil.copytree(family[0], tmp_path / family[0].name)
+    ref = eosbranch.load(family[0]).checkpoint()
+    (run / "checkpoints" / "step_00000020.pt").unlink()
+    res = runner.invoke(app, ["train", "--resume", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "final checkpoint (step 20) is missing or damaged; rebuilding it" in res.stderr
+    got = eosbranch.load(run)
+    assert got.complete and got.checkpoint()["step"] == 20
+    assert all(torch.equal(ref["model"][k], got.checkpoint()["model"][k]) for k in ref["model"])
