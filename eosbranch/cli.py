@@ -147,13 +147,19 @@ def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory tha
     from .run import Run
 
     table = Table("run", "branch", "parent", "fork step", "steps", "complete")
-    for path in sorted(p.parent for p in out_dir.rglob("spec.yaml") if p.is_file()):
+    found = {p.parent for p in out_dir.rglob("spec.yaml") if p.is_file()}
+    found |= {p.parent for p in out_dir.rglob("record.json") if p.is_file()}  # a run whose spec.yaml was deleted
+    for path in sorted(found):
         try:
             r = Run(path)
             lin, ck, steps, complete = r.lineage, r.checkpoints, r.spec.steps, r.complete
         except FileNotFoundError:
             # Removed between the glob and the read (a failed start cleans up after itself while
             # other runs are being written): it is no longer a run, so it is not listed.
+            continue
+        except EosbranchError as e:  # a damaged run is listed as such (and said why), never dropped
+            _warn(str(e))
+            table.add_row(str(path), "?", "?", "?", "?", "damaged")
             continue
         table.add_row(str(path), str(lin.get("branch")), str(lin.get("parent") or "-"),
                       "-" if lin.get("fork_step") is None else str(lin["fork_step"]),
@@ -225,9 +231,18 @@ def _print_certificate(parent_dir, fork_steps=None) -> None:
 @app.command()
 @_user_errors
 def compare(run_dirs: list[Path] = typer.Argument(
-        ..., help="Parent run whose branches to compare; several parents (seeds of one spec) or a sweep directory.")) -> None:
+        ..., help="Parent run whose branches to compare; several parents (seeds of one spec) or a sweep directory."),
+        incomplete: bool = typer.Option(False, "--incomplete", help="Use unfinished branches or references too, "
+                                        "their rows marked incomplete (invalid); by default they are refused.")) -> None:
     """Per branch and group: t*, t**, the branch effect Δl_k on effective time; saves comparison.parquet.
     Several seeds: median and inter-quartile range across them; saves comparison_seeds.parquet."""
+    from .completeness import allow_incomplete
+
+    with allow_incomplete(incomplete):
+        _compare(run_dirs)
+
+
+def _compare(run_dirs: list[Path]) -> None:
     from .compare import compare as compare_run
     from .run import Run
     from .sweep import is_sweep, sweep_runs
@@ -474,12 +489,16 @@ def report(
                                           "parents (seeds of one spec) or a sweep directory."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for the figures and summary.md "
                                            "(default: RUN/report, RUN the first run)."),
+    incomplete: bool = typer.Option(False, "--incomplete", help="Use unfinished branches or references too, "
+                                    "their rows marked incomplete (invalid); by default they are refused."),
 ) -> None:
     """Figures (PNG) and summary.md of a study: sharpness, group losses, Δl_k per group (median and
     inter-quartile band across seeds), alignment, opposing pairs, fraction of curvature."""
     from .report import report as report_run
+    from .completeness import allow_incomplete
 
-    path = report_run(run_dirs, out=out_dir, progress=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    with allow_incomplete(incomplete):
+        path = report_run(run_dirs, out=out_dir, progress=lambda m: err.print(m, highlight=False, soft_wrap=True))
     print(path)
 
 

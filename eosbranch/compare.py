@@ -69,8 +69,11 @@ def crossing(t: np.ndarray, value: np.ndarray, threshold: np.ndarray, after: flo
 def branches_of(parent: Run) -> list[Run]:
     found = []
     for p in sorted(parent.path.parent.glob(f"{parent.name}--*")):
-        if (p / "lineage.json").is_file():
-            r = Run(p)
+        if p.is_dir() and any((p / f).exists() for f in ("lineage.json", "spec.yaml", "record.json", "checkpoints")):
+            r = Run(p)  # a damaged or edited spec.yaml / lineage.json: one line naming it
+            if not (p / "lineage.json").is_file():
+                raise EosbranchError(f"{p / 'lineage.json'}: missing; cannot tell whose branch {p.name} is "
+                                     "(restore it, or move the directory away)")
             if r.lineage.get("parent") == parent.name:
                 found.append(r)
     return found
@@ -133,6 +136,9 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000, validity: Va
     branches = branches_of(parent)
     if not branches:
         raise EosbranchError(f"{parent.path}: no branches; fork it first (eosbranch fork --run {parent.path} ...)")
+    from .completeness import incomplete_runs
+
+    incomplete = incomplete_runs(parent, branches)  # refused unless --incomplete (then marked)
     # The reference of a branch is the `eos` branch forked at the same step (one parent may be
     # forked at several steps), else the parent itself.
     eos_at = {}
@@ -182,6 +188,13 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000, validity: Va
                          "effect": effect(values["delta_central_mean"] if every else values["delta_at_end"]),
                          "source": "every_step" if every else "measurement_steps", **diag})
     df = pd.DataFrame(rows, columns=COLUMNS)
+    if incomplete:  # only with --incomplete: those rows are invalid, and say so
+        bad_ref = {s for s, r in eos_at.items() if r.lineage.get("branch") in incomplete}
+        df["incomplete"] = df.branch.isin(incomplete) | df.fork_step.isin(bad_ref) | ("<reference>" in incomplete)
+        # An unfinished run's window is not the one the study defines: invalid, whatever its diagnostics.
+        df.loc[df.incomplete, "invalid_reason"] = [("incomplete run; " + r).rstrip("; ")
+                                                   for r in df.loc[df.incomplete, "invalid_reason"]]
+        df.loc[df.incomplete, "valid"] = False
     parent.store.write_frame("comparison", df)
     curve = pd.concat(curve_parts, ignore_index=True) if curve_parts else pd.DataFrame(columns=CURVE_COLUMNS)
     parent.store.write_frame("comparison_curves", curve[CURVE_COLUMNS])
@@ -243,7 +256,8 @@ def compare_seeds(runs: Sequence[Union[Run, str, Path]], grid: int = 3000,
         raise EosbranchError("compare: no runs given")
     _check_same_spec(parents)
     frames = [compare(p, grid, validity).assign(seed=p.spec.seed) for p in parents]
-    df = pd.concat(frames, ignore_index=True)[SEED_COLUMNS] if frames else pd.DataFrame(columns=SEED_COLUMNS)
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SEED_COLUMNS)
+    df = df[SEED_COLUMNS + (["incomplete"] if "incomplete" in df.columns else [])]  # marked by --incomplete
     from .store import RunStore
 
     RunStore(Path(where) if where is not None else parents[0].path.parent).write_frame("comparison_seeds", df)
@@ -277,6 +291,9 @@ def summarize(df: pd.DataFrame, valid_only: bool = True) -> pd.DataFrame:
     missing = [c for c in ("seed", "branch", "group", "delta_at_end", "delta_mean") if c not in df.columns]
     if missing:
         raise EosbranchError(f"summarize: needs a per-seed comparison (compare([run, ...])); missing {missing}")
+    from .completeness import check_summary_rows
+
+    check_summary_rows(df)
     rows = []
     for (branch, group), d in df.groupby(["branch", "group"], sort=False):
         valid = d["valid"].astype(bool) if "valid" in d.columns else pd.Series(True, index=d.index)

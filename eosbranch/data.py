@@ -432,8 +432,34 @@ class TensorsParams(Params):
         return v
 
 
+MAX_ARRAY_BYTES = 16 << 30  # the decompressed size of an .npz's members, together (issue 17)
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Read the zip directory only: the declared uncompressed size of every member, and the
+    compression ratio (a bomb declares a huge size or lies about it; either is refused)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise EosbranchError(f"{path}: not a readable .npz archive ({type(err).__name__})") from None
+    total = sum(i.file_size for i in infos)
+    if total > MAX_ARRAY_BYTES:
+        big = max(infos, key=lambda i: i.file_size)
+        raise EosbranchError(f"{path}: its arrays decompress to {total / 2**30:.1f} GiB (member {big.filename}: "
+                             f"{big.file_size / 2**30:.1f} GiB), over the {MAX_ARRAY_BYTES >> 30} GiB limit; "
+                             "refused before decompressing")
+    for i in infos:
+        if i.compress_size and i.file_size / i.compress_size > 1000 and i.file_size > 64 << 20:
+            raise EosbranchError(f"{path}: member {i.filename} decompresses {i.file_size // i.compress_size}x "
+                                 f"to {i.file_size / 2**20:.0f} MiB (a zip bomb?); refused before decompressing")
+
+
 def _read_arrays(path: Path) -> dict:
     if path.suffix.lower() == ".npz":
+        _check_npz_sizes(path)  # before any member is decompressed: a zip bomb is refused in one line
         try:
             # allow_pickle=False: an .npz with object arrays could run code when loaded.
             with np.load(path, allow_pickle=False) as z:

@@ -291,8 +291,13 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
         check_threads(path, existing.lineage.get("threads"), threads)
         if existing.complete and not _reaches(existing, rule, total):
             # Asked to go further than it went (e.g. --steps 100 before, --until tss now): extend it.
-            store.write_json(LINEAGE, {**existing.lineage, "until": rule})
-            branch = resume(path, steps=max(total, existing.spec.steps + 1), progress=progress, warn=warn)
+            store.lock()  # the lineage is written under the run's lock, like every write
+            try:
+                store.write_json(LINEAGE, {**existing.lineage, "until": rule})
+                branch = resume(path, steps=max(total, existing.spec.steps + 1), progress=progress, warn=warn,
+                                store=store)
+            finally:
+                store.unlock()
         else:
             branch = resume(path, progress=progress, warn=warn)  # a finished or interrupted branch
         _check_replay(parent, branch, s)
@@ -300,10 +305,9 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
     spec = parent.spec.model_copy(update={"steps": total})
     parent_threads = parent.lineage.get("threads") or torch.get_num_threads()
     threads = parent_threads if threads is None else positive_threads(threads)
-    store.check_writable()  # a planted symlink must not redirect the branch's files
-    created = not store.path.exists()
-    store.path.mkdir(parents=True, exist_ok=True)
-    store.lock()  # before any write: a second fork into the same branch fails fast and changes nothing
+    # The lock before any write or clean-up: a second fork into the same branch fails fast here
+    # and changes nothing (it never removes the directory the first one is writing).
+    store, created = store.new_locked()
     try:
         store.create(spec.to_yaml(), {"parent": parent.name, "fork_step": s, "branch": b.name,
                                       "branch_spec": b.model_dump(), "branch_hash": b.digest(),
@@ -322,8 +326,7 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
             # not fit this run, no space): leave no half-made branch for `runs` to list.
             import shutil
 
-            store.unlock()
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)  # still under our lock: nobody else is writing it
         raise
     finally:
         store.unlock()

@@ -145,6 +145,8 @@ def record_track(st, params, window: int, measure_spec) -> None:
     if st.eig_vectors is None or not due_soon(measure_spec, st.step, window):
         return
     entries = st.measured.setdefault(TRACK_KEY, [])
+    if entries and entries[-1][0] == st.step:  # a step run again (extending a run from its final state)
+        entries.pop()
     entries.append([int(st.step), track(params, st.eig_vectors[:, 0])])
     del entries[:-(window + 1)]
 

@@ -177,7 +177,12 @@ def _new_figure(width: float, height: float) -> Figure:
 def _save(fig: Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    import io
+    from .store import write_output
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format=path.suffix.lstrip(".") or "png")
+    write_output(path, buf.getvalue())  # atomic; refuses a planted symlink
     return path
 
 

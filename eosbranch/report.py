@@ -326,7 +326,9 @@ def write_summary(path: Path, runs: list[Run], seeds: list, figures: dict, skipp
         lines += [f"Figures 1, 2, 4, 5 and 6 show the first run (seed {seeds[0].seed}); figure 3 aggregates all seeds.", ""]
     for note in opposing_notes:
         lines += [f"Opposing pair: {note}.", ""]
-    path.write_text("\n".join(lines))
+    from .store import write_output
+
+    write_output(path, "\n".join(lines).encode())  # atomic; refuses a planted symlink
     return path
 
 
@@ -351,6 +353,9 @@ def report(run_or_runs: Union[Run, str, Path, Iterable], out: Union[str, Path, N
     if len(set(paths)) < len(paths):
         raise EosbranchError("the same run is given twice; pass each seed's run once")
     out = Path(out) if out is not None else runs[0].path / "report"
+    from .store import check_output_dir
+
+    check_output_dir(out)  # a planted RUN/report -> elsewhere: refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     comparisons = {}
     if len(runs) > 1:  # seeds of one spec (checked): per-seed rows, saved as comparison_seeds.parquet

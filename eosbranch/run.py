@@ -9,7 +9,7 @@ from typing import Optional, Union
 import pandas as pd
 
 from .errors import EosbranchError
-from .store import LINEAGE, SPEC, RunStore
+from .store import LINEAGE, RECORD, SPEC, RunStore
 
 
 class Run:
@@ -18,8 +18,18 @@ class Run:
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
         if not (self.path / SPEC).is_file():
-            raise EosbranchError(f"{self.path}: not a run directory (no {SPEC})")
+            if (self.path / RECORD).is_file():  # a run whose spec.yaml was deleted: say so
+                RunStore(self.path).verified_bytes(SPEC)  # (returns if it was just being written)
+            else:
+                raise EosbranchError(f"{self.path}: not a run directory (no {SPEC})")
         self.store = RunStore(self.path)
+        # Both files the run's record guards are checked up front: a damaged or edited one stops
+        # whatever reads this run (load, compare, report, fork...) with one line naming it.
+        self.store.verified_bytes(SPEC)
+        try:
+            self.store.verified_bytes(LINEAGE)
+        except FileNotFoundError:  # a run written before the record existed, without lineage.json
+            pass
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import SpecError, format_validation_error
 
+MAX_STEPS = 100_000_000  # a sane bound on a run's length (issue 17); far above any study's needs
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -98,7 +100,7 @@ class Spec(_Section):
     model: dict[str, Any]
     loss: Union[str, dict[str, Any]] = "mse"
     optimizer: dict[str, Any]
-    steps: int = Field(ge=0)
+    steps: int = Field(ge=0, le=MAX_STEPS)  # 10**12 would run "forever": refused in one line
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
 
@@ -179,12 +181,24 @@ def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
     return _resolve_sections(spec, source)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: ``*name`` can expand a small file into an unbounded tree (an
+    alias bomb), and no spec needs one; refused with the line it is on."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            ev = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{ev.anchor} is not allowed in a spec "
+                                              "(aliases can expand without bound; write the value out)", ev.start_mark)
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: Union[str, Path]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such file")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -197,7 +211,13 @@ def read_yaml(path: Union[str, Path]) -> Any:
 
 
 def load_spec(path: Union[str, Path], **overrides) -> Spec:
-    """Read, override (e.g. ``steps``, ``seed``) and validate a spec file."""
+    """Read, override (e.g. ``steps``, ``seed``) and validate a spec file (a run's own spec.yaml
+    is first checked against the run's record: store.RunStore.verified_bytes)."""
+    path = Path(path)
+    if path.name == "spec.yaml" and (path.parent / "record.json").exists():
+        from .store import RunStore
+
+        RunStore(path.parent).verified_bytes(path.name)
     raw = read_yaml(path)
     if isinstance(raw, dict):
         raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}

@@ -55,6 +55,7 @@ the single point of failure), per-checkpoint full copies of the tables (quadrati
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -63,6 +64,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -72,7 +74,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import tables
+from . import faults, tables
 from .errors import CheckpointError, EosbranchError, EosbranchWarning, StorageError
 
 SPEC = "spec.yaml"
@@ -81,6 +83,10 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 END = "end.json"
 LOCK = ".lock"
+RECORD = "record.json"  # sha256 (and text) of spec.yaml and lineage.json, see RunStore._write_protected
+PROTECTED = ("spec.yaml", "lineage.json")
+RECORD_LOCK = ".record.lock"
+_WRITING: set = set()  # run directories whose record this process is updating
 TABLES = ("metrics", "events", "examples")
 ROWS_KEY = b"eosbranch.rows_sha256"
 
@@ -141,6 +147,25 @@ def atomic_write(path: Path, data: bytes) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
+def check_output_dir(out: Path) -> None:
+    """An output folder (e.g. RUN/report) must not be a symlink: a planted link would redirect
+    writes outside the run. One line, before anything is written."""
+    out = Path(out)
+    if out.is_symlink():
+        raise EosbranchError(f"{out}: is a symlink (to {os.readlink(out)}); refusing to write through it "
+                             "(remove it, or give --out a real directory)")
+
+
+def write_output(path: Path, data: bytes) -> None:
+    """An analysis output (summary.md, a figure): refused if it or its folder is a symlink, then
+    written atomically like every file of a run (a kill leaves the old file or the new one)."""
+    path = Path(path)
+    check_output_dir(path.parent)
+    if path.is_symlink():
+        raise EosbranchError(f"{path}: is a symlink (to {os.readlink(path)}); refusing to write through it")
+    atomic_write(path, data)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -193,6 +218,7 @@ class RunStore:
         self.path = Path(path)
         self.warn = warn
         self._lock_fd: Optional[int] = None
+        self._lock_depth = 0  # lock() is re-entrant: a caller may hold it around a callee that takes it
         self._warned: set = set()
 
     def _report(self, msg: str, warn: Optional[Warn] = None) -> None:
@@ -213,7 +239,13 @@ class RunStore:
 
     # -- locking ---------------------------------------------------------------------------
     def lock(self) -> None:
-        """Take the run's write lock; a second writer fails fast instead of interleaving."""
+        """Take the run's write lock; a second writer fails fast instead of interleaving. Taken
+        before anything of the run is created, written or cleaned: a process that fails to get it
+        has changed nothing (at most it created the empty directory and its ``.lock`` file, both
+        of which the winner uses)."""
+        if self._lock_fd is not None:
+            self._lock_depth += 1
+            return
         self.check_writable()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -226,12 +258,36 @@ class RunStore:
             os.close(fd)
             raise EosbranchError(f"{self.path}: another process is writing this run (lock held)") from None
         self._lock_fd = fd
+        self._lock_depth = 1
         self._remove_orphaned_temp_files()
+
+    @property
+    def locked(self) -> bool:
+        """Whether this store holds the run's write lock."""
+        return self._lock_fd is not None
+
+    def new_locked(self) -> tuple["RunStore", bool]:
+        """Make the run directory if it is absent and take its lock: ``(self, created)``.
+        ``created`` comes from ``mkdir`` itself (atomic: of two racing processes exactly one
+        creates), not from a look beforehand; a process that then fails to get the lock raises
+        having written nothing, so it never removes or cleans what the lock holder is writing."""
+        self.check_writable()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(self.path)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as err:
+            raise StorageError(f"{self.path}: cannot create the run directory: {_why(err)}") from None
+        faults.reached("lock", 0)  # tests: pause here, between the mkdir and the lock
+        self.lock()
+        return self, created
 
     def _remove_orphaned_temp_files(self) -> None:
         """Temp files of atomic writes that a kill interrupted (each can be checkpoint-sized).
         Only the lock holder writes these files, so once we hold the lock none is in use."""
-        owned = [SPEC, LINEAGE, *(f"{name}.parquet" for name in TABLES)]
+        owned = [SPEC, LINEAGE, RECORD, *(f"{name}.parquet" for name in TABLES)]
         found = [f for name in owned for f in self.path.glob(f".{name}.*{TEMP_SUFFIX}")]
         found += list(self.checkpoint_dir.glob(f".*{TEMP_SUFFIX}"))
         for f in found:
@@ -241,6 +297,10 @@ class RunStore:
                          f"({', '.join(sorted(f.name for f in found)[:3])}{', ...' if len(found) > 3 else ''})")
 
     def unlock(self) -> None:
+        if self._lock_depth > 1:
+            self._lock_depth -= 1
+            return
+        self._lock_depth = 0
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -249,7 +309,115 @@ class RunStore:
     # -- small files -----------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
         self.check_writable()
+        if name in PROTECTED:
+            self._write_protected(name, text)
+            return
         atomic_write(self.path / name, text.encode())
+
+    # spec.yaml and lineage.json are under the same integrity net as checkpoints: RUN/record.json
+    # holds each one's sha256 (and its text, so an edit is reported field by field). A write goes
+    # record (old and new digests both accepted) -> file -> record (new only): a kill anywhere in
+    # between leaves a file the record accepts. A file that matches no recorded digest was edited
+    # or damaged outside eosbranch and is refused in one line, never silently used; a deliberate
+    # change goes through a command that records it (`train --resume --steps N`) or a new run.
+    def _record(self) -> Optional[dict]:
+        f = self.path / RECORD
+        try:
+            rec = json.loads(f.read_bytes())
+            for name in PROTECTED:
+                if name in rec:
+                    e = rec[name]
+                    if not (isinstance(e["sha256"], list) and all(isinstance(d, str) and _SHA.fullmatch(d)
+                                                                  for d in e["sha256"]) and isinstance(e["text"], str)):
+                        raise ValueError(f"bad entry for {name}")
+            return rec
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+            raise EosbranchError(f"{f}: damaged or edited ({str(err).splitlines()[0][:100]}); it guards "
+                                 f"{SPEC} and {LINEAGE}: restore it from a backup") from None
+
+    @contextlib.contextmanager
+    def _record_lock(self):
+        """``.record.lock``: held exclusively by a writer through its three phases and shared by a
+        reader of a protected file (:meth:`_read_protected`), so a reader never sees a record
+        and a file from different phases."""
+        f = self.path / RECORD_LOCK
+        try:
+            fd = os.open(f, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise StorageError(f"{f}: cannot open: {_why(err)}") from None
+        key = os.path.abspath(self.path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _WRITING.add(key)  # a reader in this same process (a callback) must not wait for us
+            yield
+        finally:
+            _WRITING.discard(key)
+            os.close(fd)
+
+    def _read_protected(self, name: str) -> tuple[Optional[dict], Optional[bytes]]:
+        def read():
+            try:
+                data = (self.path / name).read_bytes()
+            except FileNotFoundError:
+                data = None
+            return self._record(), data
+
+        f = self.path / RECORD_LOCK
+        if os.path.abspath(self.path) in _WRITING:
+            return read()
+        try:
+            fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # never written by this version (or a read-only copy): no writer to wait for
+            got = read()
+            if not f.exists():
+                return got
+            fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW)  # a writer started meanwhile: read again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return read()
+        finally:
+            os.close(fd)
+
+    def _write_protected(self, name: str, text: str) -> None:
+        with self._record_lock():
+            rec = self._record() or {}
+            digest = sha256(text.encode())
+            old = [d for d in (rec.get(name) or {}).get("sha256", []) if d != digest][-1:]
+            rec[name] = {"sha256": old + [digest], "text": text, "pending": True}
+            atomic_write(self.path / RECORD, json.dumps(rec, indent=2, sort_keys=True).encode())
+            atomic_write(self.path / name, text.encode())
+            rec[name] = {"sha256": [digest], "text": text}
+            atomic_write(self.path / RECORD, json.dumps(rec, indent=2, sort_keys=True).encode())
+
+    def verified_bytes(self, name: str) -> bytes:
+        """A protected file's bytes, checked against the run's record; any mismatch or absence
+        raises one :class:`EosbranchError` line naming the file and what differs."""
+        f = self.path / name
+        rec, data = self._read_protected(name)  # never between a writer's three phases
+        try:
+            if data is None:
+                raise FileNotFoundError(f)
+        except FileNotFoundError:
+            entry = (rec or {}).get(name) or {}
+            if entry and not (entry.get("pending") and len(entry["sha256"]) == 1):  # else: not yet written
+                raise EosbranchError(f"{f}: missing (deleted?); the run's {RECORD} has the version it was "
+                                     "written with: restore the file, or start a new run") from None
+            raise
+        if rec is None:
+            if (self.path / LINEAGE).exists() and (self.path / SPEC).exists() and name == SPEC:
+                self._report(f"{self.path / RECORD}: missing (a run written before eosbranch recorded "
+                             f"{SPEC} and {LINEAGE}, or the file was deleted): their integrity is not checked")
+            return data
+        entry = rec.get(name)
+        if entry is None:
+            raise EosbranchError(f"{f}: not in the run's {RECORD} (planted?); refusing to use it")
+        if sha256(data) not in entry["sha256"]:
+            raise EosbranchError(f"{f}: edited or damaged since eosbranch wrote it ({_differs(name, entry['text'], data)}); "
+                                 f"refusing to use it. A run's record says what produced its checkpoints: restore "
+                                 f"the file (its recorded text is in {RECORD}), or start a new run for a new spec")
+        return data
 
     def create(self, spec_yaml: str, lineage: dict) -> None:
         """Write a new run's lineage, then its spec: spec.yaml marks a run directory (`eosbranch
@@ -261,7 +429,11 @@ class RunStore:
         self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     def read_json(self, name: str):
-        return json.loads((self.path / name).read_text())
+        data = self.verified_bytes(name) if name in PROTECTED else (self.path / name).read_bytes()
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise EosbranchError(f"{self.path / name}: not valid JSON ({str(err).splitlines()[0][:100]})") from None
 
     # -- the manifest ------------------------------------------------------------------------
     @property
@@ -569,6 +741,36 @@ class RunStore:
             self._report(f"{self.path / (name + '.parquet')}: {why}; rewrote it complete ({len(df)} rows) "
                          f"from the row segments in {CHECKPOINTS}/", warn)
         return True
+
+
+# ------------------------------------------------------------------------------- record diffs
+
+def _flat(obj, prefix=""):
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def _differs(name: str, recorded: str, data: bytes) -> str:
+    """What differs between a protected file's recorded text and its bytes now, in a few words."""
+    import yaml
+
+    try:
+        text = data.decode()
+        now = json.loads(text) if name.endswith(".json") else yaml.safe_load(text)
+        was = json.loads(recorded) if name.endswith(".json") else yaml.safe_load(recorded)
+    except Exception:
+        return f"sha256 mismatch; not readable as {'JSON' if name.endswith('.json') else 'YAML'}, {len(data)} bytes"
+    a, b = _flat(was), _flat(now) if isinstance(now, dict) else {"": now}
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    if not changed:
+        return "sha256 mismatch; same values, different bytes"
+    shown = [f"{k or '(whole file)'}: recorded {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"[:120]
+             for k in changed[:3]]
+    return "; ".join(shown) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
 
 
 # ------------------------------------------------------------------------------- manifest shape

@@ -249,7 +249,8 @@ def local_executor(p: LocalParams) -> Callable[..., list[JobResult]]:
             # The server imports torch and eosbranch once (without running any op, so no threads
             # exist yet); each worker forks from it instead of importing everything again.
             ctx.set_forkserver_preload(PRELOAD)
-        pool = ProcessPoolExecutor(max_workers=min(jobs, len(calls)), mp_context=ctx)
+        pool = ProcessPoolExecutor(max_workers=min(jobs, len(calls)), mp_context=ctx,
+                                   initializer=die_with, initargs=(os.getpid(),))
         try:
             def wait(handles):
                 done, _ = wait_futures(handles, return_when=FIRST_COMPLETED)
@@ -260,6 +261,36 @@ def local_executor(p: LocalParams) -> Callable[..., list[JobResult]]:
             pool.shutdown(wait=True, cancel_futures=True)
 
     return run
+
+
+def die_with(pid: int) -> None:
+    """A worker dies with the sweep that started it, however the sweep ends (SIGKILL included):
+    the kernel's parent-death signal (Linux; the parent is the fork server or the sweep) and a
+    watcher thread that ends the worker once the sweep's pid is gone (any POSIX)."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+    def watch():
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGKILL)
+            except PermissionError:
+                pass
+            if os.getppid() == 1:  # re-parented to init: whatever started us is gone
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, name="die-with-sweep", daemon=True).start()
 
 
 def _need(module: str, extra: str):

@@ -37,7 +37,7 @@ from .run import Run
 from .spec import Spec, load_spec, parse_spec
 from .step_losses import StepLosses, group_loss_due
 from .store import SPEC, LINEAGE, RunStore
-from . import tables
+from . import faults, tables
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -347,15 +347,22 @@ class Trainer:
         self.events += [tuple(r) for r in ckpt.get("events_at_step", [])]
         self._seg_start = s if chained else None
 
-    def save(self) -> None:
+    def save(self, state: Optional[dict] = None) -> None:
         s = self.st.step
         self.flush(before=s)
         if s == self._seg_start:
             return  # the checkpoint this run just resumed from: kept as it is, never rewritten
-        state = checkpoint_state(self.exp, self.st)
-        state["events_at_step"] = [list(r) for r in self.events if r[1] == s]  # see resume()
+        if state is None:
+            state = checkpoint_state(self.exp, self.st)
+            state["events_at_step"] = [list(r) for r in self.events if r[1] == s]  # see resume()
         self.store.save_checkpoint(s, state, rows=self._segment(self._seg_start, s), rows_from=self._seg_start)
         self._seg_start = s
+
+    def _state_before_measuring(self) -> dict:
+        """The checkpoint of this step as :meth:`save` would write it before the measurement."""
+        state = checkpoint_state(self.exp, self.st)
+        state["events_at_step"] = [list(r) for r in self.events if r[1] == self.st.step]
+        return state
 
     def _segment(self, lo: Optional[int], hi: Optional[int]) -> dict:
         """The rows of steps in [lo, hi) as DataFrames (None: unbounded), for the store's segments."""
@@ -390,6 +397,7 @@ class Trainer:
         with stop.installed():
             while True:
                 t = st.step
+                faults.reached("step", t)
                 if self.fork_at is not None:
                     if t == self.fork_at:
                         self.start_branch()
@@ -400,12 +408,21 @@ class Trainer:
                                           f"`eosbranch train --resume {self.store.path}`")
                 if spec.measure.sharpness and spec.measure.mechanism:
                     record_track(st, exp.params, spec.measure.oscillation_window, spec.measure)
+                pre = None
                 if spec.measure.due(t):
+                    if t < steps and self.until is not None and self.fork_at is None:
+                        pre = self._state_before_measuring()  # the final checkpoint, should the rule fire
                     measure(self)
+                    faults.reached("measured", t)
                 if t < steps and self.until is not None and self.fork_at is None and self.until(self):
+                    faults.reached("stopping", t)
+                    # The final checkpoint holds the state *before* step t's measurement, as every
+                    # checkpoint does (a resume or an extension from it re-measures step t bit for
+                    # bit); it is committed before the spec says the run ends here, so a kill in
+                    # between resumes from it and the stop rule fires again at the same step.
+                    self.save(pre)
                     self.store.write_text(SPEC, spec.model_copy(update={"steps": t}).to_yaml())
                     steps = t  # the stop rule ends the run here: its spec now says so
-                    self.save()  # the final state, as every run's last step
                 if t == steps:
                     with torch.no_grad():
                         out = exp.model(exp.train_X)
@@ -498,10 +515,11 @@ def run_dir_for(spec: Spec, out: Union[str, Path]) -> Path:
     return Path(out) / f"{spec.name}-s{spec.seed}-{spec.digest()}"
 
 
-def open_run(spec: Spec, path: Path, lineage: Optional[dict] = None, threads: Optional[int] = None) -> RunStore:
+def open_run(spec: Spec, path: Path, lineage: Optional[dict] = None, threads: Optional[int] = None,
+             store: Optional[RunStore] = None) -> RunStore:
     """Create a run directory, or check that an existing one holds the same spec (and, if
     ``threads`` is given, the same torch thread count)."""
-    store = RunStore(path)
+    store = store or RunStore(path)
     store.check_writable()  # a planted symlink must not redirect the run outside --out
     if (path / SPEC).exists():
         old = load_spec(path / SPEC)
@@ -546,9 +564,11 @@ def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *,
         raw = spec.model_dump() if isinstance(spec, Spec) else dict(spec)
         spec = parse_spec({**raw, **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}})
     path = Path(run_dir) if run_dir else run_dir_for(spec, out)
-    created = not path.exists() and not path.is_symlink()
+    # The lock before anything is written or cleaned (store.new_locked): a second writer fails
+    # here having changed nothing, and only the lock holder ever removes a run it failed to start.
+    store, created = RunStore(path).new_locked()
     try:
-        store = open_run(spec, path, threads=threads)
+        store = open_run(spec, path, threads=threads, store=store)
         return _drive(spec, store, progress, warn)
     except BaseException as e:
         if created and not isinstance(e, DivergenceError):
@@ -556,6 +576,8 @@ def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *,
         if isinstance(e, SpecError) and source and not str(e).startswith(source):
             raise SpecError(f"{source}: {e}") from None  # e.g. a group named nowhere: name the file too
         raise
+    finally:
+        store.unlock()
 
 
 def _remove_unstarted(path: Path) -> None:
@@ -572,14 +594,15 @@ def _remove_unstarted(path: Path) -> None:
 
 
 def resume(run_dir: Union[str, Path], steps: Optional[int] = None, progress: bool = False,
-           warn: Callable[[str], None] = lambda m: None, threads: Optional[int] = None) -> Run:
+           warn: Callable[[str], None] = lambda m: None, threads: Optional[int] = None,
+           store: Optional[RunStore] = None) -> Run:
     """Continue a run from its last valid checkpoint; ``steps`` is the new total; ``threads``, if
     given, must equal the run's recorded count."""
     path = Path(run_dir)
     if not (path / SPEC).exists():
         raise EosbranchError(f"{path}: not a run directory (no {SPEC})")
     spec = load_spec(path / SPEC, steps=steps)
-    store = RunStore(path)
+    store = store or RunStore(path)
     check_threads(path, _lineage(store).get("threads"), threads)
     return _drive(spec, store, progress, warn)
 
@@ -615,7 +638,8 @@ def _drive_pinned(spec: Spec, store: RunStore, lineage: dict, progress: bool, wa
                                      "a run can be extended, not shortened")
             store.write_text(SPEC, spec.to_yaml())  # an extension: the same run, more steps
         done = store.completed_steps()
-        if done is not None and done == spec.steps and store.repair_tables(warn):
+        if done is not None and done == spec.steps and _final_checkpoint_ok(store, done, warn) \
+                and store.repair_tables(warn):
             return Run(store.path)  # complete (damaged tables rewritten from the checkpoints' rows)
         exp = build(spec)
         trainer = Trainer(exp, store, branch=lineage.get("branch") or "trunk", warn=warn)
@@ -635,6 +659,20 @@ def _drive_pinned(spec: Spec, store: RunStore, lineage: dict, progress: bool, wa
     finally:
         store.unlock()
     return Run(store.path)
+
+
+def _final_checkpoint_ok(store: RunStore, done: int, warn) -> bool:
+    """A finished run's final checkpoint is there and valid; else it is reported and the run is
+    re-run from its newest valid checkpoint (the training is deterministic: it comes back bit for bit)."""
+    try:
+        step = store.load_checkpoint(warn=warn)["step"]
+    except EosbranchError:
+        step = None
+    if step == done:
+        return True
+    warn(f"{store.checkpoint_dir}: the final checkpoint (step {done}) is missing or damaged; rebuilding it "
+         f"from {'the start' if step is None else f'step {step}'}")
+    return False
 
 
 def _lineage(store: RunStore) -> dict:

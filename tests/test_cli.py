@@ -49,6 +49,28 @@ def test_demo_runs_the_embedded_default(tmp_path):
     assert run.complete and "nothing to fork" in res.output  # 20 steps stop before t*
 
 
+def test_short_end_to_end_train_fork_compare_report(tmp_path, tiny_spec):
+    """The default suite's end-to-end run (the whole demo is in the slow suite): every command of
+    the workflow, through the real CLI, on a tiny spec."""
+    tiny_spec.update(steps=20, groups="classes", measure={"every": 5, "sharpness": True})
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec)
+    res = runner.invoke(app, ["train", str(spec), "--out", str(tmp_path / "runs")])
+    assert res.exit_code == 0, res.output
+    run_dir = res.stdout.strip().splitlines()[-1]
+    res = runner.invoke(app, ["fork", "--run", run_dir, "--at", "step", "10", "--branches", "exit_eos", "--steps", "10"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["compare", run_dir])
+    assert res.exit_code == 0, res.output
+    cmp = pd.read_parquet(Path(run_dir) / "comparison.parquet")
+    assert {"class_0", "class_1"} <= set(cmp.group)
+    res = runner.invoke(app, ["report", run_dir])
+    assert res.exit_code == 0, res.output
+    assert list(Path(run_dir).rglob("summary.md"))
+    res = runner.invoke(app, ["runs", "--out", str(tmp_path / "runs")])
+    assert res.exit_code == 0 and "exit_eos" in res.stdout
+
+
+@pytest.mark.slow
 def test_full_demo_trains_forks_and_compares(tmp_path):
     res = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output

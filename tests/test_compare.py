@@ -14,6 +14,7 @@ from conftest import TINY
 from eosbranch import tables
 from eosbranch.cli import app
 from eosbranch.compare import CURVE_COLUMNS, branch_effect, crossing, curves, effect
+from eosbranch.errors import EosbranchError
 from eosbranch.spec import parse_spec
 from eosbranch.store import RunStore
 from eosbranch.train import run_dir_for
@@ -101,6 +102,7 @@ def write_series(root: Path, series: dict) -> Path:
         store.write_table("metrics", tables.frame("metrics", rows, path.name, branch or "trunk", 0))
         if branch is None:
             store.write_table("events", tables.frame("events", [("t_star", 0, 0.0, 10.5, "")], path.name, "trunk", 0))
+        store.mark_complete(spec.steps)  # finished runs (compare refuses unfinished ones)
     return parent
 
 
@@ -186,3 +188,59 @@ def test_t_star_and_t_star_star_on_a_synthetic_sharpness_series(tmp_path, monkey
     assert df.t_end.iloc[0] == df.t_star_star.iloc[0]
     # The EoS reference ran as far in t_eff as the exit branch (lr 0.05 vs 0.025: half the steps).
     assert eos.metrics.t_eff.max() >= te[40] - 1e-12 and eos.spec.steps == 30
+
+
+# -------------------------------------------------- unfinished or unreadable branches (issue 17)
+
+def _unfinish(path: Path) -> None:
+    from eosbranch.store import RunStore
+
+    s = RunStore(path)
+    m = s.manifest()
+    m["complete"] = None
+    s._write_manifest(m)
+
+
+@pytest.mark.parametrize("which", ["exit", "eos", "parent"])
+def test_compare_refuses_an_unfinished_branch_or_reference_unless_told(tmp_path, which):
+    from typer.testing import CliRunner
+    from eosbranch.cli import app
+
+    ts = np.linspace(0, 1, 11)
+    parent = write_series(tmp_path, {(None, None): [(t, {"loss": 1.0}) for t in ts],
+                                     ("eos", 0): [(t, {"loss": 1 - 2 * t}) for t in ts],
+                                     ("exit", 0): [(t, {"loss": 1 - t}) for t in ts]})
+    victim = parent if which == "parent" else Path(f"{parent}--{which}-at0-00000000")
+    _unfinish(victim)
+    for cmd in (["compare", str(parent)], ["report", str(parent)]):
+        res = CliRunner().invoke(app, cmd)
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        (error,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert victim.name in error and "not complete" in error and "--incomplete" in error
+    res = CliRunner().invoke(app, ["compare", str(parent), "--incomplete"])
+    assert res.exit_code == 0, res.output
+    assert "not complete; its comparison rows are marked incomplete" in res.stderr
+    df = pd.read_parquet(parent / "comparison.parquet")
+    assert df.incomplete.all()  # exit's rows depend on the unfinished run, whichever it is
+
+
+def test_a_branch_without_lineage_is_reported_not_an_empty_table(tmp_path):
+    ts = np.linspace(0, 1, 11)
+    parent = write_series(tmp_path, {(None, None): [(t, {"loss": 1.0}) for t in ts],
+                                     ("exit", 0): [(t, {"loss": 1 - t}) for t in ts]})
+    branch = Path(f"{parent}--exit-at0-00000000")
+    (branch / "lineage.json").unlink()
+    with pytest.raises(EosbranchError, match=r"lineage.json: missing"):
+        eosbranch.compare(parent)
+
+
+def test_summarize_refuses_rows_marked_incomplete():
+    from eosbranch.compare import summarize
+    from eosbranch.completeness import allow_incomplete
+
+    df = pd.DataFrame({"seed": [0, 1], "branch": "exit", "group": "all", "delta_at_end": [1.0, 2.0],
+                       "delta_mean": [0.5, 1.0], "incomplete": [False, True]})
+    with pytest.raises(EosbranchError, match="incomplete runs"):
+        summarize(df)
+    with allow_incomplete():
+        assert summarize(df).n_seeds.tolist() == [2]

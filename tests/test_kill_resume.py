@@ -1,11 +1,13 @@
-"""A real subprocess killed with SIGKILL at random moments, then resumed, ends bit-identical."""
+"""A real subprocess killed with SIGKILL at seeded points, then resumed, ends bit-identical.
+
+The kill lands at a named step of the training loop (``EOSBRANCH_FAULT``, see eosbranch/faults.py),
+chosen by a seeded RNG, not at a wall-clock moment: the same test kills at the same place on any
+machine under any load."""
 
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
@@ -15,18 +17,22 @@ import eosbranch
 from conftest import write_spec
 
 CLI = [sys.executable, "-m", "eosbranch.cli"]
+STEPS = 300
 
 
 def _spec(tiny_spec):
-    # Long enough (a few seconds) that the kill lands mid-run, with frequent checkpoints.
-    tiny_spec.update(steps=1500, checkpoint={"every": 100}, measure={"every": 50, "sharpness": False})
+    tiny_spec.update(steps=STEPS, checkpoint={"every": 50}, measure={"every": 25, "sharpness": False})
     tiny_spec["data"]["n_per_class"] = 150
     tiny_spec["model"]["width"] = 64
     return tiny_spec
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "2"}
+def _env(fault=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("EOSBRANCH_FAULT", None)
+    if fault:
+        env["EOSBRANCH_FAULT"] = fault
+    return env
 
 
 def _run_dir(out):
@@ -34,15 +40,9 @@ def _run_dir(out):
     return dirs[0] if dirs else None
 
 
-def _wait_for_checkpoint(out, name="step_00000100.pt", timeout=900):
-    """Block until the run under ``out`` has written the named checkpoint (so it is mid-run)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        d = _run_dir(out)
-        if d is not None and (d / "checkpoints" / name).exists():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"no {name} under {out} after {timeout} s")
+def _kill_step(seed):
+    """A seeded step strictly inside the run, past its first checkpoint after step 0."""
+    return random.Random(seed).randrange(51, STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +62,14 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("kill_seed", [0, 1, 2])
 def test_sigkill_then_resume_bit_identical(tmp_path, reference, kill_seed):
     spec, ref_run = reference
-
     out = tmp_path / "killed"
-    proc = subprocess.Popen(CLI + ["train", str(spec), "--out", str(out)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Once the first checkpoint after step 0 exists, kill at a seeded random moment.
-    _wait_for_checkpoint(out)
-    time.sleep(random.Random(kill_seed).uniform(0.0, 1.0))
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    k = _kill_step(kill_seed)
+    proc = subprocess.run(CLI + ["train", str(spec), "--out", str(out)], env=_env(f"kill@step={k}"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == -9, proc.stderr  # it killed itself at step k
     run_dir = _run_dir(out)
     killed = eosbranch.load(run_dir)
-    assert not killed.complete
+    assert not killed.complete and max(killed.checkpoints) == (k - 1) // 50 * 50
 
     res = subprocess.run(CLI + ["train", "--resume", str(run_dir)], env=_env(), capture_output=True,
                          text=True, timeout=900)
@@ -109,18 +104,15 @@ def _assert_same_state(a, b, where="checkpoint"):
 def test_sigint_saves_and_exits_cleanly(tmp_path, reference, int_seed):
     spec, ref_run = reference
     out = tmp_path / "runs"
-    proc = subprocess.Popen(CLI + ["train", str(spec), "--out", str(out)], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(out)
-    time.sleep(random.Random(100 + int_seed).uniform(0.0, 1.0))
-    assert proc.poll() is None, "the run finished before it could be interrupted; make it longer"
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    k = _kill_step(100 + int_seed)
+    proc = subprocess.run(CLI + ["train", str(spec), "--out", str(out)], env=_env(f"int@step={k}"),
+                          capture_output=True, text=True, timeout=900)
+    stderr = proc.stderr
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "checkpoint saved" in stderr
     run = eosbranch.load(_run_dir(out))
     last = max(run.checkpoints)
-    assert last >= 100 and not run.complete
+    assert last == k and not run.complete  # saved at the step boundary where the signal came
     assert run.metrics.step.max() == last - 1  # rows up to the interrupt, none after
     res = subprocess.run(CLI + ["train", "--resume", str(run.path)], env=_env(), capture_output=True,
                          text=True, timeout=900)

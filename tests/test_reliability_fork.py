@@ -32,8 +32,12 @@ KEYS = {"metrics": ["step", "t_eff", "lr", "group", "metric", "value"],
         "examples": ["step", "index", "group", "loss", "loss_change", "cos2_v1", "centroid_distance"]}
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "2"}
+def _env(fault=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("EOSBRANCH_FAULT", None)
+    if fault:
+        env["EOSBRANCH_FAULT"] = fault
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +67,24 @@ def branch_dir(parent_path):
 def reference(parent, tmp_path_factory):
     """The uninterrupted fork, in its own process."""
     p = copy_parent(parent, tmp_path_factory.mktemp("ref"))
-    t = time.time()
     res = subprocess.run(fork_cmd(p), env=_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
-    return eosbranch.load(branch_dir(p)), time.time() - t
+    return eosbranch.load(branch_dir(p)), None
 
 
-def wait_for(path, proc, timeout=900):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.exists():
-            return
+def wait_for_pause(flag, proc, timeout=900):
+    """The pid of ``proc`` once it pauses at its ``pause@...:flag`` point (see eosbranch/faults.py);
+    the bound only turns a hang into a failure, it never decides the outcome."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hits = list(flag.parent.glob(flag.name + ".[0-9]*"))
+        hits = [h for h in hits if not h.name.endswith(".part")]
+        if hits:
+            return hits[0]
         if proc.poll() is not None:
-            raise AssertionError(f"the fork ended (code {proc.returncode}) before {path} appeared")
-        time.sleep(0.005)
-    raise AssertionError(f"no {path} after {timeout} s")
+            raise AssertionError(f"the fork ended (code {proc.returncode}) before it paused at {flag}")
+        time.sleep(0.01)
+    raise AssertionError(f"no pause at {flag} after {timeout} s")
 
 
 def rerun_and_compare(p, reference):
@@ -94,22 +101,18 @@ def rerun_and_compare(p, reference):
     return res
 
 
-def _kill_at(tmp_path, parent, wait_name, delay, sig):
+def _kill_at(tmp_path, parent, fault):
+    """Run the fork command with a fault at a named step (eosbranch/faults.py), to its end."""
     p = copy_parent(parent, tmp_path)
-    proc = subprocess.Popen(fork_cmd(p), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(branch_dir(p) / wait_name, proc)
-    time.sleep(delay)
-    assert proc.poll() is None, "the fork finished before it could be stopped; make it longer"
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=300)
-    return p, proc.returncode, stderr
+    proc = subprocess.run(fork_cmd(p), env=_env(fault), capture_output=True, text=True, timeout=900)
+    return p, proc.returncode, proc.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_seed", [0])
 def test_sigkill_mid_branch_then_the_same_fork_command_is_bit_identical(tmp_path, parent, reference, kill_seed):
-    delay = random.Random(kill_seed).uniform(0.0, 1.0)
-    p, code, _ = _kill_at(tmp_path, parent, "checkpoints/step_00000200.pt", delay, signal.SIGKILL)
+    k = random.Random(kill_seed).randrange(201, AT + STEPS)
+    p, code, _ = _kill_at(tmp_path, parent, f"kill@step={k}")
     assert code == -signal.SIGKILL and not eosbranch.load(branch_dir(p)).complete
     rerun_and_compare(p, reference)
 
@@ -121,10 +124,10 @@ def test_sigkill_mid_branch_more_seeds(tmp_path, parent, reference, kill_seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("wait_name", ["lineage.json", "checkpoints/step_00000120.pt"])
-def test_sigkill_at_the_start_of_the_branch(tmp_path, parent, reference, wait_name):
-    """Killed during the replay to the fork step, or right at the branch's first checkpoint."""
-    p, code, _ = _kill_at(tmp_path, parent, wait_name, 0.0, signal.SIGKILL)
+@pytest.mark.parametrize("k", [110, 121])
+def test_sigkill_at_the_start_of_the_branch(tmp_path, parent, reference, k):
+    """Killed during the replay to the fork step (110), or right after the branch's first checkpoint (121)."""
+    p, code, _ = _kill_at(tmp_path, parent, f"kill@step={k}")
     assert code == -signal.SIGKILL
     rerun_and_compare(p, reference)
 
@@ -132,13 +135,13 @@ def test_sigkill_at_the_start_of_the_branch(tmp_path, parent, reference, wait_na
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_seed", [0, 1])
 def test_sigint_saves_exits_cleanly_and_the_same_fork_command_finishes_it(tmp_path, parent, reference, kill_seed):
-    delay = random.Random(100 + kill_seed).uniform(0.0, 1.0)
-    p, code, stderr = _kill_at(tmp_path, parent, "checkpoints/step_00000200.pt", delay, signal.SIGINT)
+    k = random.Random(100 + kill_seed).randrange(201, AT + STEPS)
+    p, code, stderr = _kill_at(tmp_path, parent, f"int@step={k}")
     assert code == 130, stderr
     assert "Traceback" not in stderr and "checkpoint saved" in stderr
     b = eosbranch.load(branch_dir(p))
     last = max(b.checkpoints)
-    assert last >= 200 and not b.complete
+    assert last == k and not b.complete
     assert b.metrics.step.max() == last - 1  # rows up to the interrupt, none after
     rerun_and_compare(p, reference)
 
@@ -146,16 +149,17 @@ def test_sigint_saves_exits_cleanly_and_the_same_fork_command_finishes_it(tmp_pa
 @pytest.mark.slow
 def test_a_second_fork_into_the_same_branch_fails_fast(tmp_path, parent, reference):
     p = copy_parent(parent, tmp_path)
-    first = subprocess.Popen(fork_cmd(p), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(branch_dir(p) / "checkpoints" / "step_00000200.pt", first)
-    t = time.time()
+    flag = tmp_path / "paused"
+    first = subprocess.Popen(fork_cmd(p), env=_env(f"pause@step=200:{flag}"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    marker = wait_for_pause(flag, first)  # the first fork holds the lock, paused at step 200
     second = subprocess.run(fork_cmd(p), env=_env(), capture_output=True, text=True, timeout=300)
-    waited = time.time() - t
-    assert first.poll() is None, "the first fork ended before the second started; make it longer"
+    assert first.poll() is None
+    marker.unlink()  # let the first go on
     assert second.returncode == 2, second.stderr
     errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "another process is writing this run (lock held)" in errors[0]
-    assert "Traceback" not in second.stderr and waited < 60
+    assert "Traceback" not in second.stderr
     _, stderr = first.communicate(timeout=900)
     assert first.returncode == 0, stderr
     ref, done = reference[0], eosbranch.load(branch_dir(p))
@@ -239,12 +243,10 @@ def test_a_fork_into_a_branch_being_written_fails_fast_and_changes_nothing(tmp_p
     holder = RunStore(d)
     holder.lock()
     try:
-        t = time.time()
-        res = small_fork(p)
-        waited = time.time() - t
+        res = small_fork(p)  # the lock is taken non-blocking (LOCK_NB): it fails, never waits
     finally:
         holder.unlock()
-    assert res.exit_code == 2 and "Traceback" not in res.output and waited < 30
+    assert res.exit_code == 2 and "Traceback" not in res.output
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "another process is writing this run (lock held)" in errors[0]
     assert {f: f.read_bytes() for f in d.rglob("*") if f.is_file()} == before

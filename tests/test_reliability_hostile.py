@@ -347,3 +347,53 @@ def test_fork_into_a_dangling_symlinked_branch_directory_is_refused(tmp_path, pa
     link.symlink_to(outside / "new")
     error = one_error(cli("fork", "--run", run.path, "--at", "step", 15, "--branches", "exit_eos", "--steps", 3))
     assert "is a symlink" in error and not (outside / "new").exists()
+
+
+# ------------------------------------------------------------ hostile sizes (issue 17, point 3)
+
+def test_yaml_aliases_are_refused_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+    from eosbranch.cli import app
+
+    f = tmp_path / "bomb.yaml"
+    f.write_text("name: x\na: &a [1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+                 "c: [*b,*b,*b,*b,*b,*b,*b,*b,*b]\ndata: {kind: digits}\n")
+    res = CliRunner().invoke(app, ["train", str(f), "--out", str(tmp_path / "runs")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    (error,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert "alias *a is not allowed" in error and "line 3" in error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_absurd_step_counts_are_refused_in_one_line(tmp_path, tiny_spec):
+    from typer.testing import CliRunner
+    from conftest import write_spec
+    from eosbranch.cli import app
+
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec)
+    for steps in ("1000000000000", str(10**30)):
+        res = CliRunner().invoke(app, ["train", str(spec), "--out", str(tmp_path / "runs"), "--steps", steps])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert "steps" in res.stderr
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_an_npz_zip_bomb_is_refused_before_decompressing(tmp_path):
+    import zipfile
+
+    import numpy as np
+
+    from eosbranch.data import _read_arrays
+    from eosbranch.errors import EosbranchError
+
+    f = tmp_path / "bomb.npz"
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1, dtype=np.float64))
+    header["shape"] = (2**28,)  # 2 GiB of zeros, compressed to about 2 MiB
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        with z.open("X.npy", "w", force_zip64=True) as m:
+            np.lib.format.write_array_header_1_0(m, header)
+            block = bytes(1 << 24)
+            for _ in range(2**31 // len(block)):
+                m.write(block)
+    with pytest.raises(EosbranchError, match=r"X.npy decompresses .* zip bomb"):
+        _read_arrays(f)

@@ -28,7 +28,7 @@ def _listing(out):
     res = CliRunner().invoke(app, ["runs", "--out", str(out)])
     assert res.exit_code == 0, res.output
     rows = [line for line in res.stdout.splitlines() if "tiny-s" in line]
-    return res.stdout, rows
+    return res.stdout + res.stderr, rows
 
 
 def test_sixteen_runs_on_two_jobs_are_intact_and_equal_serial_runs(tmp_path):
@@ -57,6 +57,7 @@ def test_sixteen_runs_on_two_jobs_are_intact_and_equal_serial_runs(tmp_path):
         # Every listed run is a whole row: a name, its progress "k/40" with 0 <= k <= 40.
         for row in rows:
             cells = [c.strip() for c in row.split("│") if c.strip()]
+            assert len(cells) == 6, (row, text)
             done, total = cells[4].split("/")
             assert total == "40" and 0 <= int(done) <= 40, row
     final_text, final_rows = _listing(out)

@@ -483,3 +483,28 @@ def test_several_seeds_give_the_median_and_interquartile_band(tmp_path, monkeypa
     assert res.stdout.strip().splitlines()[-1] == str(swept)
     assert swept.read_text().split("## Integrity")[0].split("## Branch effect")[1] == \
         text.split("## Integrity")[0].split("## Branch effect")[1]
+
+
+@pytest.mark.parametrize("plant", ["report", "summary.md", "fig2_group_losses.png"])
+def test_report_refuses_planted_symlinks_and_writes_nothing_outside(tmp_path, plant):
+    """Issue 17: RUN/report, summary.md or a figure planted as a symlink to elsewhere: one line,
+    exit 2, nothing written at the link's target."""
+    from typer.testing import CliRunner
+    from eosbranch.cli import app
+
+    run = eosbranch.train(tiny(tmp_path), tmp_path / "runs")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("keep")
+    report_dir = run.path / "report"
+    if plant == "report":
+        report_dir.symlink_to(outside)
+    else:
+        report_dir.mkdir()
+        (report_dir / plant).symlink_to(outside / "victim")
+    res = CliRunner().invoke(app, ["report", str(run.path)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    (error,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert "symlink" in error and plant in error
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"] and (outside / "victim").read_text() == "keep"
+    assert not list(report_dir.parent.rglob("*.tmp"))
