@@ -268,18 +268,20 @@ def _print_comparison(run, df) -> None:
     head = df.iloc[0] if len(df) else None
     where = "" if head is None else f", fork step {head.fork_step}, " + (
         f"t* = {head.t_star:.4g} (t_eff)" if np.isfinite(head.t_star) else "no t*")
-    source = "" if head is None else ("; Δl from every-step losses" if (df.source == "every_step").all()
-                                      else "; Δl from losses at measurement steps only (may alias)")
+    source = "" if head is None else ("every-step group losses" if (df.source == "every_step").all()
+                                      else "group losses at measurement steps only (may alias)")
     table = Table("branch", Column("group", no_wrap=True), "t**", Column("mean Δl", no_wrap=True),
                   Column("Δl at end", no_wrap=True), Column("effect", no_wrap=True), "window",
-                  title=f"{run.name} branches vs EoS{where}; Δl > 0: learns faster at EoS{source}; "
-                        "Δl at end: the central curve (consecutive steps averaged)")
+                  title=f"{run.name} branches vs EoS{where}; Δl > 0: learns faster at EoS")
     for r in df.itertuples(index=False):
         tss = f"{r.t_star_star:.4g}" if np.isfinite(r.t_star_star) else "not reached"
         table.add_row(r.branch, r.group, tss, f"{r.delta_mean:+.2e}",
                       f"{r.delta_central_at_end:+.2e}", r.effect.replace("learns ", "").replace(" at EoS", ""),
                       "valid" if r.valid else "INVALID")
     err.print(table)
+    if len(df):
+        err.print(f"Δl from {source}; mean Δl: its exact mean over the window; Δl at end: the central curve "
+                  "(consecutive steps averaged) at t**", highlight=False, soft_wrap=True)
     if len(df) and not np.isfinite(df.t_star_star).all():
         err.print("t** not reached: the branch's sharpness never reached its threshold; its window ends at its "
                   "last step", highlight=False, soft_wrap=True)
