@@ -181,16 +181,13 @@ def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
     return _resolve_sections(spec, source)
 
 
-class _NoAliasLoader(yaml.SafeLoader):
+def _refuse_aliases(text: str) -> None:
     """Safe YAML without aliases: ``*name`` can expand a small file into an unbounded tree (an
-    alias bomb), and no spec needs one; refused with the line it is on."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.events.AliasEvent):
-            ev = self.peek_event()
+    alias bomb), and no spec needs one; refused with the line it is on, before anything is built."""
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, yaml.events.AliasEvent):
             raise yaml.composer.ComposerError(None, None, f"alias *{ev.anchor} is not allowed in a spec "
                                               "(aliases can expand without bound; write the value out)", ev.start_mark)
-        return super().compose_node(parent, index)
 
 
 def read_yaml(path: Union[str, Path]) -> Any:
@@ -198,7 +195,9 @@ def read_yaml(path: Union[str, Path]) -> Any:
     if not path.is_file():
         raise SpecError(f"{path}: no such file")
     try:
-        return yaml.load(path.read_text(), Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        text = path.read_text()
+        _refuse_aliases(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

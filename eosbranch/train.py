@@ -12,6 +12,7 @@ so an interrupted run ends with exactly the rows and parameters of an uninterrup
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import signal
 import threading
@@ -182,7 +183,7 @@ def checkpoint_state(exp: Experiment, st: TrainState) -> dict:
         "model": {k: v.detach().cpu().clone() for k, v in exp.model.state_dict().items()},
         "optimizer": _to_cpu(st.opt_state), "cursor": dict(st.cursor), "rng": _rng_state(),
         "eig_vectors": _to_cpu(st.eig_vectors), "precond_vectors": _to_cpu(st.precond_vectors),
-        "measured": dict(st.measured), "prev_example_losses": _to_cpu(st.prev_example_losses),
+        "measured": copy.deepcopy(st.measured), "prev_example_losses": _to_cpu(st.prev_example_losses),
         "reference": _to_cpu(st.reference), "intervention": _to_cpu(st.intervention),
     }
 
@@ -195,7 +196,7 @@ def restore_state(exp: Experiment, ckpt: dict) -> TrainState:
         opt_state=_to_device(ckpt["optimizer"], exp.device), cursor=dict(ckpt["cursor"]),
         eig_vectors=_to_device(ckpt.get("eig_vectors"), exp.device),
         precond_vectors=_to_device(ckpt.get("precond_vectors"), exp.device),
-        measured=dict(ckpt.get("measured", {})),
+        measured=copy.deepcopy(dict(ckpt.get("measured", {}))),
         prev_example_losses=_to_device(ckpt.get("prev_example_losses"), exp.device),
         reference=_to_device(ckpt.get("reference"), exp.device),
         intervention=_to_device(ckpt.get("intervention", {}), exp.device),
@@ -406,12 +407,12 @@ class Trainer:
                     if stop.stop:
                         raise Interrupted(f"interrupted at step {t}; checkpoint saved, resume with "
                                           f"`eosbranch train --resume {self.store.path}`")
+                pre = None
+                if spec.measure.due(t) and t < steps and self.until is not None and self.fork_at is None:
+                    pre = self._state_before_measuring()  # the final checkpoint, should the rule fire
                 if spec.measure.sharpness and spec.measure.mechanism:
                     record_track(st, exp.params, spec.measure.oscillation_window, spec.measure)
-                pre = None
                 if spec.measure.due(t):
-                    if t < steps and self.until is not None and self.fork_at is None:
-                        pre = self._state_before_measuring()  # the final checkpoint, should the rule fire
                     measure(self)
                     faults.reached("measured", t)
                 if t < steps and self.until is not None and self.fork_at is None and self.until(self):

@@ -131,7 +131,7 @@ def test_group_probes_and_global_probes_are_recorded(quick_run):
     m = quick_run.metrics
     groups = {"inlier", "boundary", "input_outlier", "output_outlier"}
     probe_metrics = {"loss", "accuracy", "grad_norm", "cos2_v1", "curvature_influence", "sharpness_coupling",
-                     "rayleigh"}
+                     "rayleigh", "v1_group_curvature", "oscillation_cost", "drift_rate"}  # loss, accuracy: every step
     at = m[m.step == 200]
     for g in groups:
         assert set(at[at.group == g].metric) == probe_metrics, g

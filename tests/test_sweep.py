@@ -256,7 +256,10 @@ def test_summarize_gives_median_and_iqr_by_hand():
     })
     s = summarize(df)
     assert list(s.columns) == ["branch", "group", "n_seeds", "delta_at_end_median", "delta_at_end_q25",
-                               "delta_at_end_q75", "delta_mean_median", "delta_mean_q25", "delta_mean_q75", "effect"]
+                               "delta_at_end_q75", "delta_mean_median", "delta_mean_q25", "delta_mean_q75", "effect",
+                               "n_valid", "invalid_seeds", "delta_central_mean_median", "delta_central_mean_q25",
+                               "delta_central_mean_q75"]
+    assert (s.n_valid == s.n_seeds).all()  # a table without validity columns: every seed counts
     a, b = s.iloc[0], s.iloc[1]
     # Linear quantiles: q25 of (1, 2, 10) sits halfway between 1 and 2, q75 halfway between 2 and 10.
     assert (a.group, a.n_seeds, a.delta_at_end_median, a.delta_at_end_q25, a.delta_at_end_q75) == ("a", 3, 2.0, 1.5, 6.0)
@@ -278,14 +281,15 @@ def hand_made_parent(root: Path, seed: int, slopes: dict, spec: dict = TINY) -> 
                           (Path(f"{parent}--exit-at0-00000000"), "exit")]:
         store = RunStore(name)
         name.mkdir(parents=True)
-        store.write_text("spec.yaml", parse_spec({**spec, "seed": seed}).to_yaml())
-        store.write_json("lineage.json", {"parent": None if lineage is None else parent.name,
-                                          "branch": lineage or "trunk", "fork_step": None if lineage is None else 0})
+        store.create(parse_spec({**spec, "seed": seed}).to_yaml(),
+                     {"parent": None if lineage is None else parent.name,
+                      "branch": lineage or "trunk", "fork_step": None if lineage is None else 0})
         rows = []
         for group, k in slopes.items():
             slope = 2.0 - k if lineage == "exit" else 2.0
             rows += [(i, float(ti), 0.1, group, "loss", float(1 - slope * ti)) for i, ti in enumerate(t)]
         store.write_table("metrics", tables.frame("metrics", rows, name.name, lineage or "trunk", seed))
+        store.mark_complete(parse_spec({**spec, "seed": seed}).steps)  # finished (compare refuses others)
     return parent
 
 
@@ -299,7 +303,13 @@ def test_compare_across_two_seeds_on_hand_made_runs(tmp_path):
     for seed, k in [(1, 1.0), (2, 3.0)]:
         assert got.loc[(seed, "a"), "delta_at_end"] == pytest.approx(k)
         assert got.loc[(seed, "a"), "delta_mean"] == pytest.approx(k / 2)
-    s = summarize(df).set_index("group")
+    # The hand-made runs record no sharpness: no t**, no reference measurements, so no valid window;
+    # the summary says so, and with valid_only=False gives the plain arithmetic across both seeds.
+    assert not df.valid.any() and df.invalid_reason.str.contains("t\\*\\* not reached").all()
+    strict = summarize(df)
+    assert (strict.n_valid == 0).all() and (strict.effect == "no valid window").all()
+    assert (strict.invalid_seeds == "1,2").all() and strict.delta_mean_median.isna().all()
+    s = summarize(df, valid_only=False).set_index("group")
     assert s.loc["a", ["delta_at_end_median", "delta_at_end_q25", "delta_at_end_q75"]].tolist() == pytest.approx([2, 1.5, 2.5])
     assert s.loc["b", ["delta_at_end_median", "delta_at_end_q25", "delta_at_end_q75"]].tolist() == pytest.approx([-3, -3.5, -2.5])
     assert s.loc["b", ["delta_mean_median", "delta_mean_q25", "delta_mean_q75"]].tolist() == pytest.approx([-1.5, -1.75, -1.25])
@@ -313,7 +323,8 @@ def test_compare_across_two_seeds_on_hand_made_runs(tmp_path):
     assert res.exit_code == 0, res.output
     assert res.stdout.strip().splitlines()[-1] == str(tmp_path / "comparison_seeds.parquet")
     row_a = next(line for line in res.output.splitlines() if "│ a " in line)
-    assert re.search(r"\+2\.00e\+00 .*\+1\.50e\+00 .*\+2\.50e\+00 .*\+1\.00e\+00 .*faster", row_a), row_a
+    assert re.search(r"0/2 .*no valid window", row_a), row_a
+    assert res.output.count("invalid window") >= 2  # one warning line per seed's window
 
     with pytest.raises(EosbranchError, match="more than once"):
         compare([p1, p1])
