@@ -43,6 +43,7 @@ class StepLosses:
         self.heldout: dict[str, torch.Tensor] = {}  # group -> rows of data.X not trained on
         self.classification = exp.data.task == "classification"
         n = exp.train_X.shape[0]
+        self._W_np = self._y_np = None
         if not exp.groups:
             self.W = None
             return
@@ -63,6 +64,9 @@ class StepLosses:
         # Indicator rows [K, n]; divided by the group sizes they give the group means.
         self.M = torch.stack(rows) if rows else None
         self.W = None if self.M is None else self.M / self.M.sum(1, keepdim=True)
+        on_cpu = self.W is not None and dev.type == "cpu"
+        self._W_np = self.W.numpy() if on_cpu else None
+        self._y_np = exp.train_y.numpy() if on_cpu else None
 
     @property
     def active(self) -> bool:
@@ -73,18 +77,33 @@ class StepLosses:
         per = per.detach().reshape(-1, 1).to(self.exp.dtype)
         if not self.classification:
             return per
-        correct = (out.detach().argmax(-1) == y).to(per.dtype).reshape(-1, 1)
+        pred = out.detach().argmax(-1) if out.shape[-1] > 1 else (out.detach()[..., 0] > 0).long()
+        correct = (pred == y).to(per.dtype).reshape(-1, 1)
         return torch.cat([per, correct], 1)
 
     def full(self, per: torch.Tensor, out: torch.Tensor) -> list[tuple[str, str, float]]:
         """(group, metric, value) rows from the whole training set's per-example losses."""
         rows = []
-        if self.W is not None:
-            vals = (self.W @ self._stack(per, out, self.exp.train_y)).tolist()
-            for name, v in zip(self.names, vals):
-                rows.append((name, "loss", v[0]))
-                if self.classification:
-                    rows.append((name, "accuracy", v[1]))
+        if self.W is not None and self._W_np is not None:
+            # On the CPU, NumPy on the same memory (no copy): a NumPy call costs a few microseconds
+            # where a torch op costs ten or more, and this runs at every step. Computed the same
+            # way at every step (never batched across steps), so a branch's rows equal its
+            # parent's bit for bit.
+            W, p, o = self._W_np, per.detach().numpy(), out.detach().numpy()
+            losses = (W @ (p if p.dtype == W.dtype else p.astype(W.dtype)).reshape(-1)).tolist()
+            rows += [(name, "loss", v) for name, v in zip(self.names, losses)]
+            if self.classification:
+                pred = o.argmax(-1) if o.shape[-1] > 1 else (o[..., 0] > 0)
+                correct = (pred == self._y_np).astype(W.dtype)
+                rows += [(name, "accuracy", v) for name, v in zip(self.names, (W @ correct).tolist())]
+        elif self.W is not None:
+            W = self.W
+            losses = (W @ (per if per.dtype == W.dtype else per.to(W.dtype)).reshape(-1)).tolist()
+            rows += [(name, "loss", v) for name, v in zip(self.names, losses)]
+            if self.classification:
+                pred = out.argmax(-1) if out.shape[-1] > 1 else (out[..., 0] > 0).long()  # as the probes read it
+                correct = (pred == self.exp.train_y).to(W.dtype)
+                rows += [(name, "accuracy", v) for name, v in zip(self.names, (W @ correct).tolist())]
         rows += self._heldout_rows()
         return rows
 

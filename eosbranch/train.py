@@ -493,8 +493,8 @@ class Trainer:
                 rows = steps.batch(per, out, idx)
                 if not probed and group_loss_due(ms.group_loss_every, st.step):
                     rows += steps.data_rows()
-            for group, metric, v in rows:
-                self.record(group, metric, v)
+            step, t_eff, lr = st.step, st.t_eff, st.lr
+            self.metrics.extend((step, t_eff, lr, group, metric, float(v)) for group, metric, v in rows)
         if full_batch:
             if st.prev_example_losses is not None and st.prev_example_losses.shape == per.shape:
                 rose = (per > st.prev_example_losses).double().mean().item()
