@@ -46,3 +46,15 @@ def quick_run(tmp_path_factory):
     from eosbranch.catalog import example_path
 
     return eosbranch.train(example_path("quick"), tmp_path_factory.mktemp("quick"))
+
+
+def fault_env(fault=None, threads: int = 2) -> dict:
+    """The environment for a CLI subprocess: a pinned thread count and, if given, the named fault
+    point (eosbranch.faults: EOSBRANCH_FAULT=kill@step=N, pause@..., ...) and nothing inherited."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env.pop("EOSBRANCH_FAULT", None)
+    if fault:
+        env["EOSBRANCH_FAULT"] = fault
+    return env

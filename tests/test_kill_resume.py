@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import eosbranch
-from conftest import write_spec
+from conftest import write_spec, fault_env
 
 CLI = [sys.executable, "-m", "eosbranch.cli"]
 STEPS = 300
@@ -28,11 +28,7 @@ def _spec(tiny_spec):
 
 
 def _env(fault=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    env.pop("EOSBRANCH_FAULT", None)
-    if fault:
-        env["EOSBRANCH_FAULT"] = fault
-    return env
+    return fault_env(fault, threads=2)
 
 
 def _run_dir(out):

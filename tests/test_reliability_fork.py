@@ -20,7 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 import eosbranch
-from conftest import TINY
+from conftest import TINY, fault_env
 from eosbranch.cli import app
 from eosbranch.fork import load_branches
 from eosbranch.store import RunStore
@@ -33,11 +33,7 @@ KEYS = {"metrics": ["step", "t_eff", "lr", "group", "metric", "value"],
 
 
 def _env(fault=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    env.pop("EOSBRANCH_FAULT", None)
-    if fault:
-        env["EOSBRANCH_FAULT"] = fault
-    return env
+    return fault_env(fault, threads=2)
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,13 @@ import pytest
 import torch
 
 import eosbranch
-from conftest import TINY, write_spec
+from conftest import TINY, write_spec, fault_env
 
 CLI = [sys.executable, "-m", "eosbranch.cli"]
 
 
 def env(fault=None):
-    e = {**os.environ, "OMP_NUM_THREADS": "1"}
-    e.pop("EOSBRANCH_FAULT", None)
-    if fault:
-        e["EOSBRANCH_FAULT"] = fault
-    return e
+    return fault_env(fault, threads=1)
 
 
 def wait_for_pause(flag, proc, bound=600):
