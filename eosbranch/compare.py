@@ -91,17 +91,21 @@ def branch_effect(t_branch, loss_branch, t_eos, loss_eos, start: float, end: flo
 
 
 def _ratio(run: Run) -> pd.Series:
-    """S / threshold at the run's measurements (the preconditioned sharpness where the optimizer's
-    threshold applies to it), indexed by t_eff."""
-    m = run.metrics
-    thr = m[(m.metric == "threshold") & (m.group == "all")].set_index("step")["value"]
-    pre = m[(m.metric == "preconditioned_sharpness") & (m.group == "all")].set_index("step")["value"]
-    sharp = m[(m.metric == "sharpness") & (m.group == "all")].set_index(["step"])
+    return threshold_ratio(run.metrics)
+
+
+def threshold_ratio(m: pd.DataFrame) -> pd.Series:
+    """S / threshold at a metrics table's measurements (the preconditioned sharpness where the
+    optimizer's threshold applies to it), indexed by t_eff."""
+    m = m[m.group == "all"]
+    thr = m[m.metric == "threshold"].set_index("step")["value"]
+    pre = m[m.metric == "preconditioned_sharpness"].set_index("step")["value"]
+    sharp = m[m.metric == "sharpness"].set_index("step")
     s = sharp["value"].copy()
-    s.loc[s.index.intersection(pre.index)] = pre.loc[s.index.intersection(pre.index)]
+    both = s.index.intersection(pre.index)
+    s.loc[both] = pre.loc[both]
     ratio = (s / thr.reindex(s.index)).dropna()
-    t = sharp["t_eff"].reindex(ratio.index)
-    return pd.Series(ratio.values, index=t.values).sort_index()
+    return pd.Series(ratio.to_numpy(), index=sharp["t_eff"].reindex(ratio.index).to_numpy()).sort_index()
 
 
 def _every_step(run: Run, group: str, start: float, end: float) -> bool:

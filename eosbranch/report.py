@@ -25,7 +25,7 @@ import pandas as pd
 
 from .compare import COLUMNS as COMPARE_COLUMNS
 from . import branch_effect as be
-from .compare import branch_effect, branches_of
+from .compare import branch_effect, branches_of, threshold_ratio
 from .errors import EosbranchError
 from .run import Run
 
@@ -127,7 +127,7 @@ def window_ratios(seeds: list) -> tuple[pd.DataFrame, dict]:
         for b, c in s.comparison.groupby("branch", sort=False):
             head = c.iloc[0]
             t_fork, t_end = float(head.t_fork), float(head.t_end)
-            r = _ratio_from_lines(s, s.reference)
+            r = threshold_ratio(s.lines[s.reference])
             r = r[(r.index >= t_fork - 1e-12) & (r.index <= t_end + 1e-12)]
             parts.append(pd.DataFrame({"branch": b, "seed": s.seed, "x": r.index - (t_fork if relative else 0.0),
                                        "ratio": r.to_numpy()}))
@@ -137,20 +137,6 @@ def window_ratios(seeds: list) -> tuple[pd.DataFrame, dict]:
             validity[b] = (n_valid + ok, n + 1, reasons + ([] if ok else [reason]))
     cols = ["branch", "seed", "x", "ratio"]
     return (pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)), validity
-
-
-def _ratio_from_lines(s, label: str) -> pd.Series:
-    """S / threshold of one of a study run's lines, indexed by t_eff."""
-    m = s.lines[label]
-    m = m[m.group == "all"]
-    thr = m[m.metric == "threshold"].set_index("step")["value"]
-    pre = m[m.metric == "preconditioned_sharpness"].set_index("step")["value"]
-    sharp = m[m.metric == "sharpness"].set_index("step")
-    v = sharp["value"].copy()
-    both = v.index.intersection(pre.index)
-    v.loc[both] = pre.loc[both]
-    ratio = (v / thr.reindex(v.index)).dropna()
-    return pd.Series(ratio.to_numpy(), index=sharp["t_eff"].reindex(ratio.index).to_numpy()).sort_index()
 
 
 def opposing_trace(run: Run, seed) -> tuple[Optional[dict], str]:
