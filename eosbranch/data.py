@@ -417,6 +417,65 @@ def linear_opposing(p: LinearOpposingParams) -> Dataset:
     return Dataset(X, y, None, None, "regression", 1, (p.d1 + p.d2,), None, info)
 
 
+# -------------------------------------------------------------------------------------- modular
+
+MODULAR_OPS = {"add": lambda a, b, p: (a + b) % p, "sub": lambda a, b, p: (a - b) % p,
+               "mul": lambda a, b, p: (a * b) % p}
+
+
+class ModularParams(Params):
+    p: int = Field(default=23, ge=2, le=1021)
+    op: Literal["add", "sub", "mul"] = "add"
+    train_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    seed: int = 0
+    encoding: Literal["tokens", "onehot"] = "tokens"
+
+    @model_validator(mode="after")
+    def _some_training(self):
+        if round(self.train_fraction * self.p * self.p) == 0:
+            raise ValueError(f"train_fraction·p² = {self.train_fraction * self.p ** 2:g} rounds to no "
+                             "training pair; raise train_fraction or p")
+        return self
+
+
+@DATASETS.register("modular", ModularParams)
+def modular(p: ModularParams) -> Dataset:
+    """a ∘ b mod p over all p² pairs (Power et al. 2022), target the residue class (p classes).
+
+    Row r of the full table is the pair (a, b) = (r // p, r % p). A seeded permutation of the p²
+    rows puts its first round(train_fraction·p²) rows in the training set and the rest in the test
+    set; both parts are kept in row order. Layout ``encoding: tokens`` (default): X[i] = [a, b], two
+    integer-valued tokens from a vocabulary of p (float64, as every data set; the ``transformer``
+    model embeds them, the operation is fixed per data set so it needs no token). ``onehot``:
+    X[i] = [onehot_p(a), onehot_p(b)] (2p inputs) for MLPs. ``info``: a, b (train rows), indices and
+    test_indices (row numbers a·p + b), p, op.
+    """
+    n = p.p * p.p
+    rng = np.random.default_rng(p.seed)
+    perm = rng.permutation(n)
+    k = round(p.train_fraction * n)
+    train_idx, test_idx = np.sort(perm[:k]), np.sort(perm[k:])
+
+    def part(rows):
+        a, b = rows // p.p, rows % p.p
+        y = torch.from_numpy(MODULAR_OPS[p.op](a, b, p.p).astype(np.int64))
+        if p.encoding == "tokens":
+            X = torch.from_numpy(np.stack([a, b], axis=1).astype(np.float64))
+        else:
+            X = torch.zeros(len(rows), 2 * p.p, dtype=torch.float64)
+            X[torch.arange(len(rows)), torch.from_numpy(a)] = 1.0
+            X[torch.arange(len(rows)), p.p + torch.from_numpy(b)] = 1.0
+        return X, y
+
+    X, y = part(train_idx)
+    X_test, y_test = part(test_idx) if len(test_idx) else (None, None)
+    shape = (2,) if p.encoding == "tokens" else (2 * p.p,)
+    info = {"p": p.p, "op": p.op, "encoding": p.encoding, "vocab": p.p,
+            "a": torch.from_numpy(train_idx // p.p), "b": torch.from_numpy(train_idx % p.p),
+            "indices": torch.from_numpy(train_idx), "test_indices": torch.from_numpy(test_idx)}
+    return Dataset(X, y, X_test, y_test, "classification", p.p, shape, tuple(range(p.p)), info)
+
+
 # -------------------------------------------------------------------------------------- tensors
 
 

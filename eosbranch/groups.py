@@ -389,6 +389,27 @@ def indices_group(state: Resolved, p: IndicesParams, where: str) -> Resolved:
     return replace(state, groups=groups)
 
 
+class TokenParams(Params):
+    position: int = Field(ge=0, description="which token of the input sequence (modular: 0 is a, 1 is b)")
+    value: int = Field(ge=0)
+    name: Optional[str] = Field(None, description="defaults to token<position>_<value>")
+
+
+@GROUP_KINDS.register("token", TokenParams)
+def token_group(state: Resolved, p: TokenParams, where: str) -> Resolved:
+    """All points whose input token at ``position`` equals ``value`` (token-sequence data such as
+    ``modular`` with ``encoding: tokens``: group by operand, e.g. every pair with a = 3)."""
+    if state.X.ndim != 2 or p.position >= state.X.shape[1]:
+        raise SpecError(f"{where}.position: token groups need inputs of shape (N, length) with length > "
+                        f"{p.position}; got {tuple(state.X.shape)}")
+    idx = torch.nonzero(state.X[:, p.position] == p.value).flatten()
+    if len(idx) == 0:
+        raise SpecError(f"{where}.value: no point has token {p.value} at position {p.position}")
+    groups = dict(state.groups)
+    _add_group(groups, p.name if p.name is not None else f"token{p.position}_{p.value}", idx, f"{where}.name")
+    return replace(state, groups=groups)
+
+
 # ----------------------------------------------------------------------------------------- random
 
 

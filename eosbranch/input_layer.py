@@ -63,10 +63,13 @@ def _holds_tensors(mod: nn.Module) -> bool:
     return any(True for _ in mod.parameters()) or any(True for _ in mod.buffers())
 
 
-def split(model: nn.Module, param_names: list[str]) -> InputSplit | None:
+def split(model: nn.Module, param_names: list[str], X_sample: Tensor | None = None) -> InputSplit | None:
     """An :class:`InputSplit` when ``model`` is an ``nn.Sequential`` whose first module holding
     tensors is an ``nn.Linear`` with a trainable weight (modules before it hold none, e.g.
-    Flatten), else None. ``param_names``: the trainable parameters in flat-layout order."""
+    Flatten) that sees one row per example, else None. ``param_names``: the trainable parameters
+    in flat-layout order; ``X_sample``: a batch of inputs (a Linear over the last axis of
+    [n, tokens, features] would mix no rows, but its rows are then tokens, not examples, and the
+    factorisation's per-example rows of Z do not exist: such models take the generic pass)."""
     children = sequential_children(model)
     if children is None:
         return None
@@ -81,7 +84,12 @@ def split(model: nn.Module, param_names: list[str]) -> InputSplit | None:
             return None  # a frozen input layer: its tangent is not a group-gradient block
         if param_names[:2 if bias else 1] != [weight] + ([bias] if bias else []):
             return None
-        return InputSplit([m for _, m in children[:j]], mod, weight, bias, children[j + 1:])
+        sp = InputSplit([m for _, m in children[:j]], mod, weight, bias, children[j + 1:])
+        if X_sample is not None:
+            with torch.no_grad():
+                if sp.inputs(X_sample[:2]).dim() != 2:
+                    return None
+        return sp
     return None
 
 

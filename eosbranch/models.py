@@ -176,3 +176,6 @@ def linear2(p: Linear2Params, input_shape, num_outputs) -> nn.Module:
 def build_model(section, input_shape, num_outputs, source: str = "") -> nn.Module:
     entry, params = MODELS.parse(section, "model", source)
     return entry.fn(params, tuple(input_shape), int(num_outputs))
+
+
+from . import transformer as _transformer  # noqa: E402,F401  (registers `transformer` and `vit`)

@@ -149,7 +149,7 @@ class Context:
         if curvature_method == "taylor" and self.taylor is None:
             raise ValueError("Context: curvature_method='taylor' needs an nn.Sequential of Flatten/Identity, "
                              "then nn.Linear layers (all trainable) and elementwise activations; use 'auto'")
-        self.input_split = (input_split(model, self.param_names) if curvature_method in ("auto", "input_layer")
+        self.input_split = (input_split(model, self.param_names, X) if curvature_method in ("auto", "input_layer")
                             else None)
         if curvature_method == "input_layer" and self.input_split is None:
             raise ValueError("Context: curvature_method='input_layer' needs an nn.Sequential whose first module "

@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - if tests/ becomes a package
 
 
 def test_all_kinds_registered():
-    assert set(DATASETS) == {"digits", "prototypes", "cifar10", "chebyshev", "linear_opposing", "tensors"}
+    assert set(DATASETS) == {"digits", "prototypes", "cifar10", "chebyshev", "linear_opposing", "tensors", "modular"}
 
 
 # ----------------------------------------------------------------------------------- digits
@@ -318,3 +318,53 @@ def test_dataset_checks_a_loaders_dtypes():
     with pytest.raises(ValueError, match="int64"):
         Dataset(torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2), None, None,
                 "classification", 2, (1,), None, {})
+
+
+# ---------------------------------------------------------------------------------- modular
+
+@pytest.mark.parametrize("op,fn", [("add", lambda a, b, p: (a + b) % p), ("sub", lambda a, b, p: (a - b) % p),
+                                   ("mul", lambda a, b, p: (a * b) % p)])
+def test_modular_labels_sizes_and_split_are_the_closed_form(op, fn):
+    p = 7
+    ds = load_data({"kind": "modular", "p": p, "op": op, "train_fraction": 0.4, "seed": 3})
+    k = round(0.4 * p * p)
+    assert ds.X.shape == (k, 2) and ds.X_test.shape == (p * p - k, 2) and ds.X.dtype == torch.float64
+    assert ds.num_outputs == p and ds.task == "classification" and ds.input_shape == (2,)
+    for X, y in ((ds.X, ds.y), (ds.X_test, ds.y_test)):
+        a, b = X[:, 0].long(), X[:, 1].long()
+        assert torch.equal(X, X.round()) and int(X.min()) >= 0 and int(X.max()) < p
+        assert torch.equal(y, torch.tensor([fn(int(i), int(j), p) for i, j in zip(a, b)]))
+    # train and test partition all p² pairs, each in row order (a·p + b increasing)
+    rows = torch.cat([ds.info["indices"], ds.info["test_indices"]])
+    assert sorted(rows.tolist()) == list(range(p * p))
+    assert torch.equal(ds.info["indices"], ds.X[:, 0].long() * p + ds.X[:, 1].long())
+    assert torch.all(ds.info["indices"].diff() > 0)
+    # the split is the seeded permutation's first k rows
+    assert ds.info["indices"].tolist() == sorted(np.random.default_rng(3).permutation(p * p)[:k].tolist())
+
+
+def test_modular_split_is_deterministic_and_seeded():
+    spec = {"kind": "modular", "p": 11, "train_fraction": 0.5}
+    a, b = load_data(spec), load_data(spec)
+    assert torch.equal(a.X, b.X) and torch.equal(a.y, b.y)
+    c = load_data({**spec, "seed": 1})
+    assert not torch.equal(a.info["indices"], c.info["indices"])
+    full = load_data({**spec, "train_fraction": 1.0})
+    assert full.X.shape == (121, 2) and full.X_test is None
+
+
+def test_modular_onehot_encodes_the_same_pairs():
+    tok = load_data({"kind": "modular", "p": 5, "train_fraction": 0.6})
+    hot = load_data({"kind": "modular", "p": 5, "train_fraction": 0.6, "encoding": "onehot"})
+    assert hot.X.shape == (15, 10) and torch.equal(hot.y, tok.y)
+    assert torch.equal(hot.X[:, :5].argmax(1), tok.X[:, 0].long())
+    assert torch.equal(hot.X[:, 5:].argmax(1), tok.X[:, 1].long()) and torch.equal(hot.X.sum(1), torch.full((15,), 2.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad,field", [({"p": 1}, "data.p"), ({"op": "div"}, "data.op"),
+                                       ({"train_fraction": 0.0}, "data.train_fraction"),
+                                       ({"p": 2, "train_fraction": 0.1}, "rounds to no training pair")])
+def test_modular_bad_params_are_one_line(bad, field):
+    with pytest.raises(SpecError, match=field) as err:
+        load_data({"kind": "modular", **bad})
+    assert "\n" not in str(err.value)

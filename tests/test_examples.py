@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 README = EXAMPLES / "README.md"
 NAMES = ["selective_mse", "cross_entropy_shift", "random_direction_control", "opposing_signals", "chebyshev",
-         "linear_opposing", "adam_vs_gd", "cifar10_pair"]
+         "linear_opposing", "adam_vs_gd", "cifar10_pair", "modular_transformer"]
 
 
 @pytest.fixture(autouse=True)
@@ -320,3 +320,16 @@ def _no_invalid_warning():
             yield
 
     return ctx()
+
+
+@pytest.mark.examples
+@pytest.mark.slow
+def test_modular_transformer_sharpens_reaches_two_over_eta_and_forks_exactly(tmp_path):
+    run = eosbranch.train(load_spec(EXAMPLES / "modular_transformer.yaml", steps=800), tmp_path)
+    s = run.metric("sharpness")
+    assert s.iloc[0] < 2 / 0.03  # starts below the threshold: the crossing is progressive sharpening
+    assert 300 <= t_star(run) <= 700
+    r = settled_ratio(run)
+    assert len(r) >= 5 and abs(np.median(r) - 1) <= 0.10 and np.mean(np.abs(r - 1) <= 0.10) >= 0.8, r
+    eosbranch.fork(run, at=("onset", 0), branches=EXAMPLES / "branches" / "exit_half.yaml", steps=40)
+    check_certificates(run)

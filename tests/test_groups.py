@@ -333,3 +333,19 @@ def test_groups_show_reads_a_run_spec_or_a_group_file_on_a_spec_data():
     assert classes.exit_code == 0 and "class_1" in classes.output, classes.output
     both = runner.invoke(app, ["groups", "show", quick, "--data", quick])
     assert both.exit_code != 0 and "--data is for a group file" in both.output
+
+
+def test_token_groups_select_pairs_by_operand_and_mix_with_other_kinds():
+    from eosbranch.data import load_data
+
+    ds = load_data({"kind": "modular", "p": 7, "train_fraction": 0.5})
+    res = resolve([{"kind": "token", "position": 0, "value": 3}, {"kind": "token", "position": 1, "value": 0, "name": "b0"},
+                   {"kind": "class", "label": 2}, {"kind": "random", "size_like": "b0", "seed": 1}], ds)
+    assert torch.equal(res.groups["token0_3"], torch.nonzero(ds.X[:, 0] == 3).flatten())
+    assert torch.equal(res.groups["b0"], torch.nonzero(ds.X[:, 1] == 0).flatten())
+    assert torch.equal(res.groups["class_2"], torch.nonzero(ds.y == 2).flatten())
+    assert len(res.groups["random"]) == len(res.groups["b0"])
+    with pytest.raises(SpecError, match="position"):
+        resolve({"kind": "token", "position": 2, "value": 0}, ds)
+    with pytest.raises(SpecError, match="no point has token 9"):
+        resolve({"kind": "token", "position": 0, "value": 9}, ds)

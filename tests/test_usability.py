@@ -354,7 +354,7 @@ def test_the_indices_kind_and_every_group_kind_field_are_documented():
     from eosbranch.groups import GROUP_KINDS
 
     table = README.split("| kind | fields |")[1].split("\n\n")[0]
-    for kind in ("prototypes", "class", "indices", "random", "opposing"):
+    for kind in ("prototypes", "class", "indices", "random", "opposing", "token"):
         row = next(ln for ln in table.splitlines() if ln.startswith(f"| `{kind}` |"))
         for field in GROUP_KINDS[kind].params.model_fields:
             assert f"`{field}`" in row, (kind, field)
