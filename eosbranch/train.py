@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import random
 import signal
 import threading
@@ -105,6 +106,9 @@ class Experiment:
 def build(spec: Spec) -> Experiment:
     device, dtype = resolve_device(spec.device), DTYPES[spec.dtype]
     if device.type == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace; it reads this when its handle is
+        # created, at the first matrix product, which comes after this point.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     data = load_data(spec.data)
     groups, info, train_index = {}, {}, None
