@@ -148,7 +148,9 @@ def _write_events(run: "Run", rows: list[tuple]) -> None:
         t_eff = float(loss.t_eff.max())
     new = tables.frame("events", [(n, step, t_eff, float(v), d) for n, v, d in rows], run.name,
                        run.lineage.get("branch") or "trunk", run.spec.seed)
-    run.store.write_table("events", pd.concat([keep, new], ignore_index=True) if len(keep) else new)
+    table = pd.concat([keep, new], ignore_index=True) if len(keep) else new
+    run.store.write_table("events", table)
+    run.store.rewrite_tail("events", table)  # a table rebuilt from the segments keeps these rows
 
 
 def certify(parent: "Run", branches: list["Run"]) -> pd.DataFrame:

@@ -89,6 +89,8 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run from its last checkpoint."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1 for a new run; a run "
                                           "that exists keeps the count recorded in its lineage.json)."),
+    no_limits: bool = typer.Option(False, "--no-limits", help="Skip the memory estimate that refuses a spec this "
+                                   "machine cannot hold (size bounds still apply)."),
 ) -> None:
     """Train SPEC into a new run directory (or continue one) and print its path."""
     from .spec import load_spec
@@ -102,7 +104,8 @@ def train(
         raise EosbranchError("give a SPEC.yaml to train, or --resume RUN")
     else:
         threads = _threads_for(load_spec(spec, steps=steps, seed=seed), out_dir, threads)
-        run = train_run(spec, out_dir, steps=steps, seed=seed, progress=True, warn=_warn, threads=threads)
+        run = train_run(spec, out_dir, steps=steps, seed=seed, progress=True, warn=_warn, threads=threads,
+                        limits=not no_limits)
     _summary(run)
     print(run.path)
 
@@ -354,6 +357,8 @@ def sweep(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (--executor ray)."),
     folder: Optional[Path] = typer.Option(None, "--folder", help="submitit's folder (--executor slurm; default OUT/.submitit)."),
     out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory for the run directories and sweep.json."),
+    no_limits: bool = typer.Option(False, "--no-limits", help="Skip the memory estimate that refuses a spec this "
+                                   "machine cannot hold (size bounds still apply)."),
 ) -> None:
     """Train SPEC once per seed (and fork each run) through an executor; prints the run directories.
     Re-running the same command redoes only what is missing (failed or unfinished jobs)."""
@@ -382,7 +387,7 @@ def sweep(
     try:
         result = run_sweep(spec, seed_list, out_dir, fork=_parse_fork(fork_at), branches=branches, until=until,
                            steps=steps, teff=teff, jobs=jobs, executor=executor, threads=threads,
-                           on_start=on_start, on_done=on_done, warn=_warn, **options)
+                           on_start=on_start, on_done=on_done, warn=_warn, limits=not no_limits, **options)
     finally:
         bar.stop()
     table = Table("seed", "run", "branches", "status", title=f"sweep of {spec} ({result.threads} torch thread(s) per job)")

@@ -23,6 +23,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .errors import EosbranchError, SpecError
 from .registry import Params, Registry
+from .limits import MAX_DEGREE, MAX_DIM, MAX_POINTS
 
 DATASETS = Registry("data set")
 
@@ -115,7 +116,7 @@ def _remap(labels: np.ndarray, classes) -> torch.Tensor:
 
 class DigitsParams(Params):
     classes: list[int] = [3, 5]
-    n_per_class: int | None = Field(default=None, ge=1)
+    n_per_class: int | None = Field(default=None, ge=1, le=MAX_POINTS)
     test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     seed: int = 0
 
@@ -166,12 +167,12 @@ def digits(p: DigitsParams) -> Dataset:
 
 
 class PrototypesParams(Params):
-    dim: int = Field(default=64, ge=1)
-    n_per_class: int = Field(default=250, ge=1)
+    dim: int = Field(default=64, ge=1, le=MAX_DIM)
+    n_per_class: int = Field(default=250, ge=1, le=MAX_POINTS)
     separation: float = Field(default=4.0, ge=0.0)
     noise: float = Field(default=1.0, gt=0.0)
     seed: int = 0
-    n_test_per_class: int | None = Field(default=None, ge=1)
+    n_test_per_class: int | None = Field(default=None, ge=1, le=MAX_POINTS)
 
 
 @DATASETS.register("prototypes", PrototypesParams)
@@ -211,8 +212,8 @@ class Cifar10Params(Params):
     root: str
     download: bool = False
     classes: list[int] = [3, 5]
-    n: int | None = Field(default=None, ge=2)  # None: every training image of the pair
-    n_test: int | None = Field(default=None, ge=2)  # None: no test set
+    n: int | None = Field(default=None, ge=2, le=MAX_POINTS)  # None: every training image of the pair
+    n_test: int | None = Field(default=None, ge=2, le=MAX_POINTS)  # None: no test set
     verify: bool = True  # False skips only the md5 comparison, for small copies in the real format
 
     @field_validator("classes")
@@ -356,8 +357,8 @@ def cifar10(p: Cifar10Params) -> Dataset:
 
 
 class ChebyshevParams(Params):
-    n: int = Field(default=20, ge=2)
-    degree: int = Field(default=4, ge=0)
+    n: int = Field(default=20, ge=2, le=MAX_POINTS)
+    degree: int = Field(default=4, ge=0, le=MAX_DEGREE)
 
 
 @DATASETS.register("chebyshev", ChebyshevParams)
@@ -378,9 +379,9 @@ def chebyshev(p: ChebyshevParams) -> Dataset:
 
 
 class LinearOpposingParams(Params):
-    n: int = Field(default=4000, ge=1)
-    d1: int = Field(default=50, ge=1)
-    d2: int = Field(default=100, ge=1)
+    n: int = Field(default=4000, ge=1, le=MAX_POINTS)
+    d1: int = Field(default=50, ge=1, le=MAX_DIM)
+    d2: int = Field(default=100, ge=1, le=MAX_DIM)
     alpha: float = Field(default=100.0, ge=0.0)
     p: float = Field(default=0.1, gt=0.0, le=1.0)
     beta_norm: float = Field(default=5.0, ge=0.0)

@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import SpecError
 from .registry import Params, Registry
+from .limits import MAX_DEPTH, MAX_WIDTH
 
 MODELS = Registry("model")
 
@@ -45,8 +46,8 @@ def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 class MLPParams(Params):
-    width: int = Field(512, gt=0)
-    depth: int = Field(2, ge=0, description="number of hidden layers")
+    width: int = Field(512, gt=0, le=MAX_WIDTH)
+    depth: int = Field(2, ge=0, le=MAX_DEPTH, description="number of hidden layers")
     activation: Activation = "relu"
     init_scale: float = Field(1.0, gt=0)
     bias: bool = True
@@ -64,7 +65,7 @@ def mlp(p: MLPParams, input_shape, num_outputs) -> nn.Module:
 
 
 class CNNParams(Params):
-    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 32], min_length=1)
+    channels: list[Annotated[int, Field(gt=0, le=MAX_WIDTH)]] = Field(default_factory=lambda: [32, 32], min_length=1, max_length=MAX_DEPTH)
     activation: Activation = "relu"
     init_scale: float = Field(1.0, gt=0)
     pool: bool = True
@@ -103,8 +104,8 @@ class _Block(nn.Module):
 
 
 class ResNetParams(Params):
-    widths: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
-    blocks_per_stage: int = Field(1, ge=1)
+    widths: list[Annotated[int, Field(gt=0, le=MAX_WIDTH)]] = Field(default_factory=lambda: [16, 32, 64], min_length=1, max_length=MAX_DEPTH)
+    blocks_per_stage: int = Field(1, ge=1, le=MAX_DEPTH)
     batchnorm: bool = False
     activation: Activation = "relu"
     init_scale: float = Field(1.0, gt=0)

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, model_validator
 
 from .registry import Params, Registry
+from .limits import MAX_LR
 
 OPTIMIZERS = Registry("optimizer")
 
@@ -24,7 +25,7 @@ State = dict
 
 
 class OptimizerParams(Params):
-    lr: float = Field(gt=0, description="step size eta")
+    lr: float = Field(gt=0, le=MAX_LR, description="step size eta")
     batch_size: Optional[int] = Field(None, gt=0, description="None = full batch")
 
 
@@ -163,7 +164,7 @@ class Adam(Optimizer):
 
 
 class SplitSGDParams(OptimizerParams):
-    lr_sign: float = Field(gt=0, description="eta_2: size of the signed step")
+    lr_sign: float = Field(gt=0, le=MAX_LR, description="eta_2: size of the signed step")
     beta: float = Field(0.9, ge=0, lt=1)
     dampening: float = Field(0.9, ge=0, lt=1)
     r: Optional[float] = Field(None, gt=0, description="|debiased momentum| threshold; default from r_quantile")

@@ -91,7 +91,7 @@ TABLES = ("metrics", "events", "examples")
 ROWS_KEY = b"eosbranch.rows_sha256"
 
 _CKPT_FILE = re.compile(r"step_\d{8}\.pt")
-_SEGMENT_FILE = re.compile(r"(step|end)_\d{8}\.(metrics|events|examples)\.parquet")
+_SEGMENT_FILE = re.compile(r"(step|end)_\d{8}(-[0-9a-f]{12})?\.(metrics|events|examples)\.parquet")
 _SHA = re.compile(r"[0-9a-f]{64}")
 _WRITE_CHUNK = 1 << 20
 TEMP_SUFFIX = ".tmp"  # atomic_write's temp files: ".<name>.<random>.tmp" beside their target
@@ -596,6 +596,32 @@ class RunStore:
             atomic_write(self.checkpoint_dir / END,
                          json.dumps({"complete": steps, "tail": manifest["tail"]}, indent=2).encode())
         self._write_manifest(manifest)
+
+    def rewrite_tail(self, name: str, df: pd.DataFrame) -> None:
+        """A finished run's table ``name`` is now ``df``, with rows added after its end (certificates):
+        its end segment is rewritten with them, so a table rebuilt from the segments (a deleted or
+        damaged ``events.parquet``, a repair by ``train --resume``) keeps them. The new segment gets
+        a file of its own (named by its sha256) before the manifest points to it: a kill between the
+        two leaves the old, consistent tail."""
+        m = self.manifest()
+        tail = m.get("tail")
+        if m.get("complete") is None or tail is None:
+            return
+        rows = df if tail["from"] is None else df[df.step >= tail["from"]]
+        rows = rows.reset_index(drop=True)
+        tables_ = dict(tail["tables"])
+        if len(rows):
+            data = encode_table(name, rows)
+            digest = sha256(data)
+            file = f"end_{m['complete']:08d}-{digest[:12]}.{name}.parquet"
+            atomic_write(self.checkpoint_dir / file, data)
+            tables_[name] = {"file": file, "sha256": digest, "rows": int(len(rows))}
+        else:
+            tables_[name] = {"file": None, "sha256": None, "rows": 0}
+        m["tail"] = {"from": tail["from"], "tables": tables_}
+        atomic_write(self.checkpoint_dir / END, json.dumps({"complete": m["complete"], "tail": m["tail"]},
+                                                           indent=2).encode())
+        self._write_manifest(m)
 
     def completed_steps(self) -> Optional[int]:
         return self.manifest().get("complete")

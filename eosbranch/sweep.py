@@ -71,6 +71,7 @@ class Job:
     until: Optional[str] = None
     teff: Optional[float] = None
     threads: int = 1
+    limits: bool = True  # the resource estimate (eosbranch.limits); checked once before the jobs too
 
     @property
     def name(self) -> str:
@@ -160,7 +161,7 @@ def run_job(job: Job) -> JobResult:
         path = run_dir_for(spec, job.out)
         res.run = str(path)
         reused = Run(path).complete if (path / "spec.yaml").is_file() else False
-        run = train_run(spec, job.out, warn=warnings.append)
+        run = train_run(spec, job.out, warn=warnings.append, limits=job.limits)
         res.run = str(run.path)
         if job.fork is not None:
             stage = "fork"
@@ -393,7 +394,7 @@ def sweep(spec: Any, seeds: list[int], out: Union[str, Path] = "runs", fork: Opt
           teff: Optional[float] = None, jobs: int = 1, executor: str = "local", *,
           threads: Optional[int] = None, on_start: Callable[[list[Job]], None] = lambda jobs: None,
           on_done: Callable[[JobResult], None] = lambda r: None, warn: Callable[[str], None] = lambda m: None,
-          **executor_options) -> SweepResult:
+          limits: bool = True, **executor_options) -> SweepResult:
     """Train ``spec`` once per seed (and fork each run at ``fork``) through an executor.
 
     ``fork``: ``(kind, value)`` with kind ``step``, ``onset`` or ``teff`` (None: train only).
@@ -408,6 +409,10 @@ def sweep(spec: Any, seeds: list[int], out: Union[str, Path] = "runs", fork: Opt
     out = Path(out).resolve()
     resolved = load_spec(spec) if isinstance(spec, (str, Path)) else parse_spec(
         spec.model_dump(mode="json") if isinstance(spec, Spec) else dict(spec))
+    if limits:  # once, before any job starts or the manifest is written
+        from .limits import check_resources
+
+        check_resources(resolved, str(spec) if isinstance(spec, (str, Path)) else "<spec>")
     seeds = _check_seeds(seeds)
     if not isinstance(jobs, int) or jobs < 1:
         raise EosbranchError(f"jobs: expected a positive number of parallel jobs, got {jobs!r}")
@@ -430,7 +435,8 @@ def sweep(spec: Any, seeds: list[int], out: Union[str, Path] = "runs", fork: Opt
 
     body = resolved.model_dump(mode="json")
     calls = [Job(seed=s, spec=body, out=str(out), fork=None if fork is None else (str(fork[0]), fork[1]),
-                 branches=branches, steps=steps, until=until, teff=teff, threads=threads) for s in seeds]
+                 branches=branches, steps=steps, until=until, teff=teff, threads=threads, limits=limits)
+             for s in seeds]
     manifest = {
         "spec": resolved.name, "spec_hash": _spec_hash(resolved), "seeds": seeds,
         "fork": None if fork is None else [fork[0], fork[1]], "branches": _jsonable(branches),

@@ -557,17 +557,22 @@ def check_threads(path: Path, recorded: Optional[int], threads: Optional[int]) -
 
 def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *, steps: Optional[int] = None,
           seed: Optional[int] = None, run_dir: Optional[Union[str, Path]] = None, progress: bool = False,
-          warn: Callable[[str], None] = lambda m: None, threads: Optional[int] = None) -> Run:
+          warn: Callable[[str], None] = lambda m: None, threads: Optional[int] = None, limits: bool = True) -> Run:
     """Train a spec into a run directory (resuming it if it already exists) and return the Run.
 
     ``threads``: torch threads for a new run (default: torch's current count), recorded in
-    ``lineage.json`` and kept on resume and fork; an existing run refuses another count."""
+    ``lineage.json`` and kept on resume and fork; an existing run refuses another count.
+    ``limits``: refuse a spec whose memory estimate exceeds the machine's (:mod:`eosbranch.limits`)."""
     source = str(spec) if isinstance(spec, (str, Path)) else ""
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec, steps=steps, seed=seed)
     else:
         raw = spec.model_dump() if isinstance(spec, Spec) else dict(spec)
         spec = parse_spec({**raw, **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}})
+    if limits:  # before anything is allocated or written: a spec that cannot fit is one line
+        from .limits import check_resources
+
+        check_resources(spec, source or "<spec>")
     path = Path(run_dir) if run_dir else run_dir_for(spec, out)
     # The lock before anything is written or cleaned (store.new_locked): a second writer fails
     # here having changed nothing, and only the lock holder ever removes a run it failed to start.

@@ -138,3 +138,39 @@ def test_a_missing_final_checkpoint_of_a_finished_run_is_rebuilt_by_resume(tmp_p
     got = eosbranch.load(run)
     assert got.complete and got.checkpoint()["step"] == 20
     assert all(torch.equal(ref["model"][k], got.checkpoint()["model"][k]) for k in ref["model"])
+
+
+def test_repairs_keep_certificate_rows(tmp_path):
+    """Point 9: a branch's events.parquet deleted, then read (rebuilt from the segments) and
+    repaired by train --resume: its certificate_* rows, written after the branch ended, survive
+    (the end segment is rewritten with them)."""
+    import copy
+    import warnings
+
+    import pandas as pd
+    from conftest import TINY
+
+    spec = copy.deepcopy(TINY)
+    spec.update(steps=20, groups="classes", measure={"every": 5, "sharpness": False})
+    parent = eosbranch.train(spec, tmp_path / "runs")
+    (branch,) = eosbranch.fork(parent, at=("step", 10), branches="eos", steps=5)
+    ev = branch.events
+    certs = ev[ev.event.str.startswith("certificate")].reset_index(drop=True)
+    assert set(certs.event) == {"certificate_null", "certificate_fork_state"}
+    events = branch.path / "events.parquet"
+    events.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        read = eosbranch.load(branch.path).events  # rebuilt from the segments in memory
+    pd.testing.assert_frame_equal(read[read.event.str.startswith("certificate")].reset_index(drop=True), certs)
+    res = runner.invoke(app, ["train", "--resume", str(branch.path)])
+    assert res.exit_code == 0, res.output
+    assert events.exists()
+    got = eosbranch.load(branch.path).events
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), ev.reset_index(drop=True))
+    # a second certification (a re-run fork) replaces the rows, in the table and in the segment
+    (again,) = eosbranch.fork(parent, at=("step", 10), branches="eos", steps=5)
+    events.unlink()
+    assert runner.invoke(app, ["train", "--resume", str(branch.path)]).exit_code == 0
+    pd.testing.assert_frame_equal(eosbranch.load(branch.path).events.reset_index(drop=True),
+                                  ev.reset_index(drop=True))
