@@ -614,9 +614,15 @@ class RunStore:
             data = encode_table(name, rows)
             digest = sha256(data)
             file = f"end_{m['complete']:08d}-{digest[:12]}.{name}.parquet"
-            atomic_write(self.checkpoint_dir / file, data)
-            tables_[name] = {"file": file, "sha256": digest, "rows": int(len(rows))}
+            entry = {"file": file, "sha256": digest, "rows": int(len(rows))}
+            path = self.checkpoint_dir / file
+            if tables_.get(name) == entry and path.is_file() and sha256(path.read_bytes()) == digest:
+                return  # the same rows again (a reused branch re-certified): nothing to rewrite
+            atomic_write(path, data)
+            tables_[name] = entry
         else:
+            if tables_.get(name, {}).get("file") is None:
+                return
             tables_[name] = {"file": None, "sha256": None, "rows": 0}
         m["tail"] = {"from": tail["from"], "tables": tables_}
         atomic_write(self.checkpoint_dir / END, json.dumps({"complete": m["complete"], "tail": m["tail"]},
