@@ -517,12 +517,6 @@ def plot_branch_effect(bands: pd.DataFrame, path, colors: dict[str, str], refere
     return _save(fig, path)
 
 
-def _wrap(text: str, width: int) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width)[:4])
-
-
 def _off_threshold_spans(ratios: pd.DataFrame, branch: str, band: float) -> list[tuple[float, float]]:
     """Time spans (between measurement midpoints) where the reference's S / threshold is off
     ±``band`` of 1: those parts of the window do not compare against a reference at the EoS."""

@@ -77,9 +77,7 @@ class StepLosses:
         per = per.detach().reshape(-1, 1).to(self.exp.dtype)
         if not self.classification:
             return per
-        pred = out.detach().argmax(-1) if out.shape[-1] > 1 else (out.detach()[..., 0] > 0).long()
-        correct = (pred == y).to(per.dtype).reshape(-1, 1)
-        return torch.cat([per, correct], 1)
+        return torch.cat([per, _correct(out, y, per.dtype).reshape(-1, 1)], 1)
 
     def full(self, per: torch.Tensor, out: torch.Tensor) -> list[tuple[str, str, float]]:
         """(group, metric, value) rows from the whole training set's per-example losses."""
@@ -101,8 +99,7 @@ class StepLosses:
             losses = (W @ (per if per.dtype == W.dtype else per.to(W.dtype)).reshape(-1)).tolist()
             rows += [(name, "loss", v) for name, v in zip(self.names, losses)]
             if self.classification:
-                pred = out.argmax(-1) if out.shape[-1] > 1 else (out[..., 0] > 0).long()  # as the probes read it
-                correct = (pred == self.exp.train_y).to(W.dtype)
+                correct = _correct(out, self.exp.train_y, W.dtype)
                 rows += [(name, "accuracy", v) for name, v in zip(self.names, (W @ correct).tolist())]
         rows += self._heldout_rows()
         return rows
@@ -143,6 +140,14 @@ class StepLosses:
         if self.classification:
             rows.append((name, "accuracy", v[1]))
         return rows
+
+
+def _correct(out: torch.Tensor, y: torch.Tensor, dtype) -> torch.Tensor:
+    """1.0 where the predicted class (argmax, or the sign of a single output, as the probes read
+    it) equals the label."""
+    out = out.detach()
+    pred = out.argmax(-1) if out.shape[-1] > 1 else (out[..., 0] > 0).long()
+    return (pred == y).to(dtype)
 
 
 def group_loss_due(every: Optional[int], step: int) -> bool:

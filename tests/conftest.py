@@ -58,3 +58,21 @@ def fault_env(fault=None, threads: int = 2) -> dict:
     if fault:
         env["EOSBRANCH_FAULT"] = fault
     return env
+
+
+def cli(*args):
+    """The real CLI in-process (typer's CliRunner), arguments as strings."""
+    from typer.testing import CliRunner
+
+    from eosbranch.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error(res) -> str:
+    """The one `error:` line of a refused command (exit 2, no traceback)."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, res.stderr
+    return errors[0]

@@ -21,7 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 import eosbranch
-from conftest import TINY, write_spec
+from conftest import TINY, write_spec, cli, one_error
 from eosbranch.cli import app
 from eosbranch.errors import SpecError
 from eosbranch.fork import load_branches
@@ -40,16 +40,6 @@ class Payload:
         return os.system, (f"touch {shlex.quote(str(self.marker))}",)
 
 
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error(res) -> str:
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output
-    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, res.stderr
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

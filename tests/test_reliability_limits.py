@@ -8,26 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import TINY, write_spec
+from conftest import TINY, write_spec, cli, one_error
 from eosbranch import limits
-from eosbranch.cli import app
 from eosbranch.spec import parse_spec
 
 CLI = [sys.executable, "-m", "eosbranch.cli"]
 
 
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error(res) -> str:
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output
-    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, res.stderr
-    return errors[0]
 
 
 def spec_with(section: str, value) -> dict:
