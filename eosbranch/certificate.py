@@ -28,10 +28,15 @@ import pandas as pd
 import torch
 
 from . import tables
+from .experiment import Experiment
+from .lineage import branches_of
+from .measure import centroid_distance, solve_sharpness
+from .probes import Context, group_probes
+from .state import TrainState
+from .step import forward_backward
 
 if TYPE_CHECKING:
     from .run import Run
-    from .train import Trainer
 
 COLUMNS = ["branch", "check", "value", "verdict", "detail"]
 SURGERY_LIMIT = 1e-6
@@ -44,18 +49,15 @@ def _params_sha256(params: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def fork_snapshot(tr: "Trainer") -> dict:
+def fork_snapshot(exp: Experiment, st: TrainState, curvature: Callable[[], dict]) -> dict:
     """The replayed state at the fork, before any intervention: the training loss (as the
     parent recorded it, for the replay check), the parameters' sha256, and per group (and "all")
-    the gradient norm and cos2 with v1 at this step."""
-    from .probes import Context, group_probes
-    from .train import forward_backward
-
-    exp, st = tr.exp, tr.st
+    the gradient norm and cos2 with v1 at this step (``curvature()``: the fork's, see
+    :class:`eosbranch.branch.ForkPoint`)."""
     probe = dataclasses.replace(st, cursor=dict(st.cursor))  # the step's batch, without advancing
     loss, _, grads, _, _ = forward_backward(exp, probe)
     g = torch.cat([x.reshape(-1) for x in grads])
-    v1 = tr.fork_curvature()["v1"] if exp.spec.measure.sharpness else None
+    v1 = curvature()["v1"] if exp.spec.measure.sharpness else None
     rows = [("loss/all", loss.item()), ("grad_norm/all", g.norm().item())]
     if v1 is not None:
         rows.append(("cos2_v1/all", ((g @ v1) ** 2 / (g @ g).clamp_min(1e-300)).item()))
@@ -76,14 +78,12 @@ def random_cos2_percentile(value: float, dim: int) -> float:
     return float(100.0 * beta.cdf(value, 0.5, (dim - 1) / 2.0))
 
 
-def perturbation_certificate(tr: "Trainer", group: str, apply: Callable[[], None]) -> None:
-    """Apply a data perturbation of ``group`` and record its certificate (3) as events."""
-    from .measure import centroid_distance, solve_sharpness
-    from .probes import Context, group_probes
+def perturbation_certificate(before: Experiment, after: Experiment, st: TrainState, group: str,
+                             v_before: torch.Tensor) -> list[tuple]:
+    """Certificate (3) of a data perturbation of ``group`` (``before`` -> ``after``; ``v_before``:
+    v1 at the fork before the change) as event rows ``(event, value, detail)``."""
 
-    exp = tr.exp
-
-    def measure_group(v1):
+    def measure_group(exp, v1):
         ctx = Context(exp.model, exp.loss_fn, exp.data.X, exp.data.y, {group: exp.groups[group]}, v1,
                       chunk_size=exp.spec.measure.chunk_size)
         cos2 = dict(((m, v) for _, m, v in group_probes(ctx, ("loss", "cos2_v1"))))["cos2_v1"]
@@ -92,22 +92,22 @@ def perturbation_certificate(tr: "Trainer", group: str, apply: Callable[[], None
         dist = float("nan") if d is None else float(np.median(d[exp.groups[group].cpu()].numpy()))
         return cos2, dist
 
-    v_before = tr.fork_curvature()["v1"]
-    cos_before, dist_before = measure_group(v_before)
-    apply()
-    v_after = solve_sharpness(exp, tr.st, v0=v_before[:, None], preconditioned=False)["v1"]  # of the perturbed loss
-    cos_after, dist_after = measure_group(v_after)
+    cos_before, dist_before = measure_group(before, v_before)
+    v_after = solve_sharpness(after, st, v0=v_before[:, None], preconditioned=False)["v1"]  # of the perturbed loss
+    cos_after, dist_after = measure_group(after, v_after)
     dim = v_after.numel()
     pct_before, pct_after = random_cos2_percentile(cos_before, dim), random_cos2_percentile(cos_after, dim)
-    tr.event("certificate_perturbation_cos2_before", cos_before,
-             f"{group}: cos2(g_k, v1) before the change; percentile {pct_before:.1f} among random unit vectors (d={dim})")
-    tr.event("certificate_perturbation_cos2_after", cos_after,
-             f"{group}: cos2(g_k, v1) after the change (v1 of the changed loss); "
-             f"percentile {pct_after:.1f} among random unit vectors (d={dim})")
-    tr.event("certificate_perturbation_percentile", pct_after,
-             f"{group}: percentile of cos2 after among cos2(v1, z), z uniform on the sphere (d={dim})")
-    tr.event("certificate_perturbation_distance_before", dist_before, f"{group}: median centroid distance before")
-    tr.event("certificate_perturbation_distance_after", dist_after, f"{group}: median centroid distance after")
+    return [
+        ("certificate_perturbation_cos2_before", cos_before,
+         f"{group}: cos2(g_k, v1) before the change; percentile {pct_before:.1f} among random unit vectors (d={dim})"),
+        ("certificate_perturbation_cos2_after", cos_after,
+         f"{group}: cos2(g_k, v1) after the change (v1 of the changed loss); "
+         f"percentile {pct_after:.1f} among random unit vectors (d={dim})"),
+        ("certificate_perturbation_percentile", pct_after,
+         f"{group}: percentile of cos2 after among cos2(v1, z), z uniform on the sphere (d={dim})"),
+        ("certificate_perturbation_distance_before", dist_before, f"{group}: median centroid distance before"),
+        ("certificate_perturbation_distance_after", dist_after, f"{group}: median centroid distance after"),
+    ]
 
 
 def null_difference(parent: "Run", branch: "Run") -> tuple[float, str]:
@@ -156,8 +156,6 @@ def _write_events(run: "Run", rows: list[tuple]) -> None:
 def certify(parent: "Run", branches: list["Run"]) -> pd.DataFrame:
     """Compute certificates 1, 2 and 4 for ``branches`` and their siblings at the same fork step,
     store them as events, and return every certificate of those branches as a table."""
-    from .compare import branches_of
-
     fork_steps = {b.lineage["fork_step"] for b in branches}
     siblings = [b for b in branches_of(parent) if b.lineage.get("fork_step") in fork_steps]
     for s in fork_steps:
@@ -196,8 +194,6 @@ def _verdict(check: str, value: float) -> str:
 
 def certificates(parent: "Run", fork_steps=None) -> pd.DataFrame:
     """Every certificate stored in the branches of ``parent`` (optionally of some fork steps)."""
-    from .compare import branches_of
-
     rows = []
     for b in branches_of(parent):
         if fork_steps is not None and b.lineage.get("fork_step") not in fork_steps:

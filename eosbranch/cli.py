@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import EosbranchError, EosbranchWarning
+from .errors import EosbranchError, EosbranchWarning, Interrupted
 
 app = typer.Typer(
     name="eosbranch",
@@ -52,7 +52,7 @@ def _user_errors(fn):
                 raise
             # escape: a message quoting the user's input (e.g. "[/x]") is text, not rich markup
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(130 if type(e).__name__ == "Interrupted" else 2)
+            raise typer.Exit(130 if isinstance(e, Interrupted) else 2)
         finally:
             warnings.showwarning = shown
 

@@ -24,6 +24,10 @@ class DivergenceError(EosbranchError):
     """Training produced a NaN or inf loss."""
 
 
+class Interrupted(EosbranchError):
+    """Training was stopped by a signal after saving a checkpoint (the CLI exits with 130)."""
+
+
 class StorageError(EosbranchError):
     """A write to the run store failed (no space left, quota, file too large); nothing was replaced."""
 

@@ -1,129 +1,32 @@
 """Forking: continue a run's exact state at step s along branches that differ in one way.
 
-A branch restores the parent's newest checkpoint at or before s, replays to s with the same loop
-(measurements included, so warm starts and events match), applies its interventions to the state
-(e.g. the step size: the state holds it, so "exit EoS" edits one field), and trains on in its own
-run directory. The replay is checked, not assumed: the branch's loss at s must equal the parent's
-recorded loss at s bit for bit (before any intervention can act, since the loss at s depends only
-on theta_s). A branch without interventions therefore reproduces its parent bit for bit.
-
-Branch specs (``interventions/``, or a user's YAML file) have the same shape::
-
-    name: exit_eos
-    interventions: [{kind: lr, factor: 0.1}]
-
-or ``branches: [...]`` holding several such mappings.
+:func:`fork` resolves the fork step and each branch's end, makes each branch's run directory
+(named by the parent, the branch and its digest, so re-running a fork finds it) and trains it
+through the same entry point as a trunk (:func:`eosbranch.train.resume`), which starts or resumes
+the branch with :func:`eosbranch.branch.start_branch`; then it certifies the branches.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
-from .errors import EosbranchError, SpecError, format_validation_error
-from .interventions import INTERVENTIONS, Intervention
+from .branch import BranchSpec, check_replay, load_branches
+from .catalog import entry_path
+from .certificate import certify
+from .data import load_data
+from .errors import EosbranchError, SpecError
+from .groups import resolve
+from .health import at_fork, chance_level
+from .lineage import branches_of, fork_step, reached
 from .run import Run
-from .store import LINEAGE, SPEC, RunStore
-
-
-class BranchSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    interventions: list[dict[str, Any]] = Field(default_factory=list)
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
-
-    def compose(self, source: str = "", where: str = "") -> list[Intervention]:
-        """The interventions, validated (errors name the file and the field; ``where``: this
-        branch's place in its file, e.g. ``branches[1]``)."""
-        out = []
-        for i, section in enumerate(self.interventions):
-            loc = f"{where + '.' if where else ''}interventions[{i}]"
-            entry, params = INTERVENTIONS.parse(section, loc, source)
-            try:
-                out.append(entry.fn(params))
-            except SpecError as err:  # a nested section (loss_switch.to, optimizer_switch.to): name its place
-                raise SpecError(f"{source + ': ' if source else ''}{loc}.{err}") from None
-        return out
-
-
-def load_branches(branches: Union[str, Path, dict, list]) -> list[BranchSpec]:
-    """Branch specs from a catalog name, a YAML file, a mapping or a list; names must be unique."""
-    from .catalog import entry_path
-    from .spec import read_yaml
-
-    source = "<branches>"
-    if isinstance(branches, (str, Path)):
-        path = Path(branches)
-        if path.suffix not in (".yaml", ".yml") or not path.is_file():
-            path = entry_path("interventions", str(branches))
-        source, branches = str(path), read_yaml(path)
-    if isinstance(branches, dict) and "branches" in branches:
-        branches = branches["branches"]
-    items = branches if isinstance(branches, list) else [branches]
-    out = []
-    for i, item in enumerate(items):
-        try:
-            b = BranchSpec.model_validate(item)
-        except ValidationError as err:
-            raise SpecError(format_validation_error(err, source, f"branches[{i}]" if len(items) > 1 else "",
-                                                    model=BranchSpec)) from None
-        b.compose(source, f"branches[{i}]" if len(items) > 1 else "")  # validate every intervention now
-        out.append(b)
-    names = [b.name for b in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise SpecError(f"{source}: branch names must be unique; repeated: {', '.join(dup)}")
-    return out
-
-
-def fork_step(parent: Run, kind: str, value: float) -> int:
-    """The step to fork at: ``step N``, ``onset K`` (t* + K steps) or ``teff T`` (first step with t_eff >= T)."""
-    if kind == "step":
-        s = int(value)
-    elif kind == "onset":
-        ev = parent.events
-        hit = ev[ev.event == "t_star"]
-        if hit.empty:
-            raise EosbranchError(f"{parent.path}: no t_star event; the parent never reached its threshold")
-        s = int(hit.step.iloc[0]) + int(value)
-    elif kind == "teff":
-        loss = parent.metrics.query("metric in ('loss', 'batch_loss') and group == 'all'")
-        later = loss[loss.t_eff >= float(value)]
-        if later.empty:
-            raise EosbranchError(f"{parent.path}: the run never reaches t_eff {value}")
-        s = int(later.step.min())
-    else:
-        raise EosbranchError(f"--at takes step, onset or teff; got {kind!r}")
-    if not 0 <= s <= parent.spec.steps:
-        raise EosbranchError(f"fork step {s} is outside the parent's 0..{parent.spec.steps}")
-    return s
-
-
-def stop_rule(lineage: dict) -> Optional[Callable]:
-    """The branch's stop rule from its lineage (so a resumed branch stops where it would have):
-    ``tss``: its own t** (first measurement after the fork at or past its threshold) plus
-    ``margin`` steps; ``teff``: the first step with t_eff >= the target."""
-    until = lineage.get("until") or {}
-    if until.get("kind") == "tss":
-        margin = int(until["margin"])
-        return lambda tr: "t_star_star" in tr.st.measured and tr.st.step >= tr.st.measured["t_star_star"] + margin
-    if until.get("kind") == "teff":
-        target = float(until["teff"])
-        return lambda tr: _reached(tr.st.t_eff, target)
-    return None
-
-
-def _reached(t_eff: float, target: float) -> bool:
-    # t_eff is a running sum of step sizes: allow its rounding, not a whole extra step.
-    return t_eff >= target - 1e-12 * max(1.0, abs(target))
+from .store import LINEAGE, RunStore
+from .threads import check_threads, positive_threads
+from .train import resume
 
 
 def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "exit_eos",
@@ -145,8 +48,6 @@ def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "e
 
     Returns the branch runs in the order given (finished branches are reused, interrupted ones
     resumed). Certificates (:mod:`eosbranch.certificate`) are computed and stored as events."""
-    from .certificate import certify
-
     parent = run if isinstance(run, Run) else Run(run)
     s = fork_step(parent, *at)
     given = [k for k, v in (("steps", steps), ("until", until), ("teff", teff)) if v is not None]
@@ -194,8 +95,6 @@ def fork(run: Union[Run, str, Path], at: tuple = ("step", 0), branches: Any = "e
 def _check_names(parent: Run, specs: list[BranchSpec]) -> None:
     """A branch name means one branch spec per parent: `compare` and `report` label rows and lines by
     name, so a second, different branch under a name already used (at any fork step) is refused."""
-    from .compare import branches_of
-
     for b in specs:
         for other in branches_of(parent):
             lin = other.lineage
@@ -214,9 +113,6 @@ def _check_groups(parent: Run, specs: list[BranchSpec], branches: Any) -> None:
              if isinstance(iv.get("group"), str)]
     if not named:
         return
-    from .data import load_data
-    from .groups import resolve
-
     spec = parent.spec
     data = load_data(spec.data)
     have = list(resolve(spec.groups, data.X, data.y).groups) if spec.groups else []
@@ -230,9 +126,6 @@ def _check_groups(parent: Run, specs: list[BranchSpec], branches: Any) -> None:
 
 def _parent_health(parent: Run, s: int) -> list[str]:
     """Warnings when the parent is saturated or collapsed at the fork step (see :mod:`eosbranch.health`)."""
-    from .data import load_data
-    from .health import at_fork, chance_level
-
     m = parent.metrics
     chance = None
     if (m.metric == "accuracy").any():
@@ -243,8 +136,6 @@ def _parent_health(parent: Run, s: int) -> list[str]:
 
 def _branch_source(branches: Any) -> str:
     """The file ``load_branches`` reads ``branches`` from ('' for a mapping or a list)."""
-    from .catalog import entry_path
-
     if not isinstance(branches, (str, Path)):
         return ""
     path = Path(branches)
@@ -267,8 +158,6 @@ def _t_eff_at(parent: Run, s: int) -> float:
 
 def _sibling_ends(parent: Run, s: int) -> list[float]:
     """Final t_eff of the finished branches with interventions forked at step s."""
-    from .compare import branches_of
-
     ends = []
     for b in branches_of(parent):
         if b.lineage.get("fork_step") == s and (b.lineage.get("branch_spec") or {}).get("interventions") and b.complete:
@@ -280,10 +169,6 @@ def _sibling_ends(parent: Run, s: int) -> list[float]:
 
 def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, progress: bool, warn,
                 threads: Optional[int] = None) -> Run:
-    from .spec import load_spec
-    from .health import Watch
-    from .train import Trainer, _progress, build, check_threads, pinned_threads, positive_threads, restore_state, resume
-
     path = parent.path.parent / f"{parent.name}--{b.name}-at{s}-{b.digest()}"
     store = RunStore(path)
     if store.path.exists() and store.checkpoint_steps():
@@ -300,7 +185,7 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
                 store.unlock()
         else:
             branch = resume(path, progress=progress, warn=warn)  # a finished or interrupted branch
-        _check_replay(parent, branch, s)
+        check_replay(parent, branch, s)
         return branch
     spec = parent.spec.model_copy(update={"steps": total})
     parent_threads = parent.lineage.get("threads") or torch.get_num_threads()
@@ -312,20 +197,11 @@ def _run_branch(parent: Run, s: int, b: BranchSpec, rule: dict, total: int, prog
         store.create(spec.to_yaml(), {"parent": parent.name, "fork_step": s, "branch": b.name,
                                       "branch_spec": b.model_dump(), "branch_hash": b.digest(),
                                       "until": rule, "code_version": __version__, "threads": threads})
-        exp = build(load_spec(path / SPEC))
-        tr = Trainer(exp, store, branch=b.name, warn=warn)
-        tr.st = restore_state(exp, parent.store.load_checkpoint(s, warn=warn))
-        tr.fork_at, tr.interventions = s, b.compose()
-        tr.check_fork = lambda loss: _check_replay(parent, None, s, loss, threads, parent_threads)
-        tr.until = stop_rule({"until": rule})
-        with pinned_threads(threads), _progress(progress, total, tr.st.step) as show:
-            tr.run(total, Watch(show, warn))
+        resume(path, progress=progress, warn=warn, store=store)  # a new branch starts as a resumed one does
     except BaseException:
         if created and not _has_checkpoints(store):
             # Failed before the fork step's checkpoint (replay mismatch, an intervention that does
             # not fit this run, no space): leave no half-made branch for `runs` to list.
-            import shutil
-
             shutil.rmtree(path, ignore_errors=True)  # still under our lock: nobody else is writing it
         raise
     finally:
@@ -344,29 +220,8 @@ def _reaches(branch: Run, rule: dict, total: int) -> bool:
     """Whether a finished branch already covers what ``rule`` asks for."""
     end = branch.spec.steps
     if rule["kind"] == "teff":
-        return _reached(float(branch.metrics.t_eff.max()), rule["teff"])
+        return reached(float(branch.metrics.t_eff.max()), rule["teff"])
     if rule["kind"] == "tss":
         hit = branch.events.query("event == 't_star_star'")
         return len(hit) > 0 and end >= int(hit.step.iloc[0]) + int(rule["margin"])
     return end >= total
-
-
-def _check_replay(parent: Run, branch: Optional[Run], s: int, loss: Optional[float] = None,
-                  threads: Optional[int] = None, parent_threads: Optional[int] = None) -> None:
-    """The replayed training loss at the fork step, before any intervention, must equal the
-    parent's recorded one bit for bit (``loss``: from the running branch; else read from the
-    finished branch's ``fork_state`` events)."""
-    name = "loss" if parent.spec.optimizer.get("batch_size") is None else "batch_loss"
-    p = parent.metric(name)
-    if loss is None:
-        ev = branch.events
-        row = ev[(ev.event == "fork_state") & (ev.detail == "loss/all")]
-        if row.empty:
-            return
-        loss = float(row.value.iloc[0])
-    if s in p.index and p[s] != loss:
-        where = branch.path if branch is not None else parent.path
-        raise EosbranchError(f"{where}: replay mismatch at step {s}: parent loss {p[s]!r}, "
-                             f"replayed {loss!r}; " + (f"the parent ran with {parent_threads} torch thread(s), this fork "
-                             f"with {threads}: omit --threads" if threads != parent_threads else
-                             "the parent's checkpoints or code changed"))

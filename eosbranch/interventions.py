@@ -1,13 +1,17 @@
 """Interventions: what a branch changes at its fork, as small declarative records.
 
 A branch spec lists interventions ``{kind: ..., **params}`` (catalog: ``interventions/``). Each
-kind's function returns an :class:`Intervention` with two parts:
+kind's function returns an :class:`Intervention`: a function ``(experiment, state, at) ->
+(experiment, state)`` applied once at the fork step (``at``: the :class:`eosbranch.branch.ForkPoint`,
+which gives the fork's curvature before any change and records certificate events). It has two
+parts, neither of which changes its arguments:
 
-- ``configure(exp)``: persistent changes to the experiment (data, labels, loss, optimizer, sample
-  weights, a per-step gradient transform). A pure function of the parameters and the freshly
-  built experiment, re-applied whenever the branch is rebuilt: at the fork and on every resume.
-- ``at_fork(tr)``: one-time edits of the training state at the fork step (step size, optimizer
-  state), which the fork checkpoint then holds. It calls ``configure`` first by default.
+- ``configure(exp) -> exp``: persistent changes to the (frozen) experiment, returned as a new one
+  (data, labels, loss, optimizer, sample weights, a per-step gradient transform). A pure function
+  of the parameters and the freshly built experiment, re-applied whenever the branch is rebuilt:
+  at the fork and on every resume.
+- ``edit(exp, state, at) -> state``: one-time edits of the training state at the fork step (step
+  size, optimizer state), which the fork checkpoint then holds.
 
 Interventions may record integrity-certificate events (``certificate_*``) at the fork.
 The identity (no interventions) is the bit-exact control: see :mod:`eosbranch.certificate`.
@@ -15,6 +19,8 @@ The identity (no interventions) is the bit-exact control: see :mod:`eosbranch.ce
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import torch
@@ -24,7 +30,9 @@ from .errors import EosbranchError
 from .registry import Params, Registry
 
 if TYPE_CHECKING:
-    from .train import Experiment, Trainer
+    from .branch import ForkPoint
+    from .experiment import Experiment
+    from .state import TrainState
 
 INTERVENTIONS = Registry("intervention")
 
@@ -32,15 +40,15 @@ INTERVENTIONS = Registry("intervention")
 class Intervention:
     """Base: no change. Subclasses override ``configure`` and/or ``edit``."""
 
-    def configure(self, exp: "Experiment") -> None:
-        pass
+    def configure(self, exp: "Experiment") -> "Experiment":
+        return exp
 
-    def edit(self, tr: "Trainer") -> None:
-        pass
+    def edit(self, exp: "Experiment", st: "TrainState", at: "ForkPoint") -> "TrainState":
+        return st
 
-    def at_fork(self, tr: "Trainer") -> None:
-        self.configure(tr.exp)
-        self.edit(tr)
+    def __call__(self, exp: "Experiment", st: "TrainState", at: "ForkPoint") -> tuple["Experiment", "TrainState"]:
+        exp = self.configure(exp)
+        return exp, self.edit(exp, st, at)
 
 
 def _group(exp: "Experiment", name: str, kind: str) -> torch.Tensor:
@@ -50,21 +58,22 @@ def _group(exp: "Experiment", name: str, kind: str) -> torch.Tensor:
     return exp.groups[name]
 
 
-def _invalidate(exp: "Experiment") -> None:
-    """Drop the cached training view of the data after the data changed."""
-    for name in ("train_X", "train_y"):
-        exp.__dict__.pop(name, None)
+def _with_data(exp: "Experiment", **tensors) -> "Experiment":
+    """A new experiment whose data has ``tensors`` (e.g. X=...) in place of its own."""
+    data = copy.copy(exp.data)
+    for name, t in tensors.items():
+        setattr(data, name, t)
+    return replace(exp, data=data)
 
 
-def _lr_for_margin(tr: "Trainer", margin: float, kind: str) -> float:
+def _lr_for_margin(exp: "Experiment", st: "TrainState", at: "ForkPoint", margin: float, kind: str) -> float:
     """The step size whose threshold is S / margin (S measured at the fork, preconditioned for
     Adam): margin < 1 is stable (below the threshold), margin > 1 is past it. Thresholds scale as
     1 / eta for every optimizer, so eta' = eta * threshold(eta) * margin / S."""
-    sharp = tr.fork_curvature()["compared"]
+    sharp = at.curvature()["compared"]
     if not sharp > 0:
         raise EosbranchError(f"{kind}: needs a positive sharpness at the fork, got {sharp}")
-    st = tr.st
-    return st.lr * tr.exp.optimizer.threshold(st.lr) * margin / sharp
+    return st.lr * exp.optimizer.threshold(st.lr) * margin / sharp
 
 
 # ----------------------------------------------------------------------------- step size
@@ -85,14 +94,13 @@ class _SetLR(Intervention):
     def __init__(self, p: LRParams):
         self.p = p
 
-    def edit(self, tr):
-        p, st = self.p, tr.st
+    def edit(self, exp, st, at):
+        p = self.p
         if p.factor is not None:
-            st.lr = st.lr * p.factor
-        elif p.value is not None:
-            st.lr = p.value
-        else:
-            st.lr = _lr_for_margin(tr, p.stable_margin, "lr.stable_margin")
+            return replace(st, lr=st.lr * p.factor)
+        if p.value is not None:
+            return replace(st, lr=p.value)
+        return replace(st, lr=_lr_for_margin(exp, st, at, p.stable_margin, "lr.stable_margin"))
 
 
 @INTERVENTIONS.register("lr", LRParams)
@@ -142,7 +150,7 @@ class _RandomDirection(Intervention):
 
         p = self.p
         idx, v, alpha = self._fits(exp)
-        X = exp.data.X
+        X = exp.data.X.clone()
         cpu = idx.cpu()
         x = X[idx].flatten(1).double().cpu()
         sign = (2 * exp.data.y[idx].cpu().double() - 1).unsqueeze(1)
@@ -150,18 +158,19 @@ class _RandomDirection(Intervention):
         z = _orthogonal_units(len(cpu), v, p.seed, "random_direction")
         moved = source + alpha * torch.linalg.vector_norm(v) * z
         X[idx] = moved.to(device=X.device, dtype=X.dtype).reshape(len(cpu), *X.shape[1:])
-        mu = exp.group_info.get("mu")
-        if mu is not None and "centroid_distance" in exp.group_info:
-            d = exp.group_info["centroid_distance"].clone()
+        info = exp.group_info
+        mu = info.get("mu")
+        if mu is not None and "centroid_distance" in info:
+            d = info["centroid_distance"].clone()
             d[cpu] = torch.linalg.vector_norm(moved - mu[exp.data.y[idx].cpu()], dim=1).to(d.dtype)
-            exp.group_info = {**exp.group_info, "centroid_distance": d}
-        _invalidate(exp)
+            info = {**info, "centroid_distance": d}
+        return replace(_with_data(exp, X=X), group_info=info)
 
-    def at_fork(self, tr):
-        from .certificate import perturbation_certificate
-
-        self._fits(tr.exp)  # before the certificate measures the group
-        perturbation_certificate(tr, self.p.group, lambda: self.configure(tr.exp))
+    def __call__(self, exp, st, at):
+        self._fits(exp)  # before the certificate measures the group
+        changed = self.configure(exp)
+        at.perturbation_certificate(exp, changed, self.p.group)
+        return changed, st
 
 
 @INTERVENTIONS.register("random_direction", RandomDirectionParams)
@@ -181,7 +190,7 @@ class _LabelFlip(Intervention):
     def configure(self, exp):
         p = self.p
         idx = _group(exp, p.group, "label_flip")
-        y = exp.data.y
+        y = exp.data.y.clone()
         if exp.data.task != "classification":
             raise EosbranchError("label_flip: needs a classification data set")
         if p.to is None:
@@ -192,7 +201,7 @@ class _LabelFlip(Intervention):
             if p.to >= exp.data.num_outputs:
                 raise EosbranchError(f"label_flip.to: {p.to} is not a class (0..{exp.data.num_outputs - 1})")
             y[idx] = p.to
-        _invalidate(exp)
+        return _with_data(exp, y=y)
 
 
 @INTERVENTIONS.register("label_flip", LabelFlipParams)
@@ -219,7 +228,7 @@ class _Reweight(Intervention):
         w[idx] = self.p.weight
         if not (w if exp.train_index is None else w[exp.train_index]).sum() > 0:
             raise EosbranchError("reweight.weight: every training point would have weight 0")
-        exp.sample_weight = w
+        return replace(exp, sample_weight=w)
 
 
 @INTERVENTIONS.register("reweight", ReweightParams)
@@ -246,7 +255,7 @@ class _LossSwitch(Intervention):
         kind = self.p.to if isinstance(self.p.to, str) else self.p.to.get("kind")
         if kind == "ce" and exp.data.task != "classification":
             raise EosbranchError("loss_switch.to: ce needs a classification data set")
-        exp.loss_fn = self.loss
+        return replace(exp, loss_fn=self.loss)
 
 
 @INTERVENTIONS.register("loss_switch", LossSwitchParams)
@@ -271,18 +280,17 @@ class _OptimizerSwitch(Intervention):
         self.optimizer = entry.fn(params)
 
     def configure(self, exp):
-        exp.optimizer = self.optimizer
+        return replace(exp, optimizer=self.optimizer)
 
-    def edit(self, tr):
-        st, params = tr.st, tr.exp.params
-        st.lr = self.optimizer.p.lr
-        fresh = self.optimizer.init(params)
+    def edit(self, exp, st, at):
+        fresh = self.optimizer.init(exp.params)
         if self.p.state == "fresh":
-            st.opt_state = fresh
-        elif _structure(fresh) != _structure(st.opt_state):
+            return replace(st, lr=self.optimizer.p.lr, opt_state=fresh)
+        if _structure(fresh) != _structure(st.opt_state):
             raise EosbranchError(
                 f"optimizer_switch.state: cannot carry the state into {self.p.to.get('kind')!r}: it holds "
                 f"{sorted(fresh)}, the current optimizer {sorted(st.opt_state)}; use state: fresh")
+        return replace(st, lr=self.optimizer.p.lr)
 
 
 def _structure(state: dict) -> dict:

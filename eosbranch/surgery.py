@@ -14,26 +14,27 @@ and ``surgery_removed``: the removed coefficient <c, v1>.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .curvature import flatten, unflatten
 from .interventions import GradientSurgeryParams, Intervention, _group
+from .measure import solve_sharpness
 
 
 class Surgery(Intervention):
     def __init__(self, p: GradientSurgeryParams):
         self.p = p
 
-    def configure(self, exp) -> None:
+    def configure(self, exp):
         if self.p.group is not None:
             _group(exp, self.p.group, "gradient_surgery")
-        exp.grad_hook = self.hook
+        return replace(exp, grad_hook=self.hook)
 
     def _v1(self, exp, st) -> torch.Tensor:
-        from .measure import solve_sharpness
-
         mem = st.intervention
-        fork = st.measured.get("fork_step", 0)
+        fork = st.fork_step or 0
         if "surgery_v1" not in mem or (st.step - fork) % self.p.refresh_every == 0:
             prev = mem.get("surgery_v1")
             v0 = None if prev is None else prev[:, None]  # None: the state's v1

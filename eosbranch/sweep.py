@@ -42,7 +42,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import Field
 
-from .errors import EosbranchError
+from .errors import EosbranchError, Interrupted
 from .registry import Params, Registry
 from .run import Run
 from .store import atomic_write
@@ -173,7 +173,7 @@ def run_job(job: Job) -> JobResult:
             reused = reused and all(b.path in finished for b in done)
         res.status, res.stage = ("reused" if reused else "done"), None
     except BaseException as err:  # noqa: BLE001 - every failure is reported, the sweep goes on
-        if isinstance(err, KeyboardInterrupt) or type(err).__name__ == "Interrupted":
+        if isinstance(err, (KeyboardInterrupt, Interrupted)):
             raise  # Ctrl-C stops the sweep (train has saved a checkpoint; a re-run resumes)
         res.stage, res.error = stage, one_line(err)
     finally:

@@ -12,7 +12,7 @@ from eosbranch.errors import EosbranchError
 from eosbranch.fork import load_branches
 from eosbranch.loss import get_loss
 from eosbranch.spec import parse_spec
-from eosbranch.train import build
+from eosbranch.experiment import build
 
 S = 10  # fork step: a checkpoint step of the parent, so its exact state is at hand
 
@@ -230,7 +230,7 @@ def test_random_direction_moves_outliers_orthogonally_at_equal_distance(parent):
     exp = build(parent.spec)
     (b,) = load_branches("random_direction")
     (iv,) = b.compose()
-    iv.configure(exp)
+    exp = iv.configure(exp)
     idx = exp.groups["input_outlier"]
     v = exp0.group_info["v_diff"]
     alpha = exp0.group_info["alpha"]["input_outlier"]
@@ -281,7 +281,7 @@ def test_perturbation_certificate_values_against_dense_hessians(parent):
     ev = br.events.set_index("event")
     before, after = state_at(parent, S), state_at(parent, S)
     (iv,) = load_branches({"name": "x", "interventions": [{"kind": "random_direction", "seed": 3}]})[0].compose()
-    iv.configure(after)
+    after = iv.configure(after)
     idx = before.groups["input_outlier"]
     dim = sum(p.numel() for p in before.params)
     values = {}

@@ -11,7 +11,8 @@ import eosbranch
 from eosbranch.catalog import example_path
 from eosbranch.curvature import top_eigenpairs, hessian_matvec
 from eosbranch.spec import load_spec
-from eosbranch.train import build, restore_state
+from eosbranch.experiment import build
+from eosbranch.state import restore_state
 
 from conftest import write_spec
 

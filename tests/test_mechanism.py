@@ -15,7 +15,7 @@ import eosbranch
 from eosbranch.curvature import flatten, unflatten
 from eosbranch.mechanism import oscillation_variance, predict, v1_group_curvature
 from eosbranch.probes import Context, PROBES
-from eosbranch.train import build
+from eosbranch.experiment import build
 
 from test_probes import GROUPS, Dense, tiny
 

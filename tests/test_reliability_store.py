@@ -23,7 +23,9 @@ from eosbranch.cli import app
 from eosbranch.errors import EosbranchWarning
 from eosbranch.spec import parse_spec
 from eosbranch.store import RunStore
-from eosbranch.train import Trainer, build, open_run, run_dir_for
+from eosbranch.experiment import build
+from eosbranch.loop import Trainer
+from eosbranch.rundir import open_run, run_dir_for
 
 TABLES = ("metrics", "events", "examples")
 KEYS = {"metrics": ["step", "t_eff", "lr", "group", "metric", "value"],

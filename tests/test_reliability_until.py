@@ -16,7 +16,9 @@ import eosbranch
 from conftest import TINY
 from eosbranch.spec import parse_spec
 from eosbranch.store import RunStore
-from eosbranch.train import Trainer, build, open_run
+from eosbranch.experiment import build
+from eosbranch.loop import Trainer
+from eosbranch.rundir import open_run
 
 
 def _spec(steps):
@@ -32,8 +34,7 @@ def _stopped_by_rule(path, at=15):
         open_run(spec, path, store=store)
         tr = Trainer(build(spec), store)
         tr.start_fresh()
-        tr.until = lambda t: t.st.step >= at
-        tr.run(spec.steps)
+        tr.run(spec.steps, until=lambda t: t.st.step >= at)
     finally:
         store.unlock()
     return eosbranch.load(path)

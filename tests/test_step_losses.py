@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import eosbranch
-from eosbranch.train import build
+from eosbranch.experiment import build
 
 from conftest import TINY
 

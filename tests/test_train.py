@@ -8,7 +8,10 @@ import eosbranch
 from eosbranch.errors import DivergenceError
 from eosbranch.store import RunStore
 from eosbranch.tables import METRICS_COLUMNS
-from eosbranch.train import Trainer, build, checkpoint_state, open_run
+from eosbranch.experiment import build
+from eosbranch.loop import Trainer
+from eosbranch.rundir import open_run
+from eosbranch.state import checkpoint_state
 from eosbranch.spec import parse_spec
 
 

@@ -299,7 +299,7 @@ def test_runs_lists_nested_runs_with_whole_paths(tmp_path):
 def test_metrics_group_holds_example_groups_and_parameter_tensors_as_documented(quick_run):
     m = quick_run.metrics
     tensors = set(m.loc[m.metric == "curvature_fraction", "group"])
-    from eosbranch.train import build
+    from eosbranch.experiment import build
 
     assert tensors == {n for n, _ in build(quick_run.spec).model.named_parameters()}
     assert not tensors & set(m.loc[m.metric != "curvature_fraction", "group"])
