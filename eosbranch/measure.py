@@ -36,7 +36,8 @@ from .probes import (
 )
 
 if TYPE_CHECKING:
-    from .train import Experiment, Trainer
+    from .experiment import Experiment
+    from .loop import Trainer
 
 
 @torch.no_grad()

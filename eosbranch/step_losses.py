@@ -29,7 +29,7 @@ import torch
 from .curvature import _running_stats_frozen
 
 if TYPE_CHECKING:
-    from .train import Experiment
+    from .experiment import Experiment
 
 __all__ = ["StepLosses"]
 
