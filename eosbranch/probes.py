@@ -44,8 +44,9 @@ from torch.func import functional_call
 from pydantic import Field
 
 from .curvature import _running_stats_frozen, flatten, hessian_matvec, top_eigenpairs, unflatten
-from . import mlp_chain, taylor
-from .input_layer import group_curvature, split as input_split
+from . import mlp_chain
+from .curvature import taylor
+from .curvature.input_linear import group_curvature, split as input_split
 from .loss import get_loss
 from .registry import Params, Registry
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from eosbranch import curvature
+from eosbranch.curvature import lanczos as curvature
 from eosbranch.curvature import (
     flatten, hessian_matvec, preconditioned_matvec, top_eigenpairs, unflatten,
 )

@@ -292,7 +292,7 @@ def dense_weighted(d: Dense, w, idx=None):
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("weighted,subset", [(False, False), (True, False), (True, True)])
 def test_input_layer_factorisation_matches_dense_oracles(monkeypatch, activation, loss, weighted, subset):
-    from eosbranch import input_layer
+    from eosbranch.curvature import input_linear as input_layer
 
     ranks = []
     original = input_layer._lowrank_factors

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from eosbranch import taylor
+from eosbranch.curvature import taylor
 from eosbranch.probes import KEYS, Context, group_probes
 from test_probes import F64, Dense, dense_weighted, rows_to_dict
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .loss import output_derivatives
-from .mlp_chain import Chain, activation
+from ..loss import output_derivatives
+from ..mlp_chain import Chain, activation
 
 __all__ = ["Cache", "build", "hvp", "gradient"]
 

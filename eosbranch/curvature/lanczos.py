@@ -31,8 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from . import mlp_chain, r_operator
-from .loss import get_loss
+from .. import mlp_chain
+from . import mlp as r_operator
+from ..loss import get_loss
 
 __all__ = [
     "EigenResult", "top_eigenpairs", "hessian_matvec", "HessianOperator", "preconditioned_matvec",

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .curvature import _running_stats_frozen, unflatten
-from .mlp_chain import sequential_children
+from .lanczos import _running_stats_frozen, unflatten
+from ..mlp_chain import sequential_children
 
 __all__ = ["InputSplit", "split", "group_curvature"]
 

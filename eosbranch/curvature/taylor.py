@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import r_operator
-from .curvature import unflatten
-from .loss import output_derivatives
-from .mlp_chain import Chain, activation
+from . import mlp as r_operator
+from .lanczos import unflatten
+from ..loss import output_derivatives
+from ..mlp_chain import Chain, activation
 
 __all__ = ["group_pass", "group_curvature"]
 
