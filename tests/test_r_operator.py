@@ -141,7 +141,7 @@ def test_r_operator_with_a_custom_per_example_loss_uses_autograd_for_the_loss():
     hv = hessian_matvec(model, smooth_l1, (X, y))
     assert hv.method == "r_operator"
     hv(torch.zeros(hv.dim, dtype=F64))
-    assert hv._r_cache.loss_hess is None  # the autograd path, not a closed form
+    assert hv.backend._cache.loss_hess is None  # the autograd path, not a closed form
     H = dense(model, smooth_l1, X, y)
     V = torch.randn(H.shape[0], 3, dtype=F64, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(hv(V), H @ V, rtol=1e-10, atol=1e-12)
