@@ -45,6 +45,7 @@ class HessianOperator:
         self.backend = select_backend(obj, route, form=method if method in AUTOGRAD_FORMS else None,
                                       label=f"method {method!r}")
         self.method = self.backend.hvp_method
+        self.chain = self.backend.chain  # the MLP chain of the R-operator route, or None
 
     def start_hint(self) -> Tensor | None:
         """The flat full-batch gradient when it is free (one chunk: double backward's cached graph,
