@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 
 from . import per_example
