@@ -11,7 +11,7 @@ import scipy.stats
 import torch
 from torch import nn
 
-from eosbranch.curvature import flatten
+from eosbranch.curvature import flatten, input_linear
 from eosbranch.loss import get_loss
 from eosbranch.probes import (
     GROUP_METRICS, KEYS, Context, curvature_fraction, fraction_loss_increased, group_probes,
@@ -251,11 +251,9 @@ def wide(activation=nn.Tanh, n=30, d=40, width=16, seed=0):
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("weighted,subset", [(False, False), (True, False), (True, True)])
 def test_input_layer_factorisation_matches_dense_oracles(monkeypatch, activation, loss, weighted, subset):
-    from eosbranch.curvature import input_linear as input_layer
-
     ranks = []
-    original = input_layer._lowrank_factors
-    monkeypatch.setattr(input_layer, "_lowrank_factors", lambda *a: ranks.append(r := original(*a)) or r)
+    original = input_linear._lowrank_factors
+    monkeypatch.setattr(input_linear, "_lowrank_factors", lambda *a: ranks.append(r := original(*a)) or r)
     model, X, y, groups = wide(activation)
     d = Dense(model, loss, X, y)
     w = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(7), dtype=F64) + 0.5
