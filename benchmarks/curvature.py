@@ -19,7 +19,7 @@ matvec isolates the solver. Missing optional packages are skipped with a note.
 
 Results (2-core x86 VM, torch 2.14.1, 1 thread, CPU seconds, best of 3 (cifar) / 20 (quick);
 --cache /tmp/bcache), cost in gradients (HVPs in brackets). eosbranch's default HVP for these MLPs
-is the R-operator (eosbranch.r_operator, closed-form loss derivatives); double backward beside it:
+is the R-operator (eosbranch.curvature.mlp, closed-form loss derivatives); double backward beside it:
                                   quick.yaml (tanh 64-128-128-2)   cifar-shaped, N=2000
   lambda_1 / lambda_2             18.20 / 8.01                     22.77 / 10.24
   eosbranch cold                   8.5 (5)   double backward  9.8  6.8 (4)   double backward 6.9

@@ -21,7 +21,7 @@ Results (2-core x86 VM, torch 2.14.1, 2 threads, min of 3), in gradients:
   (b) alignment, all N     2.28     2.19    target <= 6: met
 At N=2000 (a gradient is 0.09 s) repeated runs of (a) gave 2.54-2.82 on the idle machine and up
 to 3.15 while it was busy with other work; N=10000 stays at 2.1-2.4. The Taylor route
-(eosbranch.taylor) propagates second-order Taylor coefficients forward along each group gradient,
+(eosbranch.curvature.taylor) propagates second-order Taylor coefficients forward along each group gradient,
 applying its blocks through their low-rank factors (50 points per group), so R_k needs no backward
 pass; Q_k is one reverse pass over the forward along v1. What remains is about 1.8 gradients of
 matrix products: the data times [W1; V1; the groups' points] in one product (0.95) and

@@ -37,10 +37,10 @@ import torch
 from torch.func import functional_call, jvp
 
 from .branch_effect import window_mean
-from .curvature import _running_stats_frozen, unflatten
+from .curvature import running_stats_frozen as _running_stats_frozen, unflatten
 
 if TYPE_CHECKING:
-    from .probes import Context
+    from .context import Context
 
 __all__ = ["TRACK_KEY", "track", "oscillation_variance", "per_example_v1_curvature", "v1_group_curvature",
            "predict", "MECHANISM_COLUMNS"]
@@ -79,7 +79,7 @@ def per_example_v1_curvature(ctx: "Context", index: torch.Tensor) -> torch.Tenso
     names = ctx.param_names
     out = torch.empty(index.numel(), dtype=ctx.dtype, device=ctx.device)
     with _running_stats_frozen(ctx.model), torch.no_grad():
-        for Xc, yc, pos in ctx._chunks(index):
+        for Xc, yc, pos in ctx.objective.chunks(index):
             def per(*params):
                 return ctx.loss_fn(functional_call(ctx.model, (dict(zip(names, params)), ctx.buffers), (Xc,)),
                                    yc, reduction="none")

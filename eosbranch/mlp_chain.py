@@ -2,8 +2,8 @@
 
 An ``nn.Sequential`` of reshapes (``PREFIX``: Flatten, Identity) up to the first ``nn.Linear``, then
 ``nn.Linear`` layers (every weight and bias trainable, in the flat layout's order) and elementwise
-activations (``ELEMENTWISE``), with one row per example at the first Linear. ``eosbranch.taylor``
-(group curvature) and ``eosbranch.r_operator`` (Hessian-vector products) work on such chains;
+activations (``ELEMENTWISE``), with one row per example at the first Linear. ``eosbranch.curvature.taylor``
+(group curvature) and ``eosbranch.curvature.mlp`` (Hessian-vector products) work on such chains;
 :func:`split` returns None for anything else and callers fall back to autograd.
 """
 

@@ -7,13 +7,17 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from eosbranch import curvature
+from eosbranch.curvature import lanczos
 from eosbranch.curvature import (
     flatten, hessian_matvec, preconditioned_matvec, top_eigenpairs, unflatten,
 )
 from eosbranch.loss import get_loss
+
+try:  # tests/ is on sys.path under pytest's default (rootdir-less) import mode
+    from oracles import dense_hessian
+except ImportError:  # pragma: no cover
+    from tests.oracles import dense_hessian
 
 F64 = torch.float64
 
@@ -46,18 +50,6 @@ def setting(kind: str, dtype=F64, n=24):
     X = torch.randn(*shape, generator=g, dtype=dtype)
     y = torch.randint(0, 3, (n,), generator=g)
     return model, X, y
-
-
-def dense_hessian(model, loss, X, y):
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p.detach() for p in model.parameters() if p.requires_grad]
-    lossfn = get_loss(loss)
-
-    def f(flat):
-        pd = dict(zip(names, unflatten(flat, params)))
-        return lossfn(functional_call(model, pd, (X,)), y)
-
-    return torch.func.hessian(f)(flatten(params))
 
 
 def dense_top(H, k):
@@ -306,17 +298,17 @@ def test_basis_storage_kept_between_solves_changes_nothing():
     A = Q @ torch.diag(torch.cat([torch.tensor([10.0, 9.0, 8.0], dtype=F64), torch.rand(57, generator=g, dtype=F64)])) @ Q.T
     B = torch.randn(90, 90, generator=g, dtype=F64)
     B = B + B.T
-    curvature.release_workspace()
+    lanczos.release_workspace()
     fresh = top_eigenpairs(lambda x: A @ x, 60, k=3, tol=1e-10, dtype=F64)
     top_eigenpairs(lambda x: B @ x, 90, k=4, tol=1e-10, dtype=F64)  # leaves a larger, written basis
-    spare = curvature._spare_basis[0].data_ptr()
+    spare = lanczos._spare_basis[0].data_ptr()
     again = top_eigenpairs(lambda x: A @ x, 60, k=3, tol=1e-10, dtype=F64)
-    assert curvature._spare_basis[0].data_ptr() == spare  # the kept storage served this solve
+    assert lanczos._spare_basis[0].data_ptr() == spare  # the kept storage served this solve
     assert torch.equal(fresh.values, again.values) and torch.equal(fresh.vectors, again.vectors)
     top_eigenpairs(lambda x: A.float() @ x, 60, k=3, tol=1e-4, dtype=torch.float32)  # another dtype: new storage
-    assert curvature._spare_basis[0].dtype == torch.float32
-    curvature.release_workspace()
-    assert not curvature._spare_basis
+    assert lanczos._spare_basis[0].dtype == torch.float32
+    lanczos.release_workspace()
+    assert not lanczos._spare_basis
 
 
 @pytest.fixture(params=["every step", "spaced checks"])
@@ -324,7 +316,7 @@ def check_schedule(request, monkeypatch):
     # "spaced checks" is the accelerator schedule: several steps between host reads, so a rank
     # breakdown is found late and repaired by rolling back; exercised here on CPU.
     if request.param == "spaced checks":
-        monkeypatch.setattr(curvature, "_host_reads_are_free", lambda device: False)
+        monkeypatch.setattr(lanczos, "_host_reads_are_free", lambda device: False)
     return request.param
 
 
@@ -360,7 +352,7 @@ def test_low_rank_kronecker_with_restarts(check_schedule):
 
 
 def test_top3_dense_with_spaced_checks(monkeypatch):
-    monkeypatch.setattr(curvature, "_host_reads_are_free", lambda device: False)
+    monkeypatch.setattr(lanczos, "_host_reads_are_free", lambda device: False)
     model, X, y = setting("cnn")
     ref_vals, _ = dense_top(dense_hessian(model, "ce", X, y), 3)
     hv = hessian_matvec(model, "ce", (X, y))

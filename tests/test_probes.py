@@ -1,4 +1,4 @@
-"""Probes: oracles are dense per-example gradients (torch.func.jacrev), dense Hessians
+"""Probes: oracles (tests/oracles.py) are dense per-example gradients (torch.func.jacrev), dense Hessians
 (torch.func.hessian), central finite differences of a dense eigenvalue, SciPy and hand counts."""
 
 from __future__ import annotations
@@ -10,14 +10,18 @@ import pytest
 import scipy.stats
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from eosbranch.curvature import flatten, unflatten
+from eosbranch.curvature import flatten, input_linear
 from eosbranch.loss import get_loss
 from eosbranch.probes import (
     GROUP_METRICS, KEYS, Context, curvature_fraction, fraction_loss_increased, group_probes,
     per_example_alignment, spearman, weight_projection,
 )
+
+try:  # tests/ is on sys.path under pytest's default (rootdir-less) import mode
+    from oracles import Dense, dense_weighted, rows_to_dict
+except ImportError:  # pragma: no cover
+    from tests.oracles import Dense, dense_weighted, rows_to_dict
 
 F64 = torch.float64
 GROUPS = {  # overlapping groups of different sizes, so the union and the weights matter
@@ -39,40 +43,6 @@ def tiny(kind: str = "mlp", n: int = 24, regression: bool = False):
         X = torch.randn(n, 1, 6, 6, generator=g, dtype=F64)
     y = torch.randn(n, 3, generator=g, dtype=F64) if regression else torch.randint(0, 3, (n,), generator=g)
     return model, X, y
-
-
-class Dense:
-    """Dense oracles over the flat trainable parameters."""
-
-    def __init__(self, model, loss, X, y):
-        self.model, self.loss, self.X, self.y = model, get_loss(loss), X, y
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.like = [p.detach() for p in model.parameters() if p.requires_grad]
-        self.theta = flatten(self.like)
-
-    def out(self, flat, X):
-        return functional_call(self.model, dict(zip(self.names, unflatten(flat, self.like))), (X,))
-
-    def mean_loss(self, flat, idx=None):
-        X, y = (self.X, self.y) if idx is None else (self.X[idx], self.y[idx])
-        return self.loss(self.out(flat, X), y)
-
-    def per_example_loss(self, flat):
-        return self.loss(self.out(flat, self.X), self.y, reduction="none")
-
-    def per_example_grads(self):  # [N, dim]
-        return torch.func.jacrev(self.per_example_loss)(self.theta)
-
-    def hessian(self, flat=None, idx=None):
-        return torch.func.hessian(lambda f: self.mean_loss(f, idx))(self.theta if flat is None else flat)
-
-    def top(self, flat=None, idx=None):
-        w, U = torch.linalg.eigh(self.hessian(flat, idx))
-        return w[-1], U[:, -1], w
-
-
-def rows_to_dict(rows):
-    return {(g, m): v for g, m, v in rows}
 
 
 # ---------------------------------------------------------------------- group probes
@@ -277,26 +247,13 @@ def wide(activation=nn.Tanh, n=30, d=40, width=16, seed=0):
     return model, X, y, groups
 
 
-def dense_weighted(d: Dense, w, idx=None):
-    """The Hessian of sum_i w_i l_i / sum_i w_i over idx (default all points)."""
-    idx = torch.arange(d.X.shape[0]) if idx is None else idx
-
-    def loss(f):
-        per = d.loss(d.out(f, d.X[idx]), d.y[idx], reduction="none")
-        return (per * w[idx]).sum() / w[idx].sum()
-
-    return loss
-
-
 @pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("weighted,subset", [(False, False), (True, False), (True, True)])
 def test_input_layer_factorisation_matches_dense_oracles(monkeypatch, activation, loss, weighted, subset):
-    from eosbranch import input_layer
-
     ranks = []
-    original = input_layer._lowrank_factors
-    monkeypatch.setattr(input_layer, "_lowrank_factors", lambda *a: ranks.append(r := original(*a)) or r)
+    original = input_linear._lowrank_factors
+    monkeypatch.setattr(input_linear, "_lowrank_factors", lambda *a: ranks.append(r := original(*a)) or r)
     model, X, y, groups = wide(activation)
     d = Dense(model, loss, X, y)
     w = torch.rand(X.shape[0], generator=torch.Generator().manual_seed(7), dtype=F64) + 0.5

@@ -1,4 +1,4 @@
-"""Taylor-mode group curvature (eosbranch.taylor): R_k, Q_k, S and the group gradients against dense
+"""Taylor-mode group curvature (eosbranch.curvature.taylor): R_k, Q_k, S and the group gradients against dense
 oracles (torch.func.hessian, jacrev of v1^T H v1, per-example jacobians) for every covered
 activation, both losses, weights, a Hessian subset, overlapping groups and data blocks smaller than
 the data; and the models the route must refuse."""
@@ -9,9 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from eosbranch import taylor
+from eosbranch.curvature import taylor
 from eosbranch.probes import KEYS, Context, group_probes
-from test_probes import F64, Dense, dense_weighted, rows_to_dict
+try:  # tests/ is on sys.path under pytest's default (rootdir-less) import mode
+    from oracles import F64, Dense, dense_weighted, rows_to_dict, sharpness_gradient
+except ImportError:  # pragma: no cover
+    from tests.oracles import F64, Dense, dense_weighted, rows_to_dict, sharpness_gradient
 
 # Overlapping groups, one of them larger than the first hidden layer is wide (the dense route).
 GROUPS = {"p": torch.tensor([0, 1, 2]), "q": torch.tensor([2, 9]), "r": torch.tensor([29]), "big": torch.arange(4, 26)}
@@ -35,7 +38,7 @@ def oracle(model, loss, X, y, w, sub):
     H = torch.func.hessian(objective)(d.theta)
     evals, U = torch.linalg.eigh(H)
     v1 = U[:, -1]
-    dS = torch.func.jacrev(lambda f: v1 @ torch.func.hessian(objective)(f) @ v1)(d.theta)
+    dS = sharpness_gradient(objective, d.theta, v1)
     return d, H, v1, evals[-1], dS
 
 

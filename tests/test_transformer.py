@@ -18,9 +18,9 @@ from eosbranch.probes import Context, curvature_fraction, group_probes, per_exam
 from eosbranch.transformer import LayerNorm
 
 try:  # tests/ is on sys.path under pytest's default (rootdir-less) import mode
-    from test_probes import Dense, rows_to_dict
+    from oracles import Dense, rows_to_dict
 except ImportError:  # pragma: no cover
-    from tests.test_probes import Dense, rows_to_dict
+    from tests.oracles import Dense, rows_to_dict
 
 F64 = torch.float64
 

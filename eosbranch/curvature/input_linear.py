@@ -16,8 +16,9 @@ contributes one product of the data with V1 (for S) and, per group, Zdot_k = A g
 The group gradient's input block g_{k,W1} = sum_{i in U} w_ki delta_i a_i^T has rank <= |U| (U the
 union of the groups' points, delta_i = dl_i/dZ_i), so A g_{k,W1}^T = (A A_U^T)(w_k * Delta_U): no
 product of the data with a width x D matrix per group. The contraction <dS/dZ, Zdot_k> replaces the
-input-layer block of grad S, which is never formed. ``Context.curvature`` uses this wherever
-``split`` accepts the model and falls back to the generic pass otherwise.
+input-layer block of grad S, which is never formed. The input_linear backend
+(``eosbranch.curvature.backend``) uses this where ``split`` accepts the model and the rest keeps
+examples apart; its HVP batch is the autograd backend's.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .curvature import _running_stats_frozen, unflatten
-from .mlp_chain import sequential_children
+from .flat import unflatten
+from .objective import GroupBatch, Objective, running_stats_frozen
+from ..mlp_chain import sequential_children
 
 __all__ = ["InputSplit", "split", "group_curvature"]
 
@@ -100,28 +102,28 @@ def _affine(A: Tensor, U1: Tensor, c1: Tensor | None) -> Tensor:
     return out if c1 is None else out + c1.unsqueeze(-2)
 
 
-def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
+def group_curvature(obj: Objective, sp: InputSplit, batch: GroupBatch, v1: Tensor | None,
+                    coupling: bool, quadratic: bool) -> dict:
     """``{"quadratic": [K] g_k^T H g_k, "coupling": [K] <g_k, grad S>, "s": v1^T H v1}`` for the
-    groups of ``ctx`` (a probes.Context whose ``input_split`` is set), with H the Hessian the
-    context's v1 came from (all points or ``hessian_subset``, weighted if the context is)."""
-    sp: InputSplit = ctx.input_split
-    names = list(ctx.groups)
-    K = len(names)
-    P = dict(zip(ctx.param_names, ctx.params))
+    groups of ``batch`` (after the group pass), with H the Hessian of ``obj`` (the one v1 came
+    from: all points or a subset, weighted if it is)."""
+    G = batch.grads  # [K, dim], from the group pass
+    K = G.shape[0]
+    P = dict(zip(obj.names, obj.params))
     W1, b1 = P[sp.weight], (P[sp.bias] if sp.bias else None)
-    rest_names = [n for n in ctx.param_names if n not in (sp.weight, sp.bias)]
-    G = torch.stack([ctx.group_grads[k] for k in names])  # [K, dim]
-    parts = dict(zip(ctx.param_names, unflatten(G.T, ctx.params)))  # each [K, *shape]
+    rest_names = [n for n in obj.names if n not in (sp.weight, sp.bias)]
+    parts = dict(zip(obj.names, unflatten(G.T, obj.params)))  # each [K, *shape]
     u_rest = [parts[n] for n in rest_names]
-    lowrank = _lowrank_factors(ctx, sp, W1, b1) if K else None
+    lowrank = _lowrank_factors(obj, sp, batch, W1, b1) if K else None
     if coupling:
-        vparts = dict(zip(ctx.param_names, unflatten(ctx.v1, ctx.params)))
+        vparts = dict(zip(obj.names, unflatten(v1, obj.params)))
         V1, c1v, v_rest = vparts[sp.weight], (vparts[sp.bias] if sp.bias else None), [vparts[n] for n in rest_names]
-    quad = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
-    coup = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
-    s_total = torch.zeros((), dtype=ctx.dtype, device=ctx.device)
-    with _running_stats_frozen(ctx.model), torch.enable_grad():
-        for Xc, yc, pos, weight, objective in ctx._hessian_chunks():
+    quad = torch.zeros(K, dtype=obj.dtype, device=obj.device)
+    coup = torch.zeros(K, dtype=obj.dtype, device=obj.device)
+    s_total = torch.zeros((), dtype=obj.dtype, device=obj.device)
+    with running_stats_frozen(obj.model), torch.enable_grad():
+        for chunk in obj.hessian_chunks():
+            Xc, yc, weight = chunk.X, chunk.y, chunk.weight
             A = sp.inputs(Xc).reshape(Xc.shape[0], -1)
             with torch.no_grad():
                 Z0 = _affine(A, W1, b1)
@@ -137,8 +139,8 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
             Z = Z0.requires_grad_(True)
             phi = [P[n].detach().requires_grad_(True) for n in rest_names]
             leaves = [Z] + phi
-            out = sp.head(Z, dict(zip(rest_names, phi)), ctx.buffers)
-            F = objective(out, yc)
+            out = sp.head(Z, dict(zip(rest_names, phi)), obj.buffers)
+            F = obj.chunk_loss(out, chunk)
             gF = torch.autograd.grad(F, leaves, create_graph=True, allow_unused=True)
             used = [i for i, g in enumerate(gF) if g is not None and g.requires_grad]
             if not used:  # F at most linear: no curvature in this chunk
@@ -164,23 +166,23 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
     return {"quadratic": quad, "coupling": coup, "s": s_total}
 
 
-def _lowrank_factors(ctx, sp: InputSplit, W1: Tensor, b1: Tensor | None):
+def _lowrank_factors(obj: Objective, sp: InputSplit, batch: GroupBatch, W1: Tensor, b1: Tensor | None):
     """(A_U, coef) with coef[k] = w_k * Delta_U, so that A g_{k,W1}^T = (A A_U^T) coef[k]; or None
     where the dense product A g_{k,W1}^T is cheaper (groups as large as the layer is wide)."""
-    union, Wmat = ctx.group_weights()
+    union, Wmat = batch.union, batch.W
     n_u, K = union.numel(), Wmat.shape[0]
     h, D = W1.shape
-    n = ctx.n if ctx.hessian_subset is None else ctx.hessian_subset.numel()
+    n = obj.n_points
     if n * D * n_u + K * n * n_u * h >= K * n * D * h:
         return None
-    phi = {k: v for k, v in zip(ctx.param_names, ctx.params) if k not in (sp.weight, sp.bias)}
+    phi = {k: v for k, v in zip(obj.names, obj.params) if k not in (sp.weight, sp.bias)}
     A_parts, D_parts = [], []
-    with _running_stats_frozen(ctx.model), torch.enable_grad():
-        for Xc, yc, _ in ctx._chunks(union):
+    with running_stats_frozen(obj.model), torch.enable_grad():
+        for Xc, yc, _ in obj.chunks(union):
             A = sp.inputs(Xc).reshape(Xc.shape[0], -1)
             Z = _affine(A, W1, b1).detach().requires_grad_(True)
-            out = sp.head(Z, phi, ctx.buffers)
-            per = ctx.loss_fn(out, yc, reduction="none")
+            out = sp.head(Z, phi, obj.buffers)
+            per = obj.loss(out, yc, reduction="none")
             # Each loss depends on its own row of Z only, so row i of this gradient is dl_i / dZ_i.
             D_parts.append(torch.autograd.grad(per.sum(), Z)[0])
             A_parts.append(A)

@@ -16,7 +16,7 @@ of the data with a width x D matrix, the least any exact product needs. Compared
 backward through autograd's gradient graph the arithmetic is the same, but building the operator
 costs a forward pass (not a forward and a create_graph backward), a block of m vectors runs as m
 times wider matrix products, and there is no per-node autograd overhead, which dominates on small
-models. ``HessianOperator`` uses it where ``split`` accepts the model (method "r_operator").
+models. The HVP batch of the mlp backend (``eosbranch.curvature.backend``; method "r_operator").
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .loss import output_derivatives
-from .mlp_chain import Chain, activation
+from ..loss import output_derivatives
+from ..mlp_chain import Chain, activation
 
 __all__ = ["Cache", "build", "hvp", "gradient"]
 
@@ -50,7 +50,7 @@ class Cache:
 def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor, omega: Tensor) -> Cache:
     """Forward and adjoint pass at ``params`` on (X, y); ``omega`` [n] are the points' weights in the
     objective sum_i omega_i l_i (all ones: the adjoints are each example's own dl_i/dz, which
-    ``eosbranch.taylor`` uses for the group gradients' factors)."""
+    ``eosbranch.curvature.taylor`` uses for the group gradients' factors)."""
     c = Cache(chain, params)
     x = chain.inputs(X)
     with torch.no_grad():

@@ -2,8 +2,8 @@
 in one pass over the data, without the double and triple backward of the generic pass.
 
 Applies to the models ``eosbranch.mlp_chain.split`` accepts (parameter-free modules, then
-``nn.Linear`` layers and elementwise activations); for others the probes use
-``eosbranch.input_layer`` or the generic pass.
+``nn.Linear`` layers and elementwise activations): the group batch of the mlp backend
+(``eosbranch.curvature.backend``); its HVP batch is ``eosbranch.curvature.mlp``.
 
 Along a direction u (W -> W + aU, b -> b + ac in every layer) the first two derivatives in a of
 every pre-activation z and activation h propagate forward:
@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import r_operator
-from .curvature import unflatten
-from .loss import output_derivatives
-from .mlp_chain import Chain, activation
+from . import mlp as r_operator
+from .flat import unflatten
+from .objective import GroupBatch, Objective
+from ..loss import output_derivatives
+from ..mlp_chain import Chain, activation
 
 __all__ = ["group_pass", "group_curvature"]
 
@@ -61,32 +62,30 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 # ---------------------------------------------------------------------- group pass
-def group_pass(ctx) -> dict:
-    """Group gradients, losses, accuracies and the per-layer factors of the gradient blocks, from
-    one forward and adjoint pass (``r_operator.build``) over the union of the groups' points.
-    Fills ``ctx.cache`` (group_grads, group_loss, group_accuracy, taylor_factors)."""
-    chain: Chain = ctx.taylor
-    names = list(ctx.groups)
-    union, Wmat = ctx.group_weights()
-    P = dict(zip(ctx.param_names, ctx.params))
-    K, L = len(names), len(chain.linears)
+def group_pass(obj: Objective, chain: Chain, batch: GroupBatch) -> tuple[Tensor, Tensor, Tensor | None]:
+    """([K, dim] group gradients, [K] losses, [K] accuracies or None) and the per-layer factors of
+    the gradient blocks (``batch.factors``), from one forward and adjoint pass
+    (``eosbranch.curvature.mlp.build``) over the union of the groups' points."""
+    union, Wmat = batch.union, batch.W
+    P = dict(zip(obj.names, obj.params))
+    K, L = Wmat.shape[0], len(chain.linears)
     # The flat group gradients, written in place through per-layer views [K, out, in] and [K, out].
-    grads = torch.zeros(K, ctx.dim, dtype=ctx.dtype, device=ctx.device)
-    named = dict(zip(ctx.param_names, unflatten(grads.T, ctx.params)))  # [K, *shape] views into grads
-    zero_bias = [torch.zeros(K, mod.out_features, dtype=ctx.dtype, device=ctx.device) for _, mod, _, _ in chain.linears]
+    grads = torch.zeros(K, obj.dim, dtype=obj.dtype, device=obj.device)
+    named = dict(zip(obj.names, unflatten(grads.T, obj.params)))  # [K, *shape] views into grads
+    zero_bias = [torch.zeros(K, mod.out_features, dtype=obj.dtype, device=obj.device) for _, mod, _, _ in chain.linears]
     blocks = [(named[w], named[b] if b else zero_bias[j]) for j, (_, _, w, b) in enumerate(chain.linears)]
     a_rows = [[] for _ in range(L)]
     d_rows = [[] for _ in range(L)]
-    losses = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
-    correct = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
+    losses = torch.zeros(K, dtype=obj.dtype, device=obj.device)
+    correct = torch.zeros(K, dtype=obj.dtype, device=obj.device)
     cols = [torch.nonzero(Wmat[k]).reshape(-1) for k in range(K)]  # each group's positions in the union
     low = _low_rank_groups(chain, [c.numel() for c in cols])
     keep = [torch.unique(torch.cat([cols[k] for k in ks])) if ks else None for ks in low]  # sorted
     linear_steps = [i for i, step in enumerate(chain.steps) if step[0] == "linear"]
-    for Xc, yc, pos in ctx._chunks(union):
-        Wc = Wmat[:, pos.to(ctx.device)]
+    for Xc, yc, pos in obj.chunks(union):
+        Wc = Wmat[:, pos.to(obj.device)]
         # Weights all 1: the adjoint at each pre-activation is each example's own dl_i/dz_j.
-        ab = r_operator.build(chain, P, ctx.loss_fn, Xc, yc, torch.ones(len(pos), dtype=ctx.dtype, device=ctx.device))
+        ab = r_operator.build(chain, P, obj.loss, Xc, yc, torch.ones(len(pos), dtype=obj.dtype, device=obj.device))
         own = [torch.nonzero(Wc[k]).reshape(-1) for k in range(K)]  # each group's points in this chunk
         for j, (a, step) in enumerate(zip(ab.inputs, linear_steps)):
             d = ab.deltas[step]
@@ -99,17 +98,16 @@ def group_pass(ctx) -> dict:
                 a_rows[j].append(a[rows])
                 d_rows[j].append(d[rows])
         losses += Wc @ ab.losses
-        if ctx.classification:
-            correct += Wc @ ctx._correct(ab.f.detach(), yc)
+        if obj.classification:
+            correct += Wc @ obj.correct(ab.f.detach(), yc)
     # Per layer: the inputs a_i and pre-activation gradients delta_i of the points of the groups that
     # take the low-rank route there, and for each such group k its rows and weights w_ki.
     factors = [None if keep[j] is None else
                {"A": torch.cat(a_rows[j]), "D": torch.cat(d_rows[j]),
                 "groups": {k: (torch.searchsorted(keep[j], cols[k]), Wmat[k, cols[k]]) for k in low[j]}}
                for j in range(L)]
-    ctx.cache["taylor_factors"] = {"layers": factors, "blocks": named}
-    return {"grads": dict(zip(names, grads)), "loss": {k: losses[i].item() for i, k in enumerate(names)},
-            "accuracy": {k: correct[i].item() for i, k in enumerate(names)} if ctx.classification else None}
+    batch.grads, batch.factors = grads, {"layers": factors, "blocks": named}
+    return grads, losses, correct if obj.classification else None
 
 
 def _low_rank_groups(chain: Chain, sizes: list[int]) -> list[list[int]]:
@@ -142,18 +140,18 @@ def _times_group_blocks(x: Tensor, j: int, fac: dict, U: Tensor, xA: Tensor | No
 
 
 # ---------------------------------------------------------------------- curvature
-def _loss_jet(ctx, f: Tensor, yc: Tensor, f1: Tensor, f2: Tensor | None, graph: bool, batched: bool) -> Tensor:
+def _loss_jet(loss_fn, f: Tensor, yc: Tensor, f1: Tensor, f2: Tensor | None, graph: bool, batched: bool) -> Tensor:
     """Per-example l'' = f'^T (d2l/df2) f' + (dl/df) . f'' ([n], or [K, n] when ``batched``).
     Built-in losses give their derivatives in closed form (``loss.output_derivatives``, which
     stays differentiable in f when ``graph``); other losses are differentiated by autograd."""
-    known = output_derivatives(ctx.loss_fn, f if graph else f.detach(), yc)
+    known = output_derivatives(loss_fn, f if graph else f.detach(), yc)
     if known is not None:
         gl, hf = known.grad, known.hess_times(f1)
     else:
         if not graph:
             f = f.detach().requires_grad_(True)
         with torch.enable_grad():
-            per = ctx.loss_fn(f, yc, reduction="none")
+            per = loss_fn(f, yc, reduction="none")
             gl = torch.autograd.grad(per.sum(), f, create_graph=True)[0]
             hf = None
             if gl.requires_grad:  # else the loss is linear in f: no curvature term
@@ -166,22 +164,20 @@ def _loss_jet(ctx, f: Tensor, yc: Tensor, f1: Tensor, f2: Tensor | None, graph: 
     return total if torch.is_tensor(total) else torch.zeros(f1.shape[:-1], dtype=f1.dtype, device=f1.device)
 
 
-def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
+def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor | None,
+                    coupling: bool, quadratic: bool) -> dict:
     """``{"quadratic": [K] g_k^T H g_k, "coupling": [K] <g_k, grad S>, "s": v1^T H v1}`` for the
-    groups of ``ctx`` (a probes.Context whose ``taylor`` chain is set), H the Hessian the context's
-    v1 came from (all points or ``hessian_subset``, weighted if the context is)."""
-    chain: Chain = ctx.taylor
-    names = list(ctx.groups)
-    K = len(names)
-    ctx.group_grads  # fills the factors
-    fac = ctx.cache["taylor_factors"]
-    P = dict(zip(ctx.param_names, ctx.params))
+    groups of ``batch`` (after :func:`group_pass`), H the Hessian of ``obj`` (the one v1 came from:
+    all points or a subset, weighted if it is)."""
+    K = batch.W.shape[0]
+    fac = batch.factors  # from group_pass
+    P = dict(zip(obj.names, obj.params))
     gparts = fac["blocks"]  # name -> [K, *shape]
-    vparts = dict(zip(ctx.param_names, unflatten(ctx.v1, ctx.params))) if coupling else None
-    (_, _, w1, b1), later = chain.linears[0], ctx.param_names[2 if chain.linears[0][3] else 1:]
-    quad = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
-    coup = torch.zeros(K, dtype=ctx.dtype, device=ctx.device)
-    s_total = torch.zeros((), dtype=ctx.dtype, device=ctx.device)
+    vparts = dict(zip(obj.names, unflatten(v1, obj.params))) if coupling else None
+    (_, _, w1, b1), later = chain.linears[0], obj.names[2 if chain.linears[0][3] else 1:]
+    quad = torch.zeros(K, dtype=obj.dtype, device=obj.device)
+    coup = torch.zeros(K, dtype=obj.dtype, device=obj.device)
+    s_total = torch.zeros((), dtype=obj.dtype, device=obj.device)
     # Everything the data meet in the first layer, as one matrix: its weight, v1's block and the
     # groups' points (their factors' rows), so a single product with the data gives all three.
     first_rows = [P[w1]] + ([vparts[w1]] if coupling else [])
@@ -189,7 +185,8 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
         first_rows.append(fac["layers"][0]["A"])
     first_rows = torch.cat(first_rows)
     width = P[w1].shape[0]
-    for Xh, yh, _, om in ctx._hessian_points():
+    for chunk in obj.hessian_chunks():
+        Xh, yh, om = chunk.X, chunk.y, chunk.global_omega(obj.dtype, obj.device)
         # At most SUB_CHUNK points at a time: the K group streams are K times the size of an
         # activation, and smaller blocks stay in cache and reuse the allocator's memory.
         for i in range(0, Xh.shape[0], SUB_CHUNK):
@@ -238,7 +235,7 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
                             xb = new_b
                     x = F.linear(x, W, b)
                 if coupling:
-                    S = (omega * _loss_jet(ctx, x, yc, xa, xaa, graph=True, batched=False)).sum()
+                    S = (omega * _loss_jet(obj.loss, x, yc, xa, xaa, graph=True, batched=False)).sum()
                     s_total += S.detach()
                     if S.requires_grad:  # else S is constant here: Q_k gets nothing from this chunk
                         leaves = [Z] + [phi[n] for n in later]
@@ -250,6 +247,6 @@ def group_curvature(ctx, coupling: bool, quadratic: bool) -> dict:
                                 coup += gparts[name].reshape(K, -1) @ d.reshape(-1)
             if quadratic:
                 with torch.no_grad():
-                    quad += _loss_jet(ctx, x.detach(), yc, xb, xbb, graph=False, batched=True) @ omega
+                    quad += _loss_jet(obj.loss, x.detach(), yc, xb, xbb, graph=False, batched=True) @ omega
     return {"quadratic": quad, "coupling": coup, "s": s_total}
 

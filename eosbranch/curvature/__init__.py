@@ -1,0 +1,26 @@
+"""Curvature: the objective, Hessian-vector products and group curvature behind one backend
+interface, and matrix-free top eigenpairs.
+
+- ``objective``: the model, loss, points, weights and chunks every backend differentiates;
+- ``backend``: ``select_backend`` (every eligibility check) and the backends ``autograd`` (any
+  model), ``input_linear`` (a first ``nn.Linear``) and ``mlp`` (MLP chains: ``mlp``'s R-operator
+  HVPs and ``taylor``'s group curvature);
+- ``operator``: ``hessian_matvec`` (x -> H x) and ``preconditioned_matvec``;
+- ``lanczos``: ``top_eigenpairs``; ``flat``: ``flatten``/``unflatten``.
+"""
+
+from .autograd import DEFAULT_HVP_METHOD
+from .backend import BACKENDS, select_backend
+from .flat import flatten, unflatten
+from .lanczos import EigenResult, release_workspace, top_eigenpairs
+from .objective import GroupBatch, Objective, running_stats_frozen
+from .operator import HVP_METHODS, HessianOperator, hessian_matvec, preconditioned_matvec
+
+# The name step_losses, mechanism and input_linear imported before the package existed.
+_running_stats_frozen = running_stats_frozen
+
+__all__ = [
+    "EigenResult", "top_eigenpairs", "hessian_matvec", "HessianOperator", "preconditioned_matvec",
+    "flatten", "unflatten", "release_workspace", "DEFAULT_HVP_METHOD", "HVP_METHODS",
+    "Objective", "GroupBatch", "select_backend", "BACKENDS", "running_stats_frozen",
+]
