@@ -20,8 +20,8 @@ the reason instead of drawing an empty frame.
 
 from __future__ import annotations
 
+import io
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -34,6 +34,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
 from .errors import EosbranchError
+from .store import write_output
+from .study import StudyRun  # noqa: F401  (the figures' input; also importable from here)
 
 # Okabe & Ito (2008), the colour-blind-safe qualitative palette; yellow is left out (unreadable on white).
 BLACK, ORANGE, SKY_BLUE, GREEN = "#000000", "#E69F00", "#56B4E9", "#009E73"
@@ -72,55 +74,6 @@ def group_colors(names: Iterable[str]) -> dict[str, str]:
             continue
         out[n] = free.pop(0) if free else CYCLE[zlib.crc32(n.encode()) % len(CYCLE)]
     return out
-
-
-@dataclass
-class StudyRun:
-    """One seed of a study, loaded once: the parent's and each branch's tables.
-
-    ``lines`` maps a label (the branch name; the parent under its own branch name, ``trunk`` for a
-    trained run) to that run's ``metrics`` table; ``reference`` is the label of the EoS reference;
-    ``comparison`` is ``eosbranch.compare``'s table (empty without branches).
-    """
-
-    name: str
-    seed: int
-    parent: str
-    lines: dict[str, pd.DataFrame]
-    reference: str
-    comparison: pd.DataFrame
-    events: pd.DataFrame
-    t_star: float = float("nan")  # t_eff of the t_star event (NaN: never reached)
-    t_star_step: Optional[int] = None
-    fork_t: dict[str, float] = field(default_factory=dict)  # branch label -> t_eff at its fork
-
-    @property
-    def others(self) -> list[str]:
-        """Branches compared against the reference (not the reference, not the parent)."""
-        return [b for b in self.lines if b not in (self.reference, self.parent)]
-
-    def curve(self, label: str, metric: str, group: str = "all") -> pd.Series:
-        m = self.lines[label]
-        m = m[(m.metric == metric) & (m.group == group)]
-        s = m.set_index("t_eff")["value"].sort_index()
-        if label == self.parent and self.reference != self.parent and self.fork_t:
-            s = s[s.index <= min(self.fork_t.values()) + 1e-12]  # the parent only up to the fork
-        return s
-
-    def groups(self, metric: str = "loss") -> list[str]:
-        """Data groups that have ``metric`` (``all`` last), in sorted order."""
-        names = set()
-        for m in self.lines.values():
-            names |= set(m.loc[m.metric == metric, "group"])
-        return sorted(names - {"all"}) + (["all"] if "all" in names else [])
-
-    def window(self) -> tuple[float, float]:
-        """[t_fork, t_end] of the comparison (over all compared branches); the whole run without branches."""
-        c = self.comparison
-        if len(c):
-            return float(c.t_fork.min()), float(c.t_end.max())
-        t = self.lines[self.parent].t_eff
-        return float(t.min()), float(t.max())
 
 
 def tag(line, **fields: str) -> None:
@@ -177,8 +130,6 @@ def _new_figure(width: float, height: float) -> Figure:
 def _save(fig: Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import io
-    from .store import write_output
 
     buf = io.BytesIO()
     fig.savefig(buf, dpi=DPI, format=path.suffix.lstrip(".") or "png")
