@@ -7,18 +7,43 @@ stderr. User mistakes exit with code 2 and no traceback; set ``EOSBRANCH_DEBUG=1
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.measure import Measurement
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Column, Table
+from typer._completion_shared import get_completion_script
+from typer.cli import get_docs_for_click
 
+from .catalog import example_path
+from .certificate import certificates
+from .compare import compare as compare_run
+from .compare import compare_seeds, summarize
+from .completeness import allow_incomplete
+from .data import load_data
 from .errors import EosbranchError, EosbranchWarning
+from .fork import fork as fork_run
+from .groups import describe, resolve
+from .opposing import find
+from .opposing_kind import OPPOSING_GROUPS
+from .report import report as report_run
+from .run import Run
+from .spec import load_spec, read_yaml
+from .sweep import is_sweep, sweep_runs
+from .sweep import sweep as run_sweep
+from .train import resume as resume_run
+from .train import run_dir_for
+from .train import train as train_run
 
 app = typer.Typer(
     name="eosbranch",
@@ -68,8 +93,6 @@ DEFAULT_THREADS = 1
 def _threads_for(spec, out_dir: Path, threads: Optional[int]) -> Optional[int]:
     """--threads as given; else DEFAULT_THREADS for a new run, and None (its recorded count) for a
     run that exists."""
-    from .train import run_dir_for
-
     if threads is None and not (run_dir_for(spec, out_dir) / "spec.yaml").exists():
         return DEFAULT_THREADS
     return threads
@@ -93,9 +116,6 @@ def train(
                                    "machine cannot hold (size bounds still apply)."),
 ) -> None:
     """Train SPEC into a new run directory (or continue one) and print its path."""
-    from .spec import load_spec
-    from .train import resume as resume_run, train as train_run
-
     if resume is not None:
         if spec is not None or seed is not None:
             raise EosbranchError("--resume takes the run's own spec; pass only --steps to extend it")
@@ -120,13 +140,6 @@ def demo(
     the EoS onset into `eos` and `exit_half` (lr x 0.5, the 2026 study's factor for this class
     pair), run the exit branch to its own t** and the EoS branch as far in effective time, then
     print the per-group comparison on effective time and the integrity certificate."""
-    from .catalog import example_path
-    from .compare import compare as compare_run
-    from .fork import fork as fork_run
-    from .train import train as train_run
-
-    from .spec import load_spec
-
     s = load_spec(example_path("quick"), steps=steps)
     run = train_run(s, out_dir, progress=True, warn=_warn, threads=_threads_for(s, out_dir, None))
     _summary(run)
@@ -145,10 +158,6 @@ def demo(
 def runs(out_dir: Path = typer.Option(Path("runs"), "--out", help="Directory that holds run directories.")) -> None:
     """List the runs under --out, at any depth (e.g. runs/<example>/...), with their lineage and
     progress; each run's path is printed whole, ready to copy."""
-    from rich.measure import Measurement
-
-    from .run import Run
-
     table = Table("run", "branch", "parent", "fork step", "steps", "complete")
     found = {p.parent for p in out_dir.rglob("spec.yaml") if p.is_file()}
     found |= {p.parent for p in out_dir.rglob("record.json") if p.is_file()}  # a run whose spec.yaml was deleted
@@ -192,8 +201,6 @@ def fork(
 ) -> None:
     """Fork a run's exact state into branches; prints the integrity certificate, then each
     branch's run directory on its own line, last."""
-    from .fork import fork as fork_run
-
     kind, value = _parse_at(at if at_value is None else f"{at} {at_value}", "--at")
     if run_dir is None:
         # Parent runs only: a branch is written after its parent, but forking it again is rarely meant.
@@ -209,8 +216,6 @@ def fork(
 
 
 def _is_branch(path: Path) -> bool:
-    from .run import Run
-
     try:
         return Run(path).lineage.get("parent") is not None
     except Exception:  # an unreadable lineage is not a branch's: the listing must not fail on it
@@ -218,9 +223,6 @@ def _is_branch(path: Path) -> bool:
 
 
 def _print_certificate(parent_dir, fork_steps=None) -> None:
-    from .certificate import certificates
-    from .run import Run
-
     df = certificates(Run(parent_dir), fork_steps)
     if df.empty:
         return
@@ -239,17 +241,11 @@ def compare(run_dirs: list[Path] = typer.Argument(
                                         "their rows marked incomplete (invalid); by default they are refused.")) -> None:
     """Per branch and group: t*, t**, the branch effect Δl_k on effective time; saves comparison.parquet.
     Several seeds: median and inter-quartile range across them; saves comparison_seeds.parquet."""
-    from .completeness import allow_incomplete
-
     with allow_incomplete(incomplete):
         _compare(run_dirs)
 
 
 def _compare(run_dirs: list[Path]) -> None:
-    from .compare import compare as compare_run
-    from .run import Run
-    from .sweep import is_sweep, sweep_runs
-
     where = None
     if len(run_dirs) == 1 and not (run_dirs[0] / "spec.yaml").exists() and is_sweep(run_dirs[0]):
         where = run_dirs[0]
@@ -265,9 +261,6 @@ def _compare(run_dirs: list[Path]) -> None:
 
 
 def _print_comparison(run, df) -> None:
-    import numpy as np
-    from rich.table import Column
-
     head = df.iloc[0] if len(df) else None
     where = "" if head is None else f", fork step {head.fork_step}, " + (
         f"t* = {head.t_star:.4g} (t_eff)" if np.isfinite(head.t_star) else "no t*")
@@ -292,13 +285,9 @@ def _print_comparison(run, df) -> None:
 
 
 def _compare_seeds(parents, where) -> None:
-    from .compare import compare_seeds, summarize
-
     where = Path(where) if where is not None else parents[0].path.parent
     summary = summarize(compare_seeds(parents, where=where))
     seeds = ", ".join(str(p.spec.seed) for p in parents)
-    from rich.table import Column
-
     number = dict(no_wrap=True, min_width=9, justify="right")
     table = Table("branch", Column("group", no_wrap=True), "valid", Column("mean Δl [IQR]", no_wrap=True),
                   Column("at EoS", no_wrap=True),
@@ -362,10 +351,6 @@ def sweep(
 ) -> None:
     """Train SPEC once per seed (and fork each run) through an executor; prints the run directories.
     Re-running the same command redoes only what is missing (failed or unfinished jobs)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from .sweep import sweep as run_sweep
-
     options = {k: v for k, v in (("address", address), ("folder", None if folder is None else str(folder)))
                if v is not None}
     seed_list = _parse_seeds(seeds)
@@ -423,13 +408,6 @@ def groups_show(
 ) -> None:
     """Each group's size, class mix and median centroid distance (and, for the random-orthogonal
     control, the distance ratio to the coherent construction)."""
-    import math
-
-    from .catalog import example_path
-    from .data import load_data
-    from .groups import describe, resolve
-    from .spec import load_spec, read_yaml
-
     raw = read_yaml(spec)
     # A group file (one kind, or a list of kinds) has no data of its own: build it on a run spec's.
     group_file = (isinstance(raw, dict) and "kind" in raw) or (
@@ -463,11 +441,6 @@ def opposing(
     window: int = typer.Option(20, "--window", help="Steps over which the pair's antiphase is measured (at least 2)."),
 ) -> None:
     """Find opposing signals: the M points whose loss rises most and falls most on one step."""
-    import yaml
-
-    from .opposing import find
-    from .run import Run
-
     run = Run(run_dir)
     res = find(run, step, top=top, window=window)
     pts = Table("role", "index", "label", "loss before", "loss after", "change", "pred before", "pred after",
@@ -485,7 +458,7 @@ def opposing(
     err.print(f"fraction of points whose loss rose on step {res.step}: {res.pairs.fraction_loss_increased.iloc[0]:.3f}")
     run.store.write_frame("opposing_points", res.points.assign(step=res.step))
     run.store.write_frame("opposing_pairs", res.pairs)
-    run.store.write_text("opposing_groups.yaml", yaml.safe_dump([res.group_spec], sort_keys=False))
+    run.store.write_text(OPPOSING_GROUPS, yaml.safe_dump([res.group_spec], sort_keys=False))
     print(run.path / "opposing_pairs.parquet")
 
 
@@ -501,9 +474,6 @@ def report(
 ) -> None:
     """Figures (PNG) and summary.md of a study: sharpness, group losses, Δl_k per group (median and
     inter-quartile band across seeds), alignment, opposing pairs, fraction of curvature."""
-    from .report import report as report_run
-    from .completeness import allow_incomplete
-
     with allow_incomplete(incomplete):
         path = report_run(run_dirs, out=out_dir, progress=lambda m: err.print(m, highlight=False, soft_wrap=True))
     print(path)
@@ -532,9 +502,6 @@ def reference() -> dict[str, str]:
     """The generated documentation in ``cli/``: the command reference (Markdown, from the typer
     app, as ``typer ... utils docs`` makes it) and shell-completion scripts. ``make cli-docs``
     writes them; a test fails when the committed files are stale."""
-    from typer._completion_shared import get_completion_script
-    from typer.cli import get_docs_for_click
-
     command = typer.main.get_command(app)
     ctx = typer.Context(command, info_name="eosbranch")
     ctx.ensure_object(dict)
