@@ -3,7 +3,7 @@
 Results go to stdout (the run directory on the last line); progress and one-line errors go to
 stderr. User mistakes exit with code 2 and no traceback; set ``EOSBRANCH_DEBUG=1`` to see it.
 
-Size: about 530 lines, one typer app of eleven thin commands and their table printing; kept whole so
+Size: about 530 lines, one typer app of nine thin commands and their table printing; kept whole so
 the app and its generated reference (``cli/``) are read in one place.
 """
 
