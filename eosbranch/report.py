@@ -26,13 +26,13 @@ import yaml
 
 from . import branch_effect as be
 from . import plots
+from .atomic_file import check_output_dir, write_output
 from .compare import branch_effect, compare_seeds, summarize, threshold_ratio
 from .errors import EosbranchError
 from .groups import load_group_spec
 from .opposing import loss_trajectory, pair_statistics
 from .opposing_kind import OPPOSING_GROUPS
 from .run import Run
-from .store import check_output_dir, write_output
 from .study import load_study_run  # noqa: F401  (part of the report API)
 from .sweep_manifest import is_sweep, sweep_runs
 
