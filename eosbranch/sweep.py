@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Union
 
 from .errors import EosbranchError
 from .executors import EXECUTORS, FORK, Job, JobResult, one_line, run_job  # noqa: F401  (the sweep API)
-from .limits import check_resources
+from .resources import check_resources
 from .run import Run
 from .spec import Spec, load_spec, parse_spec
 from .sweep_manifest import MANIFEST, is_sweep, load_sweep, read_manifest, sweep_runs, write_manifest  # noqa: F401

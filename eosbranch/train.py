@@ -562,7 +562,7 @@ def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *,
 
     ``threads``: torch threads for a new run (default: torch's current count), recorded in
     ``lineage.json`` and kept on resume and fork; an existing run refuses another count.
-    ``limits``: refuse a spec whose memory estimate exceeds the machine's (:mod:`eosbranch.limits`)."""
+    ``limits``: refuse a spec whose memory estimate exceeds the machine's (:mod:`eosbranch.resources`)."""
     source = str(spec) if isinstance(spec, (str, Path)) else ""
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec, steps=steps, seed=seed)
@@ -570,7 +570,7 @@ def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *,
         raw = spec.model_dump() if isinstance(spec, Spec) else dict(spec)
         spec = parse_spec({**raw, **{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}})
     if limits:  # before anything is allocated or written: a spec that cannot fit is one line
-        from .limits import check_resources
+        from .resources import check_resources  # top-level in train's successor (helper B)
 
         check_resources(spec, source or "<spec>")
     path = Path(run_dir) if run_dir else run_dir_for(spec, out)
