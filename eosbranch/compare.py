@@ -38,9 +38,12 @@ import numpy as np
 import pandas as pd
 
 from . import branch_effect as be
+from .completeness import check_summary_rows, incomplete_runs
 from .errors import EosbranchError, EosbranchWarning
 from .mechanism import MECHANISM_COLUMNS, measured_rate, predict
 from .run import Run
+from .store import RunStore
+from .sweep_manifest import is_sweep, sweep_runs
 from .window import DIAGNOSTIC_COLUMNS, Validity, diagnose
 
 COLUMNS = ["branch", "group", "fork_step", "t_star", "t_fork", "t_star_star", "t_end", "delta_at_end",
@@ -132,16 +135,12 @@ def compare(run: Union[Run, str, Path, Sequence], grid: int = 3000, validity: Va
     if isinstance(run, (list, tuple)):
         return compare_seeds(run, grid, validity=validity)
     if not isinstance(run, Run) and not (Path(run) / "spec.yaml").exists():
-        from .sweep import is_sweep, sweep_runs
-
         if is_sweep(run):
             return compare_seeds(sweep_runs(run), grid, where=Path(run), validity=validity)
     parent = run if isinstance(run, Run) else Run(run)
     branches = branches_of(parent)
     if not branches:
         raise EosbranchError(f"{parent.path}: no branches; fork it first (eosbranch fork --run {parent.path} ...)")
-    from .completeness import incomplete_runs
-
     incomplete = incomplete_runs(parent, branches)  # refused unless --incomplete (then marked)
     # The reference of a branch is the `eos` branch forked at the same step (one parent may be
     # forked at several steps), else the parent itself.
@@ -262,8 +261,6 @@ def compare_seeds(runs: Sequence[Union[Run, str, Path]], grid: int = 3000,
     frames = [compare(p, grid, validity).assign(seed=p.spec.seed) for p in parents]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SEED_COLUMNS)
     df = df[SEED_COLUMNS + (["incomplete"] if "incomplete" in df.columns else [])]  # marked by --incomplete
-    from .store import RunStore
-
     RunStore(Path(where) if where is not None else parents[0].path.parent).write_frame("comparison_seeds", df)
     return df
 
@@ -295,8 +292,6 @@ def summarize(df: pd.DataFrame, valid_only: bool = True) -> pd.DataFrame:
     missing = [c for c in ("seed", "branch", "group", "delta_at_end", "delta_mean") if c not in df.columns]
     if missing:
         raise EosbranchError(f"summarize: needs a per-seed comparison (compare([run, ...])); missing {missing}")
-    from .completeness import check_summary_rows
-
     check_summary_rows(df)
     rows = []
     for (branch, group), d in df.groupby(["branch", "group"], sort=False):

@@ -6,7 +6,8 @@ form a candidate pair. Over the window [t, t+W] the pair is reported with its al
 (share of steps on which the two group losses move in opposite directions), the amplitude of each
 (mean |step-to-step change|) and the correlation of their step-to-step changes (antiphase: near
 -1). Two random groups of the same size are the control. The states come from an exact replay of
-the run from its nearest checkpoint, so nothing is re-sampled.
+the run from its nearest checkpoint, so nothing is re-sampled. ``eosbranch opposing`` saves the
+pair as ``RUN/opposing_groups.yaml``, which the ``opposing`` group kind (opposing_kind.py) reads.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import pandas as pd
 import torch
 
 from .errors import EosbranchError
+from .opposing_kind import data_digest, t_star_step
 from .run import Run
+from .experiment import build
+from .state import restore_state
+from .step import replay
 
 
 @dataclass
@@ -47,19 +52,13 @@ def resolve_step(run: Run, step: Union[int, str]) -> int:
     if isinstance(step, str) and not step.lstrip("-").isdigit():
         if step != "onset":
             raise EosbranchError(f"--step takes a step number or 'onset', got {step!r}")
-        ev = run.events
-        hit = ev[ev.event == "t_star"]
-        if hit.empty:
-            raise EosbranchError(f"{run.path}: no t_star event (the run never reached its threshold)")
-        return int(hit.step.iloc[0])
+        return t_star_step(run.events, run.path)
     return int(step)
 
 
 def loss_trajectory(run: Run, start: int, window: int):
     """Per-example losses (all points of the data) at steps start..start+window, replayed exactly,
     plus the predictions at ``start`` and ``start + 1``."""
-    from .train import build, restore_state, replay
-
     if start < 0 or start + window > run.spec.steps:
         raise EosbranchError(f"steps {start}..{start + window} are outside the run's 0..{run.spec.steps}")
     exp = build(run.spec)
@@ -112,5 +111,8 @@ def find(run: Union[Run, str], step: Union[int, str], top: int = 20, window: int
     pairs.insert(2, "window", max(window, 2))
     pairs["fraction_loss_increased"] = float((change > 0).mean())
     pairs["full_loss_amplitude"] = float(np.abs(np.diff(losses[:, trained].mean(1))).mean())
-    spec = {"kind": "opposing", "indices_rise": [int(i) for i in rise], "indices_fall": [int(i) for i in fall]}
+    # The entry a spec's `{kind: opposing, run: RUN, step, top}` reads back (opposing_kind): where
+    # the pair was found, and the data its indices name.
+    spec = {"kind": "opposing", "step": t, "top": top, "indices_rise": [int(i) for i in rise],
+            "indices_fall": [int(i) for i in fall], "data_sha256": data_digest(exp.data.X, exp.data.y)}
     return Opposing(t, points, pairs, spec, exp.data)

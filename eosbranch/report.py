@@ -22,12 +22,19 @@ from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 import pandas as pd
+import yaml
 
-from .compare import COLUMNS as COMPARE_COLUMNS
 from . import branch_effect as be
-from .compare import branch_effect, branches_of, threshold_ratio
+from . import plots
+from .atomic_file import check_output_dir, write_output
+from .compare import branch_effect, compare_seeds, summarize, threshold_ratio
 from .errors import EosbranchError
+from .groups import load_group_spec
+from .opposing import loss_trajectory, pair_statistics
+from .opposing_kind import OPPOSING_GROUPS
 from .run import Run
+from .study import load_study_run  # noqa: F401  (part of the report API)
+from .sweep_manifest import is_sweep, sweep_runs
 
 FIGURES = {
     1: ("fig1_sharpness.png", "sharpness λ1 per branch on effective time; thresholds as horizontal lines, t* and "
@@ -44,41 +51,6 @@ FIGURES = {
         "mid-window and the window's end, per branch."),
 }
 SUMMARY = "summary.md"
-
-
-def load_study_run(run: Union[Run, str, Path], comparison: Optional[pd.DataFrame] = None) -> "plots.StudyRun":  # noqa: F821
-    """A run, its branches and their comparison (``compare(run)`` unless given), loaded once."""
-    from .compare import compare
-    from .plots import StudyRun
-
-    run = run if isinstance(run, Run) else Run(run)
-    branches = branches_of(run)
-    names = [b.lineage["branch"] for b in branches]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        paths = ", ".join(b.name for b in branches if b.lineage["branch"] in dup)
-        raise EosbranchError(f"{run.path}: several branches are named {', '.join(dup)} ({paths}); a report "
-                             "compares one branch per name: move the extra ones out of this directory")
-    parent = run.lineage.get("branch") or "trunk"
-    if parent in names:
-        parent = "parent"
-    lines, events, fork_t = {parent: run.metrics}, [run.events], {}
-    for b, name in zip(branches, names):
-        m = b.metrics
-        lines[name] = m
-        events.append(b.events)
-        fork_t[name] = float(m.t_eff.min())
-    if comparison is None:
-        comparison = compare(run) if branches else pd.DataFrame(columns=COMPARE_COLUMNS)
-    ev = run.events
-    hit = ev[ev.event == "t_star"]
-    return StudyRun(
-        name=run.name, seed=int(run.spec.seed), parent=parent, lines=lines,
-        reference="eos" if "eos" in names else parent, comparison=comparison,
-        events=pd.concat([e for e in events if len(e)] or [events[0]], ignore_index=True),
-        t_star=float(hit.t_eff.iloc[0]) if len(hit) else float("nan"),
-        t_star_step=int(hit.step.iloc[0]) if len(hit) else None, fork_t=fork_t,
-    )
 
 
 def effect_bands(seeds: list, grid: int = 3000) -> pd.DataFrame:
@@ -147,13 +119,8 @@ def opposing_trace(run: Run, seed) -> tuple[Optional[dict], str]:
     (window of 20 steps from t*). The losses of every point come from an exact replay of the run
     (``opposing.loss_trajectory``): the stored tables hold them only at measurement steps, too
     sparse to show a step-to-step antiphase."""
-    import yaml
-
-    from .groups import load_group_spec
-    from .opposing import loss_trajectory, pair_statistics
-
     entry, step, window, source = None, None, 20, ""
-    f = run.path / "opposing_groups.yaml"
+    f = run.path / OPPOSING_GROUPS
     if f.is_file():
         found = [e for e in (yaml.safe_load(f.read_text()) or []) if isinstance(e, dict) and e.get("kind") == "opposing"]
         if found:
@@ -265,8 +232,6 @@ def write_summary(path: Path, runs: list[Run], seeds: list, figures: dict, skipp
                                        r.effect) + ("" if not central or r.valid else " (invalid window)")]
                              for r in c.itertuples()]) + [""]
         else:
-            from .compare import summarize
-
             per_seed = pd.concat([s.comparison.assign(seed=s.seed) for s in seeds if len(s.comparison)],
                                  ignore_index=True)
             summ = summarize(per_seed)
@@ -312,8 +277,6 @@ def write_summary(path: Path, runs: list[Run], seeds: list, figures: dict, skipp
         lines += [f"Figures 1, 2, 4, 5 and 6 show the first run (seed {seeds[0].seed}); figure 3 aggregates all seeds.", ""]
     for note in opposing_notes:
         lines += [f"Opposing pair: {note}.", ""]
-    from .store import write_output
-
     write_output(path, "\n".join(lines).encode())  # atomic; refuses a planted symlink
     return path
 
@@ -323,14 +286,10 @@ def report(run_or_runs: Union[Run, str, Path, Iterable], out: Union[str, Path, N
     """Write a study's figures and ``summary.md`` into ``out`` (default ``RUN/report/``, RUN the
     first run); returns the path of ``summary.md``. Several runs (or a sweep directory, whose
     report defaults to ``SWEEP/report/``) are seeds of one study."""
-    from . import plots
-
     items = [run_or_runs] if isinstance(run_or_runs, (Run, str, Path)) else list(run_or_runs)
     if not items:
         raise EosbranchError("report needs at least one run directory")
     if len(items) == 1 and not isinstance(items[0], Run) and not (Path(items[0]) / "spec.yaml").exists():
-        from .sweep import is_sweep, sweep_runs
-
         if is_sweep(items[0]):  # a sweep directory: its parents are the seeds; the report goes next to them
             out = Path(out) if out is not None else Path(items[0]) / "report"
             items = sweep_runs(items[0], warn=progress)
@@ -339,14 +298,10 @@ def report(run_or_runs: Union[Run, str, Path, Iterable], out: Union[str, Path, N
     if len(set(paths)) < len(paths):
         raise EosbranchError("the same run is given twice; pass each seed's run once")
     out = Path(out) if out is not None else runs[0].path / "report"
-    from .store import check_output_dir
-
     check_output_dir(out)  # a planted RUN/report -> elsewhere: refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     comparisons = {}
     if len(runs) > 1:  # seeds of one spec (checked): per-seed rows, saved as comparison_seeds.parquet
-        from .compare import compare_seeds
-
         per_seed = compare_seeds(runs)
         comparisons = {seed: d.drop(columns="seed").reset_index(drop=True) for seed, d in per_seed.groupby("seed")}
     seeds = [load_study_run(r, comparisons.get(r.spec.seed)) for r in runs]

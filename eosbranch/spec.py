@@ -15,7 +15,17 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data import DATASETS
 from .errors import SpecError, format_validation_error
+from .groups import load_group_spec
+from .loss import LOSSES
+from .models import MODELS
+from .optimizer import OPTIMIZERS
+from .probes import PROBES
+from .store import RunStore
+from .yaml_file import read_yaml
+
+__all__ = ["MAX_STEPS", "CheckpointSpec", "MeasureSpec", "Spec", "load_spec", "parse_spec", "read_yaml"]
 
 MAX_STEPS = 100_000_000  # a sane bound on a run's length (issue 17); far above any study's needs
 
@@ -134,11 +144,6 @@ _LATER_MEASURE_DEFAULTS = {"group_loss_every": None, "oscillation_window": 8, "m
 
 def _resolve_sections(spec: Spec, source: str) -> Spec:
     """Check each registry section and fill in its defaults."""
-    from .data import DATASETS
-    from .loss import LOSSES
-    from .models import MODELS
-    from .optimizer import OPTIMIZERS
-
     resolved = {}
     for key, registry in (("data", DATASETS), ("model", MODELS), ("loss", LOSSES), ("optimizer", OPTIMIZERS)):
         entry, params = registry.parse(getattr(spec, key), key, source)
@@ -146,16 +151,12 @@ def _resolve_sections(spec: Spec, source: str) -> Spec:
     if spec.measure.extra_probes:
         resolved["measure"] = spec.measure.model_copy(update={"extra_probes": _resolve_probes(spec.measure, source)})
     if spec.groups is not None:
-        from .groups import load_group_spec
-
         # A catalog name is expanded into its entries, so spec.yaml records exactly what ran.
         resolved["groups"] = load_group_spec(spec.groups, source)
     return spec.model_copy(update=resolved)
 
 
 def _resolve_probes(measure: MeasureSpec, source: str) -> list[dict]:
-    from .probes import PROBES
-
     out = []
     for i, section in enumerate(measure.extra_probes):
         where = f"measure.extra_probes[{i}]"
@@ -181,41 +182,11 @@ def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
     return _resolve_sections(spec, source)
 
 
-def _refuse_aliases(text: str) -> None:
-    """Safe YAML without aliases: ``*name`` can expand a small file into an unbounded tree (an
-    alias bomb), and no spec needs one; refused with the line it is on, before anything is built."""
-    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(ev, yaml.events.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, f"alias *{ev.anchor} is not allowed in a spec "
-                                              "(aliases can expand without bound; write the value out)", ev.start_mark)
-
-
-def read_yaml(path: Union[str, Path]) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such file")
-    try:
-        text = path.read_text()
-        _refuse_aliases(text)
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        why = " ".join(str(getattr(err, "problem", None) or err).split())  # one line, whatever the reader says
-        raise SpecError(f"{path}:{where} not valid YAML ({why})") from None
-    except UnicodeDecodeError as err:
-        raise SpecError(f"{path}: not valid YAML (not UTF-8 text: byte {err.start} is {err.object[err.start:err.start + 1]!r})") from None
-    except RecursionError:
-        raise SpecError(f"{path}: not valid YAML for a spec (nested too deeply)") from None
-
-
 def load_spec(path: Union[str, Path], **overrides) -> Spec:
     """Read, override (e.g. ``steps``, ``seed``) and validate a spec file (a run's own spec.yaml
     is first checked against the run's record: store.RunStore.verified_bytes)."""
     path = Path(path)
     if path.name == "spec.yaml" and (path.parent / "record.json").exists():
-        from .store import RunStore
-
         RunStore(path.parent).verified_bytes(path.name)
     raw = read_yaml(path)
     if isinstance(raw, dict):

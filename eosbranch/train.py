@@ -13,7 +13,7 @@ from .branch import start_branch
 from .errors import DivergenceError, EosbranchError, SpecError
 from .experiment import build
 from .health import Watch
-from .limits import check_resources
+from .resources import check_resources
 from .lineage import stop_rule
 from .loop import Trainer
 from .progress import progress_bar
@@ -37,7 +37,7 @@ def train(spec: Union[Spec, dict, str, Path], out: Union[str, Path] = "runs", *,
 
     ``threads``: torch threads for a new run (default: torch's current count), recorded in
     ``lineage.json`` and kept on resume and fork; an existing run refuses another count.
-    ``limits``: refuse a spec whose memory estimate exceeds the machine's (:mod:`eosbranch.limits`)."""
+    ``limits``: refuse a spec whose memory estimate exceeds the machine's (:mod:`eosbranch.resources`)."""
     source = str(spec) if isinstance(spec, (str, Path)) else ""
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec, steps=steps, seed=seed)

@@ -123,11 +123,11 @@ def test_sigint_saves_and_exits_cleanly(tmp_path, reference, int_seed):
 
 _DIE_INSIDE_A_WRITE = """
 import os, sys
-import eosbranch.store as store
+import eosbranch.atomic_file as atomic_file
 from eosbranch.cli import app
 
 target = sys.argv.pop(1)
-real = store.atomic_write
+real = atomic_file.atomic_write
 
 def dying(path, data):
     if path.name == target:  # the temp file exists, half written: then the process is gone
@@ -137,7 +137,7 @@ def dying(path, data):
         os._exit(9)
     real(path, data)
 
-store.atomic_write = dying
+atomic_file.atomic_write = dying  # every writer of a run calls it through atomic_file
 app()
 """
 

@@ -48,6 +48,7 @@ def test_cli_saves_tables_and_group_entry(quick_run):
     assert (quick_run.path / "opposing_pairs.parquet").is_file()
     (entry,) = yaml.safe_load((quick_run.path / "opposing_groups.yaml").read_text())
     assert entry["kind"] == "opposing" and len(entry["indices_rise"]) == 4
+    assert (entry["step"], entry["top"]) == (200, 4) and len(entry["data_sha256"]) == 64  # what the kind checks
 
 
 def test_bad_requests_are_clear(quick_run):
@@ -57,27 +58,50 @@ def test_bad_requests_are_clear(quick_run):
         find(quick_run, "later")
 
 
-def test_the_opposing_group_kind_detects_the_pair_in_a_run(quick_run, tmp_path):
+def test_the_opposing_group_kind_reads_the_pair_the_command_saved(quick_run, tmp_path):
     from eosbranch.data import load_data
     from eosbranch.errors import SpecError
     from eosbranch.groups import resolve
 
+    def saved(step, top):
+        res = CliRunner().invoke(app, ["opposing", str(quick_run.path), "--step", str(step), "--top", str(top),
+                                       "--window", "2"])
+        assert res.exit_code == 0, res.output
+
     data = load_data(quick_run.spec.data)
     entry = {"kind": "opposing", "run": str(quick_run.path), "step": "onset", "top": 5}
     # On the data the run trained on (its prototype groups first), the kind finds what `opposing` finds.
+    saved("onset", 5)
     r = resolve([*quick_run.spec.groups, entry], data.X, data.y)
     pts = find(quick_run, "onset", top=5, window=2).points
     assert r.groups["opposing_rise"].tolist() == sorted(pts[pts.role == "rise"]["index"])
     assert r.groups["opposing_fall"].tolist() == sorted(pts[pts.role == "fall"]["index"])
     step = find(quick_run, "onset", top=5).step + 3
+    # A saved pair of another step (or size) is not taken for this one: the error names the command.
+    with pytest.raises(SpecError, match=rf"holds the pair of step {step - 3} with top 5, not step {step} with top 5; "
+                                        rf"run `eosbranch opposing {quick_run.path} --step {step} --top 5`"):
+        resolve([*quick_run.spec.groups, {**entry, "step": step}], data.X, data.y)
+    with pytest.raises(SpecError, match=r"not step \d+ \(onset\) with top 4"):
+        resolve([*quick_run.spec.groups, {**entry, "top": 4}], data.X, data.y)
+    saved(step, 5)
     at_step = resolve([*quick_run.spec.groups, {**entry, "step": step}], data.X, data.y)
     pts = find(quick_run, step, top=5, window=2).points
     assert at_step.groups["opposing_rise"].tolist() == sorted(pts[pts.role == "rise"]["index"])
     # Other data: the indices would name other points, so it is refused, naming the field.
     with pytest.raises(SpecError, match=r"groups\[0\]\.run: .* other data"):
-        resolve([entry], data.X, data.y)
+        resolve([{**entry, "step": step}], data.X, data.y)
+    (pair,) = yaml.safe_load((quick_run.path / "opposing_groups.yaml").read_text())
+    with pytest.raises(SpecError, match=r"groups\[0\]\.data_sha256: .* other data"):
+        resolve([pair], data.X, data.y)  # the saved entry, used as a group spec itself
+    assert resolve([*quick_run.spec.groups, pair], data.X, data.y).groups["opposing_fall"].tolist() == \
+        at_step.groups["opposing_fall"].tolist()
     with pytest.raises(SpecError, match=r"\.run: no run directory"):
         resolve([{**entry, "run": str(tmp_path / "nowhere")}], data.X, data.y)
+    (tmp_path / "unsearched").mkdir()
+    (tmp_path / "unsearched" / "spec.yaml").write_text(quick_run.spec.to_yaml())
+    with pytest.raises(SpecError, match=r"\.run: .* has no opposing_groups.yaml; run `eosbranch opposing .*unsearched "
+                                        r"--step onset --top 5` first"):
+        resolve([{**entry, "run": str(tmp_path / "unsearched")}], data.X, data.y)
     with pytest.raises(SpecError, match=r"\.indices_rise: give either a run"):
         resolve([{**entry, "indices_rise": [1]}], data.X, data.y)
     with pytest.raises(SpecError, match=r"\.indices_fall: missing"):

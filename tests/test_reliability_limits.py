@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import TINY, write_spec, cli, one_error
-from eosbranch import limits
+from eosbranch import resources
 from eosbranch.spec import parse_spec
 
 CLI = [sys.executable, "-m", "eosbranch.cli"]
@@ -73,7 +73,7 @@ def test_hostile_sizes_through_the_real_cli_train_and_sweep(tmp_path):
 
 def test_no_limits_skips_the_estimate_but_not_the_bounds(tmp_path, monkeypatch):
     # A machine of 64 KiB: the tiny spec (about a MiB by the estimate) does not fit.
-    monkeypatch.setattr(limits, "machine_memory", lambda: 64 << 10)
+    monkeypatch.setattr(resources, "machine_memory", lambda: 64 << 10)
     f = write_spec(tmp_path / "tiny.yaml", copy.deepcopy(TINY))
     out = tmp_path / "out"
     error = one_error(cli("train", f, "--out", out))
@@ -92,8 +92,8 @@ def test_no_limits_skips_the_estimate_but_not_the_bounds(tmp_path, monkeypatch):
 
 def test_estimate_counts_parameters_exactly_and_allocates_nothing():
     spec = parse_spec(spec_with("model", {"kind": "mlp", "width": 10**6, "depth": 3}))
-    est = limits.estimate(spec)  # 2e12 parameters: built on the meta device, no memory
+    est = resources.estimate(spec)  # 2e12 parameters: built on the meta device, no memory
     assert est.parameters == 64 * 10**6 + 10**6 + 2 * (10**12 + 10**6) + 2 * 10**6 + 2
-    small = limits.estimate(parse_spec(copy.deepcopy(TINY)))
+    small = resources.estimate(parse_spec(copy.deepcopy(TINY)))
     assert small.parameters == 64 * 16 + 16 + 16 * 2 + 2
     assert 0 < small.total < 64 << 20

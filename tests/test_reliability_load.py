@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import eosbranch
+from eosbranch import atomic_file
 from eosbranch.cli import app
 from eosbranch.sweep import sweep
 
@@ -82,16 +83,14 @@ def test_the_listing_is_whole_after_every_single_write_of_train_and_fork(tmp_pat
     """The race the sweep test can only catch by luck, made deterministic: `eosbranch runs` is
     taken after every file write of a train and of a fork (a run directory is listed only once its
     spec.yaml exists, so everything the listing reads must already be there)."""
-    import eosbranch.store as store_mod
-
     out = tmp_path / "runs"
-    real, seen = store_mod.atomic_write, []
+    real, seen = atomic_file.atomic_write, []
 
     def write_then_list(path, data):
         real(path, data)
         seen.append((path.name, _listing(out)[1]))  # _listing asserts exit code 0
 
-    monkeypatch.setattr(store_mod, "atomic_write", write_then_list)
+    monkeypatch.setattr(atomic_file, "atomic_write", write_then_list)
     parent = eosbranch.train(_spec(), out)
     eosbranch.fork(parent.path, at=("step", 20), branches="null", steps=10)
     names = [n for n, _ in seen]

@@ -14,7 +14,7 @@ from matplotlib.text import Text
 from typer.testing import CliRunner
 
 import eosbranch
-from eosbranch import plots
+from eosbranch import figure_style, plots
 from eosbranch.cli import app
 from eosbranch.compare import branch_effect, branches_of
 from eosbranch.report import FIGURES, effect_bands, load_study_run, opposing_trace
@@ -48,17 +48,17 @@ def study(quick_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reported(study):
     """`eosbranch report RUN` through the CLI, keeping every figure object it saves."""
-    drawn, save = {}, plots._save
+    drawn, save = {}, figure_style.save
 
     def keep(fig, path):
         drawn[path.name] = fig
         return save(fig, path)
 
-    plots._save = keep
+    figure_style.save = keep
     try:
         res = CliRunner().invoke(app, ["report", str(study.path)])
     finally:
-        plots._save = save
+        figure_style.save = save
     assert res.exit_code == 0, res.output
     return study.path / "report" / "summary.md", res, drawn
 
@@ -246,7 +246,7 @@ def readability_problems(fig) -> list[str]:
 
 def test_readability_check_finds_what_it_looks_for():
     """The oracle of the next test, on figures made unreadable on purpose."""
-    fig = plots._new_figure(4, 3)
+    fig = figure_style.new_figure(4, 3)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], label="a line")
     ax.set_xlabel("x")
@@ -256,7 +256,7 @@ def test_readability_check_finds_what_it_looks_for():
     ax.text(0.5, 0.5, "one", transform=ax.transAxes)
     ax.text(0.5, 0.5, "two", transform=ax.transAxes)
     assert any("'one' overlaps" in p and "'two'" in p for p in readability_problems(fig))
-    fig = plots._new_figure(4, 3)
+    fig = figure_style.new_figure(4, 3)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], label="a line")
     ax.set_xlabel("x")
@@ -438,8 +438,8 @@ def test_several_seeds_give_the_median_and_interquartile_band(tmp_path, monkeypa
     runs = [eosbranch.train(path, tmp_path / "runs", seed=s) for s in (0, 1)]
     for r in runs:
         eosbranch.fork(r, at=("step", 10), branches=BRANCHES, steps=15)
-    drawn, save = {}, plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.setdefault(path.name, fig) and save(fig, path))
+    drawn, save = {}, figure_style.save
+    monkeypatch.setattr(figure_style, "save", lambda fig, path: drawn.setdefault(path.name, fig) and save(fig, path))
     summary = eosbranch.report(runs)
     assert summary == runs[0].path / "report" / "summary.md"
     text = summary.read_text()

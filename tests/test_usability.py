@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import eosbranch
 from conftest import TINY, write_spec
-from eosbranch import plots
+from eosbranch import figure_style, plots
 from eosbranch.cli import app
 from eosbranch.plots import StudyRun
 
@@ -112,7 +112,7 @@ def _study(branches: dict, window=(3.0, 200.0), parent_end=30.0) -> StudyRun:
 
 def _drawn(monkeypatch):
     drawn = {}
-    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.setdefault("fig", fig))
+    monkeypatch.setattr(figure_style, "save", lambda fig, path: drawn.setdefault("fig", fig))
     return drawn
 
 
