@@ -244,3 +244,20 @@ def test_the_device_path_resumes_bit_for_bit(tmp_path, monkeypatch):
         tr.run(spec.steps, crash)
     assert store.checkpoint_steps() == [0, 7, 14]
     assert_same_rows(ref, eosbranch.resume(store.path))
+
+
+@pytest.mark.parametrize("over", [
+    # saturates (the loss reaches ~0 within 20 steps; test_usability's case)
+    dict(loss="ce", steps=40, data={"kind": "digits", "classes": [0, 1], "n_per_class": 40},
+         model={"kind": "mlp", "width": 16, "depth": 1, "init_scale": 3.0},
+         optimizer={"kind": "momentum", "lr": 0.5, "beta": 0.9}),
+    # collapses (accuracy at chance, the loss no lower than at step 0)
+    dict(steps=30, model={"kind": "mlp", "width": 16, "depth": 1, "init_scale": 10.0}, optimizer={"kind": "gd", "lr": 1.0}),
+])
+def test_the_health_warnings_read_the_settled_losses_the_same(tmp_path, monkeypatch, over):
+    said = {}
+    for path in ("host", "device"):
+        monkeypatch.setenv("EOSBRANCH_SYNC_FREE", "1" if path == "device" else "0")
+        said[path] = []
+        eosbranch.train({**copy.deepcopy(TINY), **over}, tmp_path / path, warn=said[path].append)
+    assert len(said["host"]) == 1 and said["device"] == said["host"]
