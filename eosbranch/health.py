@@ -4,7 +4,9 @@ products per measurement, so the run slows down many times over) and a *collapse
 (accuracy at chance and the loss no lower than at the start: a t* found there is not an EoS).
 
 :class:`Watch` checks a run while it trains (once per kind, through the trainer's per-step
-callback) and :func:`at_fork` checks a parent's recorded state at the fork step; both only warn.
+callback, from the losses the trainer has settled: each step's on the CPU, a batch of them at a
+measurement or checkpoint on an accelerator, so it never makes a step wait for the device) and
+:func:`at_fork` checks a parent's recorded state at the fork step; both only warn.
 """
 
 from __future__ import annotations
@@ -54,25 +56,31 @@ def chance_level(y) -> Optional[float]:
 
 class Watch:
     """A per-step callback wrapper that warns once when the run saturates and once when it has
-    collapsed (read at measurement steps from the trainer's pending rows)."""
+    collapsed (read at measurement steps from the trainer's rows)."""
 
     def __init__(self, on_step: Callable, warn: Callable[[str], None]):
         self.on_step, self.warn = on_step, warn
         self.said: set[str] = set()
         self.initial_loss: Optional[float] = None
         self.chance: Optional[float] = None
+        self._chance_read = False
 
-    def __call__(self, tr, loss: float) -> None:
-        self.on_step(tr, loss)
-        step = tr.st.step - 1  # the step whose loss this is (the update has been applied)
-        if self.chance is None:
-            self.chance = chance_level(tr.exp.train_y) if tr.exp.data.task == "classification" else None
+    def __call__(self, tr, losses: list[tuple[int, float]]) -> None:
+        """``losses``: the (step, training loss) pairs settled since the previous call."""
+        self.on_step(tr, losses)
+        for step, loss in losses:
+            self._check(tr, step, loss)
+
+    def _check(self, tr, step: int, loss: float) -> None:
         if step == 0:
             self.initial_loss = loss
         if "saturated" not in self.said and tr.exp.optimizer.batch_size is None and saturated(loss):
             self.said.add("saturated")
             self.warn(saturated_message(step, loss, _latest(tr, step, "eig_matvecs")))
         if "collapsed" not in self.said and step > 0 and tr.exp.spec.measure.due(step):
+            if not self._chance_read:  # read once, here: never inside a plain step
+                self._chance_read = True
+                self.chance = chance_level(tr.exp.train_y) if tr.exp.data.task == "classification" else None
             acc = _latest(tr, step, "accuracy")
             if collapsed(acc, self.chance, loss, self.initial_loss):
                 self.said.add("collapsed")

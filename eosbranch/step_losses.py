@@ -18,11 +18,17 @@ already has a row at every step there, so every loss curve is read the same way
 (``run.metric("loss", group)``), and Parquet's dictionary and run-length encodings store the
 repeated run/branch/seed/lr/group/metric columns in almost nothing: about 8 bytes a row, the
 value itself (measured: 100,000 steps with four groups, 1,000,000 rows of metrics, 7.8 MB).
+
+Rows come in blocks ``(keys, values, present)``: ``keys`` the (group, metric) of each row,
+``values`` a list of floats (the CPU's NumPy path) or a device tensor that the trainer holds until
+its next measurement or checkpoint (eosbranch.recorder), ``present`` None or a bool tensor (False:
+no such row). The device path reads nothing back to the host, so a step on an accelerator never
+waits for it; ``numpy=False`` forces it on the CPU (the sync-count test runs it there).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
@@ -31,13 +37,16 @@ from .curvature import _running_stats_frozen
 if TYPE_CHECKING:
     from .experiment import Experiment
 
-__all__ = ["StepLosses"]
+__all__ = ["StepLosses", "Block"]
+
+Keys = list[tuple[str, str]]
+Block = tuple[Keys, Union[list, torch.Tensor], Optional[torch.Tensor]]
 
 
 class StepLosses:
     """Per-step group rows for one experiment: built once, applied to each step's losses."""
 
-    def __init__(self, exp: "Experiment"):
+    def __init__(self, exp: "Experiment", numpy: Optional[bool] = None):
         self.exp = exp
         self.names: list[str] = []
         self.heldout: dict[str, torch.Tensor] = {}  # group -> rows of data.X not trained on
@@ -64,7 +73,7 @@ class StepLosses:
         # Indicator rows [K, n]; divided by the group sizes they give the group means.
         self.M = torch.stack(rows) if rows else None
         self.W = None if self.M is None else self.M / self.M.sum(1, keepdim=True)
-        on_cpu = self.W is not None and dev.type == "cpu"
+        on_cpu = self.W is not None and dev.type == "cpu" and numpy is not False
         self._W_np = self.W.numpy() if on_cpu else None
         self._y_np = exp.train_y.numpy() if on_cpu else None
 
@@ -79,67 +88,52 @@ class StepLosses:
             return per
         return torch.cat([per, _correct(out, y, per.dtype).reshape(-1, 1)], 1)
 
-    def full(self, per: torch.Tensor, out: torch.Tensor) -> list[tuple[str, str, float]]:
-        """(group, metric, value) rows from the whole training set's per-example losses."""
-        rows = []
+    def full(self, per: torch.Tensor, out: torch.Tensor) -> list[Block]:
+        """Blocks of (group, metric) rows from the whole training set's per-example losses."""
+        blocks: list[Block] = []
+        losses, accuracy = [(name, "loss") for name in self.names], [(name, "accuracy") for name in self.names]
         if self.W is not None and self._W_np is not None:
             # On the CPU, NumPy on the same memory (no copy): a NumPy call costs a few microseconds
             # where a torch op costs ten or more, and this runs at every step. Computed the same
             # way at every step (never batched across steps), so a branch's rows equal its
             # parent's bit for bit.
             W, p, o = self._W_np, per.detach().numpy(), out.detach().numpy()
-            losses = (W @ (p if p.dtype == W.dtype else p.astype(W.dtype)).reshape(-1)).tolist()
-            rows += [(name, "loss", v) for name, v in zip(self.names, losses)]
+            blocks.append((losses, (W @ (p if p.dtype == W.dtype else p.astype(W.dtype)).reshape(-1)).tolist(), None))
             if self.classification:
                 pred = o.argmax(-1) if o.shape[-1] > 1 else (o[..., 0] > 0)
                 correct = (pred == self._y_np).astype(W.dtype)
-                rows += [(name, "accuracy", v) for name, v in zip(self.names, (W @ correct).tolist())]
+                blocks.append((accuracy, (W @ correct).tolist(), None))
         elif self.W is not None:
             W = self.W
-            losses = (W @ (per if per.dtype == W.dtype else per.to(W.dtype)).reshape(-1)).tolist()
-            rows += [(name, "loss", v) for name, v in zip(self.names, losses)]
+            blocks.append((losses, W @ (per if per.dtype == W.dtype else per.to(W.dtype)).reshape(-1), None))
             if self.classification:
-                correct = _correct(out, self.exp.train_y, W.dtype)
-                rows += [(name, "accuracy", v) for name, v in zip(self.names, (W @ correct).tolist())]
-        rows += self._heldout_rows()
-        return rows
+                blocks.append((accuracy, W @ _correct(out, self.exp.train_y, W.dtype), None))
+        for name, idx in self.heldout.items():
+            blocks.append(self._forward_rows(name, idx))
+        return blocks
 
-    def batch(self, per: torch.Tensor, out: torch.Tensor, idx: torch.Tensor) -> list[tuple[str, str, float]]:
+    def batch(self, per: torch.Tensor, out: torch.Tensor, idx: torch.Tensor) -> list[Block]:
         """``batch_loss`` rows: each group's mean loss over its members in this batch."""
         if self.M is None:
             return []
         Mb = self.M if idx is None else self.M[:, idx]  # a batch as large as the data: every point
         sums = (Mb @ per.detach().reshape(-1, 1).to(Mb.dtype)).reshape(-1)
         counts = Mb.sum(1)
-        return [(name, "batch_loss", s / c) for name, s, c in zip(self.names, sums.tolist(), counts.tolist()) if c > 0]
+        # Divided in float64, as Python divides the two floats: the same bits on every path.
+        return [([(name, "batch_loss") for name in self.names], sums.double() / counts.double(), counts > 0)]
 
-    def data_rows(self) -> list[tuple[str, str, float]]:
+    def data_rows(self) -> list[Block]:
         """Full-data group rows by a forward pass of their points (minibatch runs, at a cadence)."""
-        exp = self.exp
-        if not exp.groups:
-            return []
-        rows = []
-        for name, idx in exp.groups.items():
-            rows += self._forward_rows(name, idx)
-        return rows
+        return [self._forward_rows(name, idx) for name, idx in (self.exp.groups or {}).items()]
 
-    def _heldout_rows(self) -> list[tuple[str, str, float]]:
-        rows = []
-        for name, idx in self.heldout.items():
-            rows += self._forward_rows(name, idx)
-        return rows
-
-    def _forward_rows(self, name: str, idx: torch.Tensor) -> list[tuple[str, str, float]]:
+    def _forward_rows(self, name: str, idx: torch.Tensor) -> Block:
         exp = self.exp
         X, y = exp.data.X[idx], exp.data.y[idx]
         with torch.no_grad(), _running_stats_frozen(exp.model):
             out = exp.model(X)
             per = exp.loss_fn(out, y, reduction="none")
-        v = self._stack(per, out, y).mean(0).tolist()
-        rows = [(name, "loss", v[0])]
-        if self.classification:
-            rows.append((name, "accuracy", v[1]))
-        return rows
+        keys = [(name, "loss")] + ([(name, "accuracy")] if self.classification else [])
+        return keys, self._stack(per, out, y).mean(0), None
 
 
 def _correct(out: torch.Tensor, y: torch.Tensor, dtype) -> torch.Tensor:

@@ -54,6 +54,8 @@ class Surgery(Intervention):
             c = flatten(torch.autograd.grad(share, exp.params, allow_unused=True, materialize_grads=True))
         coef = c @ v1
         edited = c - coef * v1
-        record(self.p.group or "all", "surgery_removed", coef.item())
-        record(self.p.group or "all", "surgery_cos2", ((edited @ v1) ** 2 / (edited @ edited).clamp_min(1e-300)).item())
+        # 0-dim tensors: the trainer holds them on the device until its next measurement or
+        # checkpoint (no wait at each step); only the v1 refresh (a Lanczos solve) reads back.
+        record(self.p.group or "all", "surgery_removed", coef)
+        record(self.p.group or "all", "surgery_cos2", (edited @ v1) ** 2 / (edited @ edited).clamp_min(1e-300))
         return unflatten(g - coef * v1, exp.params)
