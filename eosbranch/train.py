@@ -97,12 +97,15 @@ def _drive_pinned(spec: Spec, store: RunStore, lineage: dict, progress: bool, wa
                 and store.repair_tables(warn):
             return Run(store.path)  # complete (damaged tables rewritten from the checkpoints' rows)
         start = max(store.checkpoint_steps(), default=lineage.get("fork_step") or 0)
+        # Built before the progress bar: a spec that cannot be built (a group named nowhere) is
+        # then one line on stderr, with no bar drawn above it.
+        exp = build(spec) if lineage.get("fork_step") is None else None
         with progress_bar(progress, spec.steps, start) as show:
             watch = Watch(show, warn)  # warns if the run saturates or collapses
             if lineage.get("fork_step") is not None:
                 trainer = start_branch(store, lineage, warn, watch)  # a new or a resumed branch
             else:
-                trainer = Trainer(build(spec), store, warn=warn)
+                trainer = Trainer(exp, store, warn=warn)
                 if store.checkpoint_steps():
                     trainer.resume()
                 else:

@@ -209,7 +209,35 @@ def test_readme_says_where_each_module_lives():
 
     root = README.parent
     table = README.read_text().split("## Where each concept lives", 1)[1].split("\n## ", 1)[0]
-    named = set(re.findall(r"`(eosbranch/\w+\.py)`", table))
+    named = set(re.findall(r"`(eosbranch/(?:\w+/)?\w+\.py)`", table))
     assert named and all((root / n).is_file() for n in named), sorted(n for n in named if not (root / n).is_file())
-    modules = {f"eosbranch/{p.name}" for p in (root / "eosbranch").glob("*.py") if not p.name.startswith("__")}
+    modules = {p.relative_to(root).as_posix() for p in (root / "eosbranch").rglob("*.py")
+               if not p.name.startswith("__")}
     assert modules <= named, f"README's 'Where each concept lives' lacks a row for {sorted(modules - named)}"
+
+
+def test_readme_intervention_changes_a_new_experiment_only(restored_registries):
+    """The README's intervention, built from a branch spec's entry as a fork builds it: the group's
+    inputs are halved in the experiment it returns, everything else and the original untouched."""
+    import torch
+
+    from eosbranch.experiment import build
+    from eosbranch.interventions import INTERVENTIONS
+    from eosbranch.spec import parse_spec
+
+    section = README.read_text().split("## Extending", 1)[1]
+    exec(compile(_blocks("python", section)[1], "README.md", "exec"), {})
+    spec = parse_spec({"name": "iv", "data": {"kind": "digits", "classes": [3, 5], "n_per_class": 40},
+                       "device": "cpu", "model": {"kind": "mlp", "width": 8, "depth": 1}, "loss": "mse",
+                       "optimizer": {"kind": "gd", "lr": 0.05}, "steps": 2, "groups": ["prototypes"]})
+    exp = build(spec)
+    before = exp.data.X.clone()
+    entry, params = INTERVENTIONS.parse({"kind": "halve_inputs", "group": "inlier"}, "interventions[0]")
+    new = entry.fn(params).configure(exp)
+    rows = exp.groups["inlier"]
+    assert torch.equal(exp.data.X, before)  # the original experiment is not changed
+    assert torch.equal(new.data.X[rows], before[rows] * 0.5)
+    others = torch.ones(len(before), dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(new.data.X[others], before[others])
+    assert torch.equal(new.train_X[rows], exp.train_X[rows] * 0.5)  # no stale cached view
