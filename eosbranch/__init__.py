@@ -4,7 +4,7 @@ Train a network, save its exact state, fork it into branches that differ in one 
 and compare per group of examples how learning differs.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 # The API functions share their names with their modules: `eosbranch.compare` is the module
 # `eosbranch/compare.py` *and* callable as the function (`eosbranch.compare(run)`,

@@ -32,6 +32,7 @@ from .certificate import fork_snapshot, perturbation_certificate
 from .errors import EosbranchError, SpecError, format_validation_error
 from .experiment import Experiment, build
 from .interventions import INTERVENTIONS, Intervention
+from . import surgery as _surgery  # noqa: F401  (registers the gradient_surgery intervention)
 from .loop import Trainer
 from .measure import solve_sharpness
 from .run import Run

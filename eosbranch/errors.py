@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import typing
+
 from pydantic import BaseModel, ValidationError
 
 
@@ -46,8 +49,6 @@ def _loc(prefix: str, loc: tuple) -> str:
 
 def _fields_at(model, loc: tuple) -> list[str]:
     """Names of the fields allowed where ``loc`` points (walks nested pydantic models)."""
-    import typing
-
     for part in loc[:-1]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
@@ -67,8 +68,6 @@ def format_validation_error(err: ValidationError, source: str = "", prefix: str 
     re-running reveals the next one. ``model`` (the validated class) lets an unknown field be
     answered with the allowed names and the nearest one.
     """
-    import difflib
-
     errors = err.errors(include_url=False)
     # A misspelt field also makes the real one "missing": report the misspelling first.
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])

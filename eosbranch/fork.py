@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .branch import BranchSpec, check_replay, load_branches
 from .catalog import entry_path
 from .certificate import certify

@@ -15,6 +15,7 @@ import math
 from typing import Callable, Optional
 
 import pandas as pd
+import torch
 
 SATURATED_LOSS = 1e-6  # full-batch training loss at or below this: saturated
 CHANCE_MARGIN = 0.02  # accuracy within this of the majority-class share: at chance
@@ -46,8 +47,6 @@ def collapsed_message(step: int, accuracy: float, chance: float, loss: float, in
 
 def chance_level(y) -> Optional[float]:
     """The majority class's share of the labels (None for non-integer targets: regression)."""
-    import torch
-
     y = torch.as_tensor(y)
     if y.ndim != 1 or y.dtype.is_floating_point or not len(y):
         return None

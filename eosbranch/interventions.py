@@ -27,6 +27,9 @@ import torch
 from pydantic import Field, model_validator
 
 from .errors import EosbranchError
+from .loss import LOSSES
+from .optimizer import OPTIMIZERS
+from .prototypes import orthogonal_units
 from .registry import Params, Registry
 
 if TYPE_CHECKING:
@@ -146,8 +149,6 @@ class _RandomDirection(Intervention):
         return idx, v, alpha
 
     def configure(self, exp):
-        from .groups import _orthogonal_units
-
         p = self.p
         idx, v, alpha = self._fits(exp)
         X = exp.data.X.clone()
@@ -155,7 +156,7 @@ class _RandomDirection(Intervention):
         x = X[idx].flatten(1).double().cpu()
         sign = (2 * exp.data.y[idx].cpu().double() - 1).unsqueeze(1)
         source = x - sign * alpha * v
-        z = _orthogonal_units(len(cpu), v, p.seed, "random_direction")
+        z = orthogonal_units(len(cpu), v, p.seed, "random_direction")
         moved = source + alpha * torch.linalg.vector_norm(v) * z
         X[idx] = moved.to(device=X.device, dtype=X.dtype).reshape(len(cpu), *X.shape[1:])
         info = exp.group_info
@@ -245,8 +246,6 @@ class LossSwitchParams(Params):
 
 class _LossSwitch(Intervention):
     def __init__(self, p: LossSwitchParams):
-        from .loss import LOSSES
-
         self.p = p
         entry, params = LOSSES.parse(p.to, where="to")  # validates now, before anything runs
         self.loss = entry.fn(params)
@@ -273,8 +272,6 @@ class OptimizerSwitchParams(Params):
 
 class _OptimizerSwitch(Intervention):
     def __init__(self, p: OptimizerSwitchParams):
-        from .optimizer import OPTIMIZERS
-
         self.p = p
         entry, params = OPTIMIZERS.parse(p.to, where="to")  # errors name to.<field>; see BranchSpec.compose
         self.optimizer = entry.fn(params)
@@ -302,20 +299,3 @@ def _structure(state: dict) -> dict:
 def optimizer_switch(p: OptimizerSwitchParams) -> Intervention:
     """Continue with another optimizer (its own lr and threshold) from the fork on."""
     return _OptimizerSwitch(p)
-
-
-# ----------------------------------------------------------------------------- gradient surgery
-class GradientSurgeryParams(Params):
-    group: Optional[str] = Field(None, description="whose gradient contribution loses its v1 component; "
-                                                   "None: the whole update")
-    refresh_every: int = Field(1, ge=1, description="recompute v1 (warm-started Lanczos) every this many steps")
-
-
-@INTERVENTIONS.register("gradient_surgery", GradientSurgeryParams)
-def gradient_surgery(p: GradientSurgeryParams) -> Intervention:
-    """Each step, remove the component along the current top Hessian eigenvector v1 from one
-    group's contribution to the gradient (or from the whole update): alignment destroyed at the
-    gradient level. Records ``surgery_cos2`` (cos^2 of the edited part with v1) every step."""
-    from .surgery import Surgery
-
-    return Surgery(p)

@@ -1,49 +1,22 @@
-"""Models: a registry from name to a builder ``(params, input_shape, num_outputs) -> nn.Module``.
-
-Initialisation follows the 2026 study: Kaiming-normal weights times ``init_scale``, zero biases.
-"""
+"""Models: the MLP, CNN, ResNet, VGG-11 and two-layer linear builders, registered in ``MODELS``
+(:mod:`eosbranch.model_registry`); importing this module also registers the transformers."""
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from pydantic import Field
 from torch import nn
+from torchvision.models import vgg11 as tv_vgg11, vgg11_bn
 
 from .errors import SpecError
-from .registry import Params, Registry
 from .limits import MAX_DEPTH, MAX_WIDTH
-
-MODELS = Registry("model")
-
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU}
-Activation = Literal["relu", "tanh", "elu", "gelu"]
-
-
-def scaled_kaiming_(module: nn.Module, init_scale: float) -> nn.Module:
-    """Kaiming-normal weights x ``init_scale`` and zero biases on every linear/conv layer."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            with torch.no_grad():
-                m.weight.mul_(init_scale)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return module
-
-
-def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    # Conv nets need (C, H, W); flat square inputs (digits: 64 = 8x8) are read as one channel.
-    if len(input_shape) == 3:
-        return tuple(input_shape)
-    n = math.prod(input_shape)
-    side = math.isqrt(n)
-    if side * side != n:
-        raise SpecError(f"model.kind: a conv model needs image inputs (C,H,W) or a square flat input; got {input_shape}")
-    return (1, side, side)
-
+from .model_registry import ACTIVATIONS, MODELS, Activation, image_shape, scaled_kaiming_
+from .registry import Params
+# Imported for its registrations (`transformer`, `vit`): MODELS is complete once models is imported.
+from . import transformer as _transformer  # noqa: F401
 
 class MLPParams(Params):
     width: int = Field(512, gt=0, le=MAX_WIDTH)
@@ -73,7 +46,7 @@ class CNNParams(Params):
 
 @MODELS.register("cnn", CNNParams)
 def cnn(p: CNNParams, input_shape, num_outputs) -> nn.Module:
-    c, h, w = _image_shape(input_shape)
+    c, h, w = image_shape(input_shape)
     layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))] if len(input_shape) != 3 else []
     for out in p.channels:
         layers += [nn.Conv2d(c, out, 3, padding=1), ACTIVATIONS[p.activation]()]
@@ -114,7 +87,7 @@ class ResNetParams(Params):
 @MODELS.register("resnet", ResNetParams)
 def resnet(p: ResNetParams, input_shape, num_outputs) -> nn.Module:
     """CIFAR-style ResNet (3x3 stem, stages with stride 2 after the first); BatchNorm off by default."""
-    c, h, w = _image_shape(input_shape)
+    c, h, w = image_shape(input_shape)
     act = ACTIVATIONS[p.activation]
     layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))] if len(input_shape) != 3 else []
     layers += [nn.Conv2d(c, p.widths[0], 3, 1, 1, bias=not p.batchnorm)]
@@ -137,9 +110,8 @@ class VGGParams(Params):
 @MODELS.register("vgg11", VGGParams)
 def vgg11(p: VGGParams, input_shape, num_outputs) -> nn.Module:
     """torchvision's VGG-11 feature stack with a CIFAR head (global pool + one linear layer)."""
-    from torchvision.models import vgg11 as tv_vgg11, vgg11_bn
 
-    c, h, w = _image_shape(input_shape)
+    c, h, w = image_shape(input_shape)
     if c != 3:
         raise SpecError(f"model.kind: vgg11 expects 3-channel images; got input shape {input_shape}")
     net = (vgg11_bn if p.batchnorm else tv_vgg11)(weights=None)
@@ -178,5 +150,3 @@ def build_model(section, input_shape, num_outputs, source: str = "") -> nn.Modul
     entry, params = MODELS.parse(section, "model", source)
     return entry.fn(params, tuple(input_shape), int(num_outputs))
 
-
-from . import transformer as _transformer  # noqa: E402,F401  (registers `transformer` and `vit`)

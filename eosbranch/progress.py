@@ -7,6 +7,9 @@ from __future__ import annotations
 import contextlib
 import time
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool, total: int, start: int):
@@ -14,8 +17,6 @@ def progress_bar(enabled: bool, total: int, start: int):
     if not enabled:
         yield lambda tr, losses: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     cols = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4g}  sharpness {task.fields[sharp]}"), TimeRemainingColumn()]

@@ -9,6 +9,7 @@ from typing import Optional, Union
 import pandas as pd
 
 from .errors import EosbranchError
+from .spec import load_spec
 from .store import LINEAGE, RECORD, SPEC, RunStore
 
 
@@ -40,8 +41,6 @@ class Run:
 
     @cached_property
     def spec(self):
-        from .spec import load_spec
-
         return load_spec(self.path / SPEC)
 
     @cached_property

@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .errors import EosbranchError
 from .spec import Spec, load_spec
 from .store import LINEAGE, SPEC, RunStore

@@ -15,12 +15,15 @@ and ``surgery_removed``: the removed coefficient <c, v1>.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Optional
 
 import torch
+from pydantic import Field
 
 from .curvature import flatten, unflatten
-from .interventions import GradientSurgeryParams, Intervention, _group
+from .interventions import INTERVENTIONS, Intervention, _group
 from .measure import solve_sharpness
+from .registry import Params
 
 
 class Surgery(Intervention):
@@ -59,3 +62,18 @@ class Surgery(Intervention):
         record(self.p.group or "all", "surgery_removed", coef)
         record(self.p.group or "all", "surgery_cos2", (edited @ v1) ** 2 / (edited @ edited).clamp_min(1e-300))
         return unflatten(g - coef * v1, exp.params)
+
+
+# ----------------------------------------------------------------------------- gradient surgery
+class GradientSurgeryParams(Params):
+    group: Optional[str] = Field(None, description="whose gradient contribution loses its v1 component; "
+                                                   "None: the whole update")
+    refresh_every: int = Field(1, ge=1, description="recompute v1 (warm-started Lanczos) every this many steps")
+
+
+@INTERVENTIONS.register("gradient_surgery", GradientSurgeryParams)
+def gradient_surgery(p: GradientSurgeryParams) -> Intervention:
+    """Each step, remove the component along the current top Hessian eigenvector v1 from one
+    group's contribution to the gradient (or from the whole update): alignment destroyed at the
+    gradient level. Records ``surgery_cos2`` (cos^2 of the edited part with v1) every step."""
+    return Surgery(p)

@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from .errors import SpecError
-from .models import MODELS, _image_shape, scaled_kaiming_
+from .model_registry import MODELS, image_shape, scaled_kaiming_
 from .registry import Params
 
 __all__ = ["LayerNorm", "Attention", "Block", "Transformer", "ViT"]
@@ -176,7 +176,7 @@ class ViTParams(Params):
 
 @MODELS.register("vit", ViTParams)
 def vit(p: ViTParams, input_shape, num_outputs) -> nn.Module:
-    image = _image_shape(input_shape)
+    image = image_shape(input_shape)
     if image[1] % p.patch or image[2] % p.patch:
         raise SpecError(f"model.patch: {p.patch} does not divide the image size {image[1]}x{image[2]}")
     return _init(ViT(image, p.patch, p.d_model, p.depth, p.heads, p.mlp_ratio, p.pool, num_outputs), p.init_scale)
