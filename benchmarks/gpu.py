@@ -56,8 +56,9 @@ import numpy as np
 import torch
 
 import eosbranch
-import eosbranch.train as trainmod
+import eosbranch.loop as trainmod  # the loop: Trainer.run and the measure it calls
 from eosbranch.curvature import top_eigenpairs
+from eosbranch.experiment import build
 from eosbranch.measure import training_hessian
 from eosbranch.spec import parse_spec
 
@@ -186,7 +187,7 @@ def gradient_seconds(exp, init_state: dict, sync, repeats: int) -> float:
 def cpu_float64_sharpness(spec: dict, ckpt: dict) -> tuple[float, int]:
     """lambda_1 of the checkpoint's state, on the CPU in float64 (tol 1e-8)."""
     s = parse_spec({**spec, "device": "cpu", "dtype": "float64"})
-    exp = trainmod.build(s)
+    exp = build(s)
     exp.data.X = exp.data.X.float().double()  # the run saw float32 inputs
     exp.model.load_state_dict(ckpt["model"])
     H = training_hessian(exp)
@@ -200,7 +201,7 @@ def bench_model(args, name: str, data: dict, out: Path, sync, cuda: bool) -> dic
     spec = base_spec(args, name, data)
     steps, every = args.steps, args.every
     plain = parse_spec(spec)
-    exp = trainmod.build(plain)  # the bare loop's copy: same data, same initial weights
+    exp = build(plain)  # the bare loop's copy: same data, same initial weights
     init_state = copy.deepcopy(exp.model.state_dict())
     r = {"params": sum(p.numel() for p in exp.model.parameters())}
     r["grad_ms"] = 1e3 * gradient_seconds(exp, init_state, sync, 10)

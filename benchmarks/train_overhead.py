@@ -18,12 +18,14 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
 from eosbranch.spec import parse_spec
 from eosbranch.store import RunStore
-from eosbranch.train import Trainer, build
+from eosbranch.experiment import build
+from eosbranch.loop import Trainer
 
 
 def spec(steps: int, width: int) -> dict:
@@ -39,7 +41,7 @@ def spec(steps: int, width: int) -> dict:
 def framework(s, root, groups: bool = True) -> float:
     exp = build(s)
     if not groups:
-        exp.groups = {}
+        exp = replace(exp, groups={})  # the experiment is frozen: a change is a new one
     store = RunStore(root)
     tr = Trainer(exp, store)
     tr.start_fresh()
@@ -95,7 +97,6 @@ def group_losses(steps: int, repeats: int) -> None:
     the group rows' own cost, set against the plain arm's whole step."""
     from eosbranch.catalog import example_path
     from eosbranch.spec import load_spec
-    from eosbranch.train import Trainer
 
     q = load_spec(example_path("quick"), steps=steps)
     q = parse_spec({**q.model_dump(mode="json"), "device": "cpu",
