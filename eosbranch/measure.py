@@ -144,7 +144,7 @@ def measure_curvature(tr: "Trainer") -> float:
     tr.record("all", "eig_residual", rel)
     tr.record("all", "eig_matvecs", res.n_matvecs)
     gap = res.gaps[0].item()
-    angle = angle_bound(res.residuals[0].item(), gap)
+    angle = angle_bound(res.residuals[0].item(), gap, res.values[0].item(), torch.finfo(res.vectors.dtype).eps)
     if gap == gap:  # NaN: the basis held no second Ritz value (then the angle bound is 1)
         tr.record("all", "eig_gap", gap)
     tr.record("all", "v1_angle_bound", angle)
