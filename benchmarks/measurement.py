@@ -10,7 +10,9 @@ States (cached with --cache, so a rerun only times):
             with the warm start a run measuring every 32 steps holds (v1 of 32 steps before);
   catapult  from the eos state, 32 steps at 1.5 eta (an "enter EoS"-like step-size increase): the
             loss spikes and the sharpness falls under 2 / (1.5 eta); the warm start is v1 of the eos
-            state (the previous measurement).
+            state (the previous measurement);
+  peak      the state of those 32 steps with the highest loss (mid-catapult: the iterate is
+            thrown along the new top direction and the gradient points along it), same warm start.
 
 Each component is called as measure.measure calls it (the same functions and arguments; a tiny
 stand-in for the trainer records the rows), on a fresh operator/context, and timed next to one
@@ -96,7 +98,8 @@ def gd(model, X, y, lr, steps):
     return losses
 
 
-def states(n: int, d: int, width: int, cache: Path | None, every: int = 32, max_steps: int = 4000):
+def states(n: int, d: int, width: int, cache: Path | None, every: int = 32, max_steps: int = 4000,
+           wanted=("eos", "catapult", "peak")):
     """(X, y, groups, {state: (model, v0, note)}): the eos and catapult states of the docstring."""
     X, y, groups = data(n, d)
     path = cache / f"measurement_{n}_{d}_{width}.pt" if cache else None
@@ -128,8 +131,21 @@ def states(n: int, d: int, width: int, cache: Path | None, every: int = 32, max_
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(saved, path)
+    if "peak" not in saved:  # replay the catapult from the eos state, keeping its highest-loss state
+        model.load_state_dict(saved["eos"])
+        best, peak = -math.inf, None
+        for _ in range(every):
+            loss = MSE(model(X), y).item()
+            if loss > best:
+                best, peak = loss, copy.deepcopy(model.state_dict())
+            gd(model, X, y, CATAPULT * saved["lr"], 1)
+        saved.update(peak=peak, loss_peak_state=best)
+        if path is not None:
+            torch.save(saved, path)
     out = {}
-    for name, key, v0 in (("eos", "eos", "v_before"), ("catapult", "catapult", "v_eos")):
+    for name, key, v0 in (("eos", "eos", "v_before"), ("catapult", "catapult", "v_eos"), ("peak", "peak", "v_eos")):
+        if name not in wanted:
+            continue
         m = mlp(d, width)
         m.load_state_dict(saved[key])
         out[name] = (m, saved[v0])
@@ -212,7 +228,7 @@ def accuracy(model, X, y, groups, v0):
 
 
 def run(n: int, args) -> tuple[dict, str]:
-    X, y, groups, st, note = states(n, args.dim, args.width, args.cache)
+    X, y, groups, st, note = states(n, args.dim, args.width, args.cache, wanted=args.states)
     results = {}
     for name, (model, v0) in st.items():
         gradient(model, X, y)  # warm-up (allocator, kernels, the first jvp)
@@ -258,6 +274,7 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--states", nargs="+", default=["eos", "catapult", "peak"], choices=["eos", "catapult", "peak"])
     ap.add_argument("--small", action="store_true", help="N = 400, D = 96, width 32, 1 repeat (for the test)")
     args = ap.parse_args(argv)
     if args.small:

@@ -459,7 +459,7 @@ def _cold_start_hint(matvec, start: Tensor, dim: int, dtype, device) -> None:
 # one, product for product. Set from benchmarks/measurement.py (CIFAR-shaped MLP, N = 2,000 and
 # 10,000): the first residual of the warm start is <= 0.1 at the EoS (v0 of 32 steps before) and
 # >= 0.35 right after a catapult.
-WARM_HINT_RESIDUAL = 0.2
+WARM_HINT_RESIDUAL = 0.5
 
 
 def _ritz_gaps(theta: np.ndarray, res: np.ndarray, k: int) -> np.ndarray:
