@@ -14,8 +14,8 @@ lambda_1 stands from the rest of the spectrum. Two bounds, both cheap:
   whose eigenvector the basis has not met (e.g. lambda_2 within 1e-3 of lambda_1 on a start
   orthogonal to it): there the bound is wrong, and so is any v1 from the same solve. The residual
   is floored at ROUNDING * eps * |theta| (eps of the solve's dtype): the Krylov relation gives the
-  residual of the operator as computed, which in float32 differs from the exact Hessian by
-  rounding (the measured cos2 errors at tol 1e-5 in benchmarks/measurement.py need it).
+  residual of the operator as computed, which differs from the exact Hessian by rounding (float32
+  reductions over a million entries are good to about 1e-5 relative, 100 eps).
 - ``cos2_error_bound``: cos^2 of the angle between a fixed vector g and the line of v. If the
   line moves by an angle delta, cos^2 changes by |sin(a + b) sin(a - b)| <= sin(delta) (sin 2b +
   sin(delta)), b the measured angle: a bound from the measured cos^2 and the angle bound alone.
@@ -30,8 +30,8 @@ __all__ = ["angle_bound", "cos2_error_bound", "GAP_SAFETY", "ROUNDING"]
 
 # Margin on residual / gap for a second Ritz value still below lambda_2 (see the docstring).
 GAP_SAFETY = 2.0
-# Rounding floor of a computed residual, in units of eps * |theta| (float32: 1.2e-4 relative).
-ROUNDING = 1000.0
+# Rounding floor of a computed residual, in units of eps * |theta| (float32: 1.2e-5 relative).
+ROUNDING = 100.0
 
 
 def angle_bound(residual: float, gap: float, value: float = 0.0, eps: float = 0.0) -> float:
