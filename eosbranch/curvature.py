@@ -66,7 +66,7 @@ class EigenResult:
     n_matvecs: int
     converged: bool
     # [k] float64: estimated distance of each value to the rest of the spectrum, from the final
-    # Ritz values (see ``_ritz_gaps``); NaN where the basis holds no neighbouring Ritz value.
+    # Ritz values (see ``_ritz_gaps``); NaN where the basis holds fewer than two lower ones.
     # ``eosbranch.eigen_error`` turns residual / gap into an angle bound (Davis-Kahan).
     gaps: Tensor | None = None
     # How the warm start went: "cold", "warm", or "warm+hint" (the gradient hint joined a poor v0).
@@ -456,9 +456,10 @@ def _cold_start_hint(matvec, start: Tensor, dim: int, dtype, device) -> None:
 # A warm start v0 whose first product leaves a relative residual ||A v0 - theta v0|| / |theta|
 # above this is stale (after a catapult the top eigenvector has rotated away from it): the
 # operator's gradient hint then joins it (see ``_join_hint``). Below it the solve is the plain warm
-# one, product for product. Set from benchmarks/measurement.py (CIFAR-shaped MLP, N = 2,000 and
-# 10,000): the first residual of the warm start is <= 0.1 at the EoS (v0 of 32 steps before) and
-# >= 0.35 right after a catapult.
+# one, product for product. From benchmarks/measurement.py (CIFAR-shaped MLP, float32): that first
+# residual is 0.17 at the EoS state (N = 2,000; v0 of 32 steps before), 0.27 on its --small
+# model, and 7.2 / 9.3 after / at the peak of a catapult. The join costs the product that
+# revealed the stale v0: at the catapult's peak 4 products against 5 warm (before) and 3 cold.
 WARM_HINT_RESIDUAL = 0.5
 
 
