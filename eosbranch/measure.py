@@ -8,9 +8,9 @@ Whole-data quantities go in ``metrics`` with ``group = "all"``:
   loss (on a fixed, seeded subset if ``measure.subset``), ``sharpness_2`` ... for ``top_k`` > 1,
   ``threshold`` of the optimizer in force, ``eig_residual`` (max ||Hv - lambda v|| / |lambda| over
   the returned pairs) and ``eig_matvecs``; the error bounds of :mod:`eosbranch.eigen_error`:
-  ``eig_gap`` (estimated lambda_1 - lambda_2, from the solver's Ritz values), ``v1_angle_bound``
-  (bound on sin of the angle between the recorded v1 and the true top eigenvector: residual /
-  gap, 1 where no gap is known) and, per group, ``cos2_v1_error_bound`` (bound on |error| of that
+  ``eig_gap`` (estimated lambda_1 - lambda_2, from the solver's Ritz values; absent where the
+  basis held fewer than three vectors), ``v1_angle_bound`` (bound on sin of the angle between the
+  recorded v1 and the true top eigenvector: 2 x residual / gap, 1 where no gap is known) and, per group, ``cos2_v1_error_bound`` (bound on |error| of that
   group's ``cos2_v1`` implied by ``v1_angle_bound``). For preconditioned optimizers (Adam) also
   ``preconditioned_sharpness`` = lambda_1(P^-1 H), the quantity its threshold applies to.
 - the ``t_star`` event: the first measurement at or after ``measure.warmup`` whose (preconditioned)
