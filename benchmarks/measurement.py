@@ -19,8 +19,9 @@ stand-in for the trainer records the rows), on a fresh operator/context, and tim
 plain gradient (forward + backward of the mean loss) in the same repeat: CPU time of this
 process, 1 thread, minimum over repeats. Components:
   losses      full-data loss and accuracy (one forward pass);
-  sharpness   hessian_matvec + top_eigenpairs (tol 1e-3): warm with the hint choice (the default),
-              warm as before (hint_residual=None), and cold (gradient hint); products beside;
+  sharpness   hessian_matvec + top_eigenpairs (tol 1e-3) as the trainer calls it (plain warm start);
+              beside it the solve alone: "warm" with the opt-in hint choice (hint_residual =
+              WARM_HINT_RESIDUAL), "old warm" (the default) and cold (gradient hint), with products;
   probes      group probes (loss, accuracy, grad_norm, cos2_v1, C_k, Q_k, R_k) on a Context;
   alignment   per-example cos2 on the same Context, and the Spearman rho with centroid distance;
   small       curvature_fraction and weight_projection.
@@ -58,7 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import data, mlp  # noqa: E402  (benchmarks/probes.py: the same setting)
 
-from eosbranch.curvature import flatten, hessian_matvec, top_eigenpairs  # noqa: E402
+from eosbranch.curvature import WARM_HINT_RESIDUAL, flatten, hessian_matvec, top_eigenpairs  # noqa: E402
 from eosbranch.eigen_error import angle_bound, cos2_error_bound  # noqa: E402
 from eosbranch.loss import get_loss  # noqa: E402
 from eosbranch.probes import (  # noqa: E402
@@ -250,7 +251,7 @@ def run(n: int, args) -> tuple[dict, str]:
                 keep(key, value)
             keep("total", sum(t.values()))
             keep("gradient_s", cpu(lambda: gradient(model, X, y))[0])
-            for key, kw in (("warm", {}), ("old_warm", {"hint_residual": None}), ("cold", {"v0": None})):
+            for key, kw in (("warm", {"hint_residual": WARM_HINT_RESIDUAL}), ("old_warm", {}), ("cold", {"v0": None})):
                 sec, r = solve_cost(model, X, y, **{"v0": v0, **kw})
                 keep(f"{key}_cost", sec)
                 best[f"{key}_mv"] = r.n_matvecs
@@ -262,7 +263,7 @@ def run(n: int, args) -> tuple[dict, str]:
         best["warm_vs_cold"] = best["warm_cost"] / best["cold_cost"]
         # The first product's relative residual of the warm start: what the hint choice looks at.
         one = top_eigenpairs(hessian_matvec(model, MSE, (X, y)), sum(p.numel() for p in model.parameters()),
-                             tol=1e-3, v0=v0, max_matvecs=1, hint_residual=None)
+                             tol=1e-3, v0=v0, max_matvecs=1)
         best["first_residual"] = one.residuals[0].item() / abs(one.values[0].item())
         best["acc"] = accuracy(model, X, y, groups, v0)
         a = best["acc"][1e-3]

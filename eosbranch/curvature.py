@@ -453,13 +453,15 @@ def _cold_start_hint(matvec, start: Tensor, dim: int, dtype, device) -> None:
     start[0] = row / row.norm()
 
 
-# A warm start v0 whose first product leaves a relative residual ||A v0 - theta v0|| / |theta|
-# above this is stale (after a catapult the top eigenvector has rotated away from it): the
-# operator's gradient hint then joins it (see ``_join_hint``). Below it the solve is the plain warm
-# one, product for product. From benchmarks/measurement.py (CIFAR-shaped MLP, float32): that first
-# residual is 0.17 at the EoS state (N = 2,000; v0 of 32 steps before), 0.27 on its --small
-# model, and 7.2 / 9.3 after / at the peak of a catapult. The join costs the product that
-# revealed the stale v0: at the catapult's peak 4 products against 5 warm (before) and 3 cold.
+# Suggested ``hint_residual`` (opt-in; the default None keeps the plain warm start). A warm start
+# v0 whose first product leaves a relative residual ||A v0 - theta v0|| / |theta| above it is
+# taken as stale and the gradient hint joins it (``_join_hint``); below it the solve is the plain
+# warm one, product for product. Measured with benchmarks/measurement.py (CIFAR-shaped MLP,
+# float32, tol 1e-3; products joined / plain warm / cold): the first residual is 0.17 at the EoS
+# state (N = 2,000 and 10,000: no join, 4 / 4 / 5); after a catapult (residual 7.2, 7.0) 20 / 19 /
+# 19 at N = 2,000 and 13 / 10 / 14 at N = 10,000; at its peak (residual 9.3, 2.4) 4 / 5 / 3 and
+# 7 / 5 / 6. The join pays the product that revealed the stale v0 and drops v0's Krylov
+# direction, so it won only once in four: not the default.
 WARM_HINT_RESIDUAL = 0.5
 
 
@@ -528,7 +530,7 @@ def _join_hint(matvec, V: Tensor, T: Tensor, h: Tensor, dtype):
 def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol: float = 1e-3,
                    v0: Tensor | None = None, max_matvecs: int | None = None, dtype=None, device=None,
                    *, block_size: int | None = None, max_basis: int = 64, seed: int = 0,
-                   hint_residual: float | None = WARM_HINT_RESIDUAL) -> EigenResult:
+                   hint_residual: float | None = None) -> EigenResult:
     """The k largest algebraic eigenpairs of a symmetric operator given only by ``matvec``.
 
     ``matvec`` maps a [dim] vector (block size 1) or a [dim, m] block to its product.
@@ -540,10 +542,10 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
     columns are random. With a single warm vector (k = 1, block size 1) whose first product leaves
     a relative residual above ``hint_residual`` (a stale v0, e.g. after a catapult), the hint
     joins it: one more product, then Lanczos from the better of their combinations (see
-    ``_join_hint``); ``hint_residual=None`` never does. ``max_matvecs`` counts single-vector
-    products (default 1000; at least one block step is always taken). ``max_basis`` bounds the
-    stored basis (memory dim x max_basis) before a thick restart. Deterministic: the random start
-    comes from a local generator seeded with ``seed``.
+    ``_join_hint`` and ``WARM_HINT_RESIDUAL``); ``hint_residual=None`` (default) never does.
+    ``max_matvecs`` counts single-vector products (default 1000; at least one block step is always
+    taken). ``max_basis`` bounds the stored basis (memory dim x max_basis) before a thick restart.
+    Deterministic: the random start comes from a local generator seeded with ``seed``.
     """
     if not 1 <= k <= dim:
         raise ValueError(f"top_eigenpairs: need 1 <= k <= dim, got k={k}, dim={dim}")

@@ -24,8 +24,7 @@ Whole-data quantities go in ``metrics`` with ``group = "all"``:
 - ``examples.parquet`` rows (``measure.examples``: every example, only group members, or none).
 
 Each solve is warm-started from the previous measurement's eigenvectors (kept in the training
-state and its checkpoints), so measurements are cheap and resume bit for bit; where that start
-has gone stale (after a catapult) the gradient joins it (``curvature.WARM_HINT_RESIDUAL``).
+state and its checkpoints), so measurements are cheap and resume bit for bit.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The warm start's choice between the previous eigenvector and the gradient hint
-(curvature.top_eigenpairs, ``hint_residual``), on dense matrices whose top eigenvector rotates by
-a known amount: products are counted, never timed; every answer is checked against eigh."""
+(curvature.top_eigenpairs, ``hint_residual``; opt-in, see WARM_HINT_RESIDUAL), on dense matrices
+whose top eigenvector rotates by a known amount: products are counted, never timed; every answer is checked against eigh."""
 
 import functools
 import math
@@ -66,8 +66,8 @@ def test_a_fresh_warm_start_is_the_plain_warm_solve_product_for_product(angle):
     op = Hinted(A, hint_near(u, 0.7))
     asked = []
     op.start_hint = lambda: asked.append(1) or op.hint
-    new = top_eigenpairs(op, N, tol=1e-3, v0=v0)
-    old = top_eigenpairs(Hinted(A, op.hint), N, tol=1e-3, v0=v0, hint_residual=None)
+    new = top_eigenpairs(op, N, tol=1e-3, v0=v0, hint_residual=WARM_HINT_RESIDUAL)
+    old = top_eigenpairs(Hinted(A, op.hint), N, tol=1e-3, v0=v0)  # the default: no choice
     assert new.start == "warm" and not asked
     assert new.n_matvecs == old.n_matvecs == op.products
     assert torch.equal(new.vectors, old.vectors) and torch.equal(new.values, old.values)
@@ -83,8 +83,8 @@ def test_a_stale_warm_start_takes_the_hint_and_costs_at_most_one_product_over_co
     A, u = rotated(2.0)
     assert (v0 @ u).item() ** 2 < 0.01
     hint = hint_near(u, 0.7)
-    new = top_eigenpairs(Hinted(A, hint), N, tol=tol, v0=v0)
-    old = top_eigenpairs(Hinted(A, hint), N, tol=tol, v0=v0, hint_residual=None)
+    new = top_eigenpairs(Hinted(A, hint), N, tol=tol, v0=v0, hint_residual=WARM_HINT_RESIDUAL)
+    old = top_eigenpairs(Hinted(A, hint), N, tol=tol, v0=v0)
     cold = top_eigenpairs(Hinted(A, hint), N, tol=tol)
     assert new.start == "warm+hint" and old.start == "warm" and cold.start == "cold"
     assert new.n_matvecs <= cold.n_matvecs + 1 and new.n_matvecs < old.n_matvecs, \
@@ -108,13 +108,17 @@ def test_a_useless_hint_still_gives_the_true_top_pair():
 def test_the_choice_needs_a_hint_a_single_vector_and_a_warm_start():
     _, v0 = rotated(0.0)
     A, u = rotated(2.0)
-    plain = top_eigenpairs(lambda x: A @ x, N, tol=1e-3, v0=v0, dtype=F64)  # no start_hint
+    plain = top_eigenpairs(lambda x: A @ x, N, tol=1e-3, v0=v0, dtype=F64, hint_residual=WARM_HINT_RESIDUAL)
     assert plain.start == "warm"
     old = top_eigenpairs(lambda x: A @ x, N, tol=1e-3, v0=v0, dtype=F64, hint_residual=None)
     assert plain.n_matvecs == old.n_matvecs and torch.equal(plain.vectors, old.vectors)
-    block = top_eigenpairs(Hinted(A, hint_near(u, 0.7)), N, k=2, tol=1e-3, v0=torch.stack([v0, u], 1))
+    block = top_eigenpairs(Hinted(A, hint_near(u, 0.7)), N, k=2, tol=1e-3, v0=torch.stack([v0, u], 1),
+                           hint_residual=WARM_HINT_RESIDUAL)
     assert block.start == "warm"  # top-k blocks keep the plain warm start
-    zero_hint = top_eigenpairs(Hinted(A, torch.zeros(N, dtype=F64)), N, tol=1e-3, v0=v0)
+    zero_hint = top_eigenpairs(Hinted(A, torch.zeros(N, dtype=F64)), N, tol=1e-3, v0=v0,
+                               hint_residual=WARM_HINT_RESIDUAL)
+    default = top_eigenpairs(Hinted(A, hint_near(u, 0.7)), N, tol=1e-3, v0=v0)
+    assert default.start == "warm" and default.n_matvecs == old.n_matvecs  # opt-in only
     assert zero_hint.start == "warm" and zero_hint.n_matvecs == old.n_matvecs  # asked, unusable: no product
     check_top(zero_hint, A, 1e-3)
     assert 0 < WARM_HINT_RESIDUAL < 1
