@@ -7,7 +7,11 @@ Whole-data quantities go in ``metrics`` with ``group = "all"``:
 - curvature (``measure.sharpness``): ``sharpness`` = lambda_1 of the Hessian of the mean training
   loss (on a fixed, seeded subset if ``measure.subset``), ``sharpness_2`` ... for ``top_k`` > 1,
   ``threshold`` of the optimizer in force, ``eig_residual`` (max ||Hv - lambda v|| / |lambda| over
-  the returned pairs) and ``eig_matvecs``. For preconditioned optimizers (Adam) also
+  the returned pairs) and ``eig_matvecs``; the error bounds of :mod:`eosbranch.eigen_error`:
+  ``eig_gap`` (estimated lambda_1 - lambda_2, from the solver's Ritz values; absent where the
+  basis held fewer than three vectors), ``v1_angle_bound`` (bound on sin of the angle between the
+  recorded v1 and the true top eigenvector: 2 x residual / gap, 1 where no gap is known) and, per group, ``cos2_v1_error_bound`` (bound on |error| of that
+  group's ``cos2_v1`` implied by ``v1_angle_bound``). For preconditioned optimizers (Adam) also
   ``preconditioned_sharpness`` = lambda_1(P^-1 H), the quantity its threshold applies to.
 - the ``t_star`` event: the first measurement at or after ``measure.warmup`` whose (preconditioned)
   sharpness reaches the threshold.
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from .curvature import flatten, hessian_matvec, preconditioned_matvec, top_eigenpairs
+from .eigen_error import angle_bound, cos2_error_bound
 from .mechanism import TRACK_KEY, sigma_squared, v1_group_curvature
 from .probes import (
     KEYS, PROBES, Context, curvature_fraction, group_probes, per_example_alignment, spearman, weight_projection,
@@ -70,9 +75,8 @@ def measure(tr: "Trainer") -> None:
         tr.record("all", "test_loss", test_loss)
         if test_acc is not None:
             tr.record("all", "test_accuracy", test_acc)
-    if exp.spec.measure.sharpness:
-        measure_curvature(tr)
-    measure_probes(tr)
+    angle = measure_curvature(tr) if exp.spec.measure.sharpness else None
+    measure_probes(tr, angle)
 
 
 def training_hessian(exp: "Experiment"):
@@ -120,7 +124,8 @@ def effective_step_v1(exp: "Experiment", st, v1: torch.Tensor) -> float:
     return st.lr * float((v * v / diag).sum() / (v @ v))
 
 
-def measure_curvature(tr: "Trainer") -> None:
+def measure_curvature(tr: "Trainer") -> float:
+    """Records the curvature rows; returns ``v1_angle_bound`` for the probes along this v1."""
     exp, st, ms = tr.exp, tr.st, tr.exp.spec.measure
     if ms.mechanism:
         # sigma^2 along the previous v1, over the steps tracked since it was found (eosbranch.mechanism).
@@ -138,6 +143,11 @@ def measure_curvature(tr: "Trainer") -> None:
     rel = (res.residuals / res.values.abs().clamp_min(1e-30)).max().item()
     tr.record("all", "eig_residual", rel)
     tr.record("all", "eig_matvecs", res.n_matvecs)
+    gap = res.gaps[0].item()
+    angle = angle_bound(res.residuals[0].item(), gap, res.values[0].item(), torch.finfo(res.vectors.dtype).eps)
+    if gap == gap:  # NaN: the basis held no second Ritz value (then the angle bound is 1)
+        tr.record("all", "eig_gap", gap)
+    tr.record("all", "v1_angle_bound", angle)
     threshold = exp.optimizer.threshold(st.lr)
     tr.record("all", "threshold", threshold)
     compared = values[0]
@@ -157,6 +167,7 @@ def measure_curvature(tr: "Trainer") -> None:
         st.measured["t_star_star"] = st.step
         tr.event("t_star_star", compared, f"sharpness {compared:.6g} >= threshold {threshold:.6g} "
                                           f"(first measurement after the fork at {fork})")
+    return angle
 
 
 def centroid_distance(exp: "Experiment") -> Optional[torch.Tensor]:
@@ -172,7 +183,9 @@ def centroid_distance(exp: "Experiment") -> Optional[torch.Tensor]:
     return (X - mu[y]).norm(dim=1)
 
 
-def measure_probes(tr: "Trainer") -> None:
+def measure_probes(tr: "Trainer", angle: Optional[float] = None) -> None:
+    """The probe rows along the state's v1; ``angle`` (its ``v1_angle_bound``, None where v1 was
+    not solved at this step) adds ``cos2_v1_error_bound`` next to each group's ``cos2_v1``."""
     exp, st, ms = tr.exp, tr.st, tr.exp.spec.measure
     v1 = None if st.eig_vectors is None else st.eig_vectors[:, 0]
     named = [(n, p) for n, p in exp.model.named_parameters() if p.requires_grad]
@@ -194,6 +207,8 @@ def measure_probes(tr: "Trainer") -> None:
         for group, metric, value in group_probes(ctx):
             if not (every_step and metric in ("loss", "accuracy")):
                 tr.record(group, metric, value)
+            if metric == "cos2_v1" and angle is not None:
+                tr.record(group, "cos2_v1_error_bound", cos2_error_bound(value, angle))
     if ms.mechanism and exp.groups and v1 is not None:
         _mechanism_rows(tr, ctx)
     for section in ms.extra_probes:  # registered probes named in the spec (validated there)

@@ -132,10 +132,19 @@ def test_group_probes_and_global_probes_are_recorded(quick_run):
     m = quick_run.metrics
     groups = {"inlier", "boundary", "input_outlier", "output_outlier"}
     probe_metrics = {"loss", "accuracy", "grad_norm", "cos2_v1", "curvature_influence", "sharpness_coupling",
-                     "rayleigh", "v1_group_curvature", "oscillation_cost", "drift_rate"}  # loss, accuracy: every step
+                     "rayleigh", "v1_group_curvature", "oscillation_cost", "drift_rate",
+                     "cos2_v1_error_bound"}  # loss, accuracy: every step
     at = m[m.step == 200]
     for g in groups:
         assert set(at[at.group == g].metric) == probe_metrics, g
+    # The error bounds of the solve behind v1 (eosbranch.eigen_error; checked against dense
+    # eigenvectors in test_eigen_error.py): recorded at every measurement, in [0, 1].
+    every = m[m.group == "all"].pivot_table(index="step", columns="metric", values="value")
+    solved = every.sharpness.notna()
+    gap = every.eig_gap[solved]
+    assert every.v1_angle_bound[solved].between(0, 1).all() and gap.dropna().gt(0).all()
+    assert (every.v1_angle_bound[solved][gap.isna()] == 1).all()  # a two-vector basis gives no gap estimate
+    assert at[at.metric == "cos2_v1_error_bound"].value.between(0, 1).all()
     # C_k = ||g_k||^2 cos^2 (the recorded numbers are consistent with each other).
     piv = at.pivot_table(index="group", columns="metric", values="value").loc[sorted(groups)]
     assert (piv.curvature_influence - piv.grad_norm**2 * piv.cos2_v1).abs().max() < 1e-6 * piv.curvature_influence.max()

@@ -40,6 +40,12 @@ class EigenResult:
     residuals: Tensor
     n_matvecs: int
     converged: bool
+    # [k] float64: estimated distance of each value to the rest of the spectrum, from the final
+    # Ritz values (see ``_ritz_gaps``); NaN where the basis holds fewer than two lower ones.
+    # ``eosbranch.eigen_error`` turns residual / gap into an angle bound (Davis-Kahan).
+    gaps: Tensor | None = None
+    # How the warm start went: "cold", "warm", or "warm+hint" (the gradient hint joined a poor v0).
+    start: str = "cold"
 
 
 # ----------------------------------------------------------------------------- block Lanczos
@@ -158,9 +164,84 @@ def _cold_start_hint(matvec, start: Tensor, dim: int, dtype, device) -> None:
     start[0] = row / row.norm()
 
 
+# Suggested ``hint_residual`` (opt-in; the default None keeps the plain warm start). A warm start
+# v0 whose first product leaves a relative residual ||A v0 - theta v0|| / |theta| above it is
+# taken as stale and the gradient hint joins it (``_join_hint``); below it the solve is the plain
+# warm one, product for product. Measured with benchmarks/measurement.py (CIFAR-shaped MLP,
+# float32, tol 1e-3; products joined / plain warm / cold): the first residual is 0.17 at the EoS
+# state (N = 2,000 and 10,000: no join, 4 / 4 / 5); after a catapult (residual 7.2, 7.0) 20 / 19 /
+# 19 at N = 2,000 and 13 / 10 / 14 at N = 10,000; at its peak (residual 9.3, 2.4) 4 / 5 / 3 and
+# 7 / 5 / 6. The join pays the product that revealed the stale v0 and drops v0's Krylov
+# direction, so it won only once in four: not the default.
+WARM_HINT_RESIDUAL = 0.5
+
+
+def _ritz_gaps(theta: np.ndarray, res: np.ndarray, k: int) -> np.ndarray:
+    """For each of the top k Ritz values, the distance to the nearest other Ritz value widened by
+    that value's residual (an interval [theta_i - res_i, theta_i + res_i] holds an eigenvalue):
+    the gap that the Davis-Kahan sin-theta bound needs, estimated from the basis at no cost.
+    Without two Ritz values below theta_j, NaN: no estimate (the one lower Ritz value of a
+    two-vector basis averages the whole lower spectrum and sits far below lambda_2; on the tiny
+    models of tests/test_eigen_error.py it made the bound fail)."""
+    gaps = np.full(k, np.nan)
+    for j in range(min(k, theta.size - 2)):
+        others = np.delete(np.arange(theta.size), j)
+        gaps[j] = np.min(np.abs(theta[others] - theta[j]) - res[others])
+    return gaps
+
+
+def _hint_row(matvec, first: Tensor, dim: int, dtype, device) -> Tensor | None:
+    """The operator's start hint (the gradient) orthogonalised against the unit row ``first``
+    and normalised, or None where there is no usable hint."""
+    hint_fn = getattr(matvec, "start_hint", None)
+    hint = hint_fn() if callable(hint_fn) else None
+    if hint is None or hint.numel() != dim:
+        return None
+    h = hint.detach().reshape(1, dim).to(device=device, dtype=dtype).clone()
+    norm = h.norm()
+    if not torch.isfinite(norm) or norm.item() <= torch.finfo(dtype).tiny:
+        return None
+    h /= norm
+    _project_out(first.reshape(1, dim), h)
+    norm = h.norm()
+    if norm.item() <= 1e-3:  # the hint is (almost) v0 itself: it adds nothing
+        return None
+    return h / norm
+
+
+def _join_hint(matvec, V: Tensor, T: Tensor, h: Tensor, dtype):
+    """Rayleigh-Ritz on span{v0, hint}, then single-vector Lanczos from the better combination.
+
+    V[0] = v0 is multiplied (A v0 = T[0,0] V[0] + T[1,0] V[1]); one product A h gives the 2x2
+    projected problem, whose top Ritz vector u is at least as good as either start in the
+    Rayleigh-quotient sense. Its residual lies in the span of the two orthogonalised products,
+    so the Krylov relation A u = theta u + beta r holds exactly and the solve goes on from
+    (u, r) with no further product. Returns the new rows (u, r) and (theta, beta), or None where
+    the new residual vanishes (leave the plain warm solve alone)."""
+    dim = V.shape[1]
+    Av0 = T[0, 0] * V[0] + T[1, 0] * V[1]
+    Ah = matvec(h[0].clone()).reshape(1, dim).to(dtype)
+    X = torch.cat([V[:1], h])
+    W = torch.cat([Av0.reshape(1, dim), Ah])
+    C = _project_out(X, W)  # W now holds the residual parts, C the 2x2 projection (rows = products)
+    Q, R = torch.linalg.qr(W.T)
+    M = C.T.to("cpu", torch.float64).numpy()
+    theta, S = np.linalg.eigh(0.5 * (M + M.T))
+    s = S[:, -1]
+    coef = R.to("cpu", torch.float64).numpy() @ s  # residual of u in the basis Q
+    beta = float(np.linalg.norm(coef))
+    if beta <= math.sqrt(torch.finfo(dtype).eps) * abs(theta[-1]):
+        return None
+    st = torch.from_numpy(s.copy()).to(device=V.device, dtype=dtype)
+    u = st @ X
+    r = Q @ torch.from_numpy(coef / beta).to(device=V.device, dtype=dtype)
+    return u / u.norm(), r / r.norm(), float(theta[-1]), beta
+
+
 def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol: float = 1e-3,
                    v0: Tensor | None = None, max_matvecs: int | None = None, dtype=None, device=None,
-                   *, block_size: int | None = None, max_basis: int = 64, seed: int = 0) -> EigenResult:
+                   *, block_size: int | None = None, max_basis: int = 64, seed: int = 0,
+                   hint_residual: float | None = None) -> EigenResult:
     """The k largest algebraic eigenpairs of a symmetric operator given only by ``matvec``.
 
     ``matvec`` maps a [dim] vector (block size 1) or a [dim, m] block to its product.
@@ -169,10 +250,13 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
     largest-magnitude component of each vector is positive. Without ``v0``, an operator with a
     ``start_hint()`` method (``hessian_matvec``'s: the full-batch gradient, free from its cached
     graph) seeds the first start vector with that direction plus a small random part; other
-    columns are random. ``max_matvecs`` counts single-vector
-    products (default 1000; at least one block step is always taken). ``max_basis`` bounds the
-    stored basis (memory dim x max_basis) before a thick restart. Deterministic: the random start
-    comes from a local generator seeded with ``seed``.
+    columns are random. With a single warm vector (k = 1, block size 1) whose first product leaves
+    a relative residual above ``hint_residual`` (a stale v0, e.g. after a catapult), the hint
+    joins it: one more product, then Lanczos from the better of their combinations (see
+    ``_join_hint`` and ``WARM_HINT_RESIDUAL``); ``hint_residual=None`` (default) never does.
+    ``max_matvecs`` counts single-vector products (default 1000; at least one block step is always
+    taken). ``max_basis`` bounds the stored basis (memory dim x max_basis) before a thick restart.
+    Deterministic: the random start comes from a local generator seeded with ``seed``.
     """
     if not 1 <= k <= dim:
         raise ValueError(f"top_eigenpairs: need 1 <= k <= dim, got k={k}, dim={dim}")
@@ -218,6 +302,8 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
     n_done, n_total, n_mv, steps, checked, next_check = 0, b, 0, 0, b, 1
     every_step = _host_reads_are_free(device)
     blocks = []  # (a, c, c + nb): expanding rows a:c created rows c:c+nb, since the last check
+    start_kind = "warm" if m else "cold"
+    may_join = m == 1 and b == 1 and hint_residual is not None and cap >= 2
 
     while True:
         a, c = n_done, n_total
@@ -278,6 +364,18 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
         converged = (n_done >= max(k, fresh) or full) and bool((res[:k] <= tol * np.abs(theta[:k])).all())
         if converged or full or out_of_budget:
             break
+        if may_join and steps == 1 and res[0] > hint_residual * abs(theta[0]) and n_mv < budget:
+            may_join = False
+            h = _hint_row(matvec, V[0], dim, dtype, device)
+            joined = None if h is None else _join_hint(matvec, V, T, h, dtype)
+            n_mv += h is not None
+            if joined is not None:  # the basis restarts as (u, r): A u = theta u + beta r
+                V[0], V[1], theta0, beta = joined
+                T.zero_()
+                T[0, 0], T[1, 0] = theta0, beta
+                colnorm[1] = beta
+                start_kind = "warm+hint"
+                continue
         if need_restart:  # thick restart: keep the top p Ritz vectors and the unexpanded block
             p = min(n_done, max(k, cap // 2))
             Sp = torch.from_numpy(S[:, :p].copy()).to(device=device, dtype=dtype)
@@ -303,4 +401,5 @@ def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol
     vectors = vectors * torch.where(ref < 0, -1.0, 1.0).to(dtype)
     if device.type == "cpu":
         _spare_basis[:] = [storage]
-    return EigenResult(torch.from_numpy(theta[:k].copy()), vectors, torch.from_numpy(res[:k].copy()), n_mv, converged)
+    return EigenResult(torch.from_numpy(theta[:k].copy()), vectors, torch.from_numpy(res[:k].copy()), n_mv, converged,
+                       torch.from_numpy(_ritz_gaps(theta, res, k)), start_kind)

@@ -1,0 +1,318 @@
+"""The whole measurement in full-batch gradients, by component, as eosbranch/measure.py does it.
+
+Setting: benchmarks/probes.py's synthetic CIFAR-shaped two-class data (D = 3072, four groups of 50
+appended: inliers, boundary points, input-outliers, label-flipped output-outliers), MLP
+D-512-512-2 with ReLU (Kaiming-normal x 0.2, zero biases), MSE, float32, CPU.
+
+States (cached with --cache, so a rerun only times):
+  eos       plain full-batch GD at eta = 2 / (1.3 S_0) from initialisation until the measured
+            sharpness (every 32 steps) reaches 2 / eta, then 32 steps more: the protocol's state,
+            with the warm start a run measuring every 32 steps holds (v1 of 32 steps before);
+  catapult  from the eos state, 32 steps at 1.5 eta (an "enter EoS"-like step-size increase): the
+            loss spikes and the sharpness falls under 2 / (1.5 eta); the warm start is v1 of the eos
+            state (the previous measurement);
+  peak      the state of those 32 steps with the highest loss (mid-catapult: the iterate is
+            thrown along the new top direction and the gradient points along it), same warm start.
+
+Each component is called as measure.measure calls it (the same functions and arguments; a tiny
+stand-in for the trainer records the rows), on a fresh operator/context, and timed next to one
+plain gradient (forward + backward of the mean loss) in the same repeat: CPU time of this
+process, 1 thread, minimum over repeats. Components:
+  losses      full-data loss and accuracy (one forward pass);
+  sharpness   hessian_matvec + top_eigenpairs (tol 1e-3) as the trainer calls it (plain warm start);
+              beside it the solve alone: "warm" with the opt-in hint choice (hint_residual =
+              WARM_HINT_RESIDUAL), "old warm" (the default) and cold (gradient hint), with products;
+  probes      group probes (loss, accuracy, grad_norm, cos2_v1, C_k, Q_k, R_k) on a Context;
+  alignment   per-example cos2 on the same Context, and the Spearman rho with centroid distance;
+  small       curvature_fraction and weight_projection.
+Accuracy columns: v1_angle_bound and the largest cos2_v1_error_bound over groups, against the
+true sin(angle) and |cos2 error| from a float64 reference solve (tol 1e-8), at tol 1e-3, 1e-4,
+1e-5 in float32 (the setting that gets cos2_v1 to 1 %).
+
+    .venv/bin/python benchmarks/measurement.py [--sizes 2000 10000] [--repeats 2] [--cache DIR]
+    .venv/bin/python benchmarks/measurement.py --small        # tiny sizes, for the test
+
+First-layer products (the data times W1, N x 3072 x 512, ~0.4 gradient at N = 10,000), for the
+one-pass restructuring that comes later. A measurement multiplies the full data by W1 (or by a
+tangent of it) in: (1) the loss/accuracy forward (measure._loss_accuracy); (2) the operator build
+(r_operator.build caches layer inputs, activation derivatives and outputs); (3) every Hessian-vector
+product, twice (the data times the W1 tangent, and the W1 gradient X^T delta), and the cold start's
+gradient hint once (X^T delta from the cache); (4) Context's curvature pass (eosbranch.taylor: the
+data times [W1; v1's W1 block]); (5) the jvp along v1 for per-example projections (its primal gives
+the per-example losses); (6) the per-example gradient norms (a forward with hooks; the first
+layer's norms then come from ||x_i||^2 ||delta_i||^2 with no further product). The group pass
+touches the group points only. (1), (4), (5) and (6) recompute what (2)'s cache holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probes import data, mlp  # noqa: E402  (benchmarks/probes.py: the same setting)
+
+from eosbranch.curvature import WARM_HINT_RESIDUAL, flatten, hessian_matvec, top_eigenpairs  # noqa: E402
+from eosbranch.eigen_error import angle_bound, cos2_error_bound  # noqa: E402
+from eosbranch.loss import get_loss  # noqa: E402
+from eosbranch.probes import (  # noqa: E402
+    Context, curvature_fraction, group_probes, per_example_alignment, spearman, weight_projection,
+)
+
+MSE = get_loss("mse")
+TOLS = (1e-3, 1e-4, 1e-5)
+CATAPULT = 1.5  # step-size factor of the catapult (2 repeats spikes at N = 2,000; 3 diverges)
+# (key, label) of every field printed per size and state; the test checks each is there and finite.
+FIELDS = [
+    ("gradient_s", "gradient s"), ("losses", "losses"), ("sharpness", "sharpness"), ("probes", "probes"),
+    ("alignment", "alignment"), ("small", "small"), ("total", "total"),
+    ("warm_mv", "warm mv"), ("old_warm_mv", "old warm mv"), ("cold_mv", "cold mv"),
+    ("warm_cost", "warm"), ("old_warm_cost", "old warm"), ("cold_cost", "cold"), ("warm_vs_cold", "warm/cold"),
+    ("first_residual", "v0 residual"), ("eig_gap", "gap"), ("v1_angle_bound", "angle bound"),
+    ("true_sin", "true sin"), ("cos2_bound", "cos2 bound"), ("true_cos2_err", "true cos2 err"),
+]
+
+
+def gradient(model, X, y):
+    model.zero_grad(set_to_none=True)
+    MSE(model(X), y).backward()
+
+
+def sharpness(model, X, y, tol=1e-3, v0=None):
+    dim = sum(p.numel() for p in model.parameters())
+    return top_eigenpairs(hessian_matvec(model, MSE, (X, y)), dim, tol=tol, v0=v0)
+
+
+def gd(model, X, y, lr, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = MSE(model(X), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def states(n: int, d: int, width: int, cache: Path | None, every: int = 32, max_steps: int = 4000,
+           wanted=("eos", "catapult", "peak")):
+    """(X, y, groups, {state: (model, v0, note)}): the eos and catapult states of the docstring."""
+    X, y, groups = data(n, d)
+    path = cache / f"measurement_{n}_{d}_{width}.pt" if cache else None
+    model = mlp(d, width)
+    if path is not None and path.exists():
+        saved = torch.load(path, weights_only=True)
+    else:
+        s0 = sharpness(model, X, y, tol=1e-4)
+        lr = 2.0 / (1.3 * s0.values[0].item())
+        v, step, onset = s0.vectors, 0, None
+        while step < max_steps:
+            gd(model, X, y, lr, every)
+            step += every
+            r = sharpness(model, X, y, v0=v)
+            if onset is not None:
+                break
+            v = r.vectors
+            onset = step if r.values[0].item() >= 2.0 / lr else None
+        else:
+            raise RuntimeError(f"no EoS onset within {max_steps} steps")
+        eos = copy.deepcopy(model.state_dict())
+        v_eos = r.vectors  # the measurement at the eos state: the catapult's warm start
+        s_eos = r.values[0].item()
+        losses = gd(model, X, y, CATAPULT * lr, every)
+        s_cat = sharpness(model, X, y, v0=v_eos).values[0].item()
+        saved = {"eos": eos, "v_before": v, "catapult": copy.deepcopy(model.state_dict()), "v_eos": v_eos,
+                 "lr": lr, "onset": onset, "step": step, "s_eos": s_eos, "s_cat": s_cat,
+                 "loss_start": losses[0], "loss_peak": max(losses), "loss_end": losses[-1]}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(saved, path)
+    if "peak" not in saved:  # replay the catapult from the eos state, keeping its highest-loss state
+        model.load_state_dict(saved["eos"])
+        best, peak = -math.inf, None
+        for _ in range(every):
+            loss = MSE(model(X), y).item()
+            if loss > best:
+                best, peak = loss, copy.deepcopy(model.state_dict())
+            gd(model, X, y, CATAPULT * saved["lr"], 1)
+        saved.update(peak=peak, loss_peak_state=best)
+        if path is not None:
+            torch.save(saved, path)
+    out = {}
+    for name, key, v0 in (("eos", "eos", "v_before"), ("catapult", "catapult", "v_eos"), ("peak", "peak", "v_eos")):
+        if name not in wanted:
+            continue
+        m = mlp(d, width)
+        m.load_state_dict(saved[key])
+        out[name] = (m, saved[v0])
+    note = (f"eta {saved['lr']:.4g} (2/eta {2 / saved['lr']:.1f}); onset at step {saved['onset']}, eos state at "
+            f"{saved['step']} (S {saved['s_eos']:.2f}); catapult: 32 steps at {CATAPULT} eta, loss {saved['loss_start']:.3g} "
+            f"-> peak {saved['loss_peak']:.3g} -> {saved['loss_end']:.3g}, S {saved['s_cat']:.2f} "
+            f"(2/({CATAPULT} eta) = {2 / CATAPULT / saved['lr']:.1f})")
+    return X, y, groups, out, note
+
+
+def cpu(fn):
+    t = time.process_time()
+    out = fn()
+    return time.process_time() - t, out
+
+
+def measure_once(model, X, y, groups, v0):
+    """One measurement as measure.measure does it; CPU seconds per component and the solve."""
+    t = {}
+    t["losses"], _ = cpu(lambda: _loss_accuracy(model, X, y))
+    t["sharpness"], res = cpu(lambda: sharpness(model, X, y, v0=v0))
+    v1 = res.vectors[:, 0]
+
+    def probes_part():
+        ctx = Context(model, MSE, X, y, groups, v1)
+        return ctx, group_probes(ctx)
+
+    t["probes"], (ctx, rows) = cpu(probes_part)
+    dist = centroid_distance(X, y)
+    t["alignment"], _ = cpu(lambda: spearman(per_example_alignment(ctx).cpu(), dist))
+    named = list(model.named_parameters())
+    theta = flatten([p.detach() for p in model.parameters()])
+    t["small"], _ = cpu(lambda: (curvature_fraction(v1, named), weight_projection(list(model.parameters()), theta, v1)))
+    return t, res, rows
+
+
+@torch.no_grad()
+def _loss_accuracy(model, X, y):
+    out = model(X)
+    return MSE(out, y).item(), (out.argmax(1) == y).double().mean().item()
+
+
+def centroid_distance(X, y):
+    Xf = X.flatten(1).double()
+    mu = torch.stack([Xf[y == c].mean(0) for c in range(2)])
+    return (Xf - mu[y]).norm(dim=1)
+
+
+def solve_cost(model, X, y, v0, **kw):
+    """CPU seconds and products of one sharpness solve (operator build included)."""
+    dim = sum(p.numel() for p in model.parameters())
+    return cpu(lambda: top_eigenpairs(hessian_matvec(model, MSE, (X, y)), dim, tol=1e-3, v0=v0, **kw))
+
+
+def accuracy(model, X, y, groups, v0):
+    """Per tol: products, angle bound, true sin, largest cos2 bound and true cos2 error (float32
+    solve against a float64 reference)."""
+    m64 = copy.deepcopy(model).double()
+    ref = sharpness(m64, X.double(), y, tol=1e-8, v0=v0.double()).vectors[:, 0]
+    out = {}
+    for tol in TOLS:
+        res = sharpness(model, X, y, tol=tol, v0=v0)
+        v = res.vectors[:, 0]
+        vd = v.double() / v.double().norm()
+        sin = float((vd - (vd @ ref) * ref).norm())
+        bound = angle_bound(res.residuals[0].item(), res.gaps[0].item(), res.values[0].item(),
+                            torch.finfo(v.dtype).eps)
+        ctx = Context(model, MSE, X, y, groups, v)
+        c2b, c2e, rb, re = 0.0, 0.0, 0.0, 0.0
+        for g in ctx.group_grads.values():
+            g = g.double()
+            # vd, not v: a float32 vector of 1.8M entries normalised in float32 is unit only to ~3e-5
+            # (a rounding floor of cos2_v1 of that relative size, apart from the angle bounded here).
+            c2 = float((g @ vd) ** 2 / (g @ g))
+            true = float((g @ ref) ** 2 / (g @ g))
+            b = cos2_error_bound(c2, bound)
+            c2b, c2e = max(c2b, b), max(c2e, abs(c2 - true))
+            rb, re = max(rb, b / max(c2, 1e-30)), max(re, abs(c2 - true) / max(true, 1e-30))
+        out[tol] = {"mv": res.n_matvecs, "gap": res.gaps[0].item(), "bound": bound, "sin": sin,
+                    "cos2_bound": c2b, "cos2_err": c2e, "cos2_rel_bound": rb, "cos2_rel_err": re}
+    return out
+
+
+def run(n: int, args) -> tuple[dict, str]:
+    X, y, groups, st, note = states(n, args.dim, args.width, args.cache, wanted=args.states)
+    results = {}
+    for name, (model, v0) in st.items():
+        gradient(model, X, y)  # warm-up (allocator, kernels, the first jvp)
+        measure_once(model, X, y, groups, v0)
+        best: dict = {}
+
+        def keep(key, value):
+            best[key] = min(best.get(key, math.inf), value)
+
+        for _ in range(args.repeats):
+            keep("gradient_s", cpu(lambda: gradient(model, X, y))[0])
+            t, res, _ = measure_once(model, X, y, groups, v0)
+            for key, value in t.items():
+                keep(key, value)
+            keep("total", sum(t.values()))
+            keep("gradient_s", cpu(lambda: gradient(model, X, y))[0])
+            for key, kw in (("warm", {"hint_residual": WARM_HINT_RESIDUAL}), ("old_warm", {}), ("cold", {"v0": None})):
+                sec, r = solve_cost(model, X, y, **{"v0": v0, **kw})
+                keep(f"{key}_cost", sec)
+                best[f"{key}_mv"] = r.n_matvecs
+                best[f"{key}_start"] = r.start
+        g = best["gradient_s"]
+        for key in ("losses", "sharpness", "probes", "alignment", "small", "total", "warm_cost", "old_warm_cost",
+                    "cold_cost"):
+            best[key] /= g
+        best["warm_vs_cold"] = best["warm_cost"] / best["cold_cost"]
+        # The first product's relative residual of the warm start: what the hint choice looks at.
+        one = top_eigenpairs(hessian_matvec(model, MSE, (X, y)), sum(p.numel() for p in model.parameters()),
+                             tol=1e-3, v0=v0, max_matvecs=1)
+        best["first_residual"] = one.residuals[0].item() / abs(one.values[0].item())
+        best["acc"] = accuracy(model, X, y, groups, v0)
+        a = best["acc"][1e-3]
+        best.update(eig_gap=a["gap"], v1_angle_bound=a["bound"], true_sin=a["sin"], cos2_bound=a["cos2_bound"],
+                    true_cos2_err=a["cos2_err"])
+        results[name] = best
+    return results, note
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000])
+    ap.add_argument("--dim", type=int, default=3072)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--states", nargs="+", default=["eos", "catapult", "peak"], choices=["eos", "catapult", "peak"])
+    ap.add_argument("--small", action="store_true", help="N = 400, D = 96, width 32, 1 repeat (for the test)")
+    args = ap.parse_args(argv)
+    if args.small:
+        args.sizes, args.dim, args.width, args.repeats = [400], 96, 32, 1
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation noise from vmap
+    t0 = time.perf_counter()
+    print(f"MLP {args.dim}-{args.width}-{args.width}-2 (ReLU), MSE, float32, CPU, 1 thread; 4 groups x 50; "
+          f"cost in full-batch gradients (CPU time), min over {args.repeats} repeats; tol 1e-3")
+    all_results = {}
+    for n in args.sizes:
+        res, note = run(n, args)
+        all_results[n] = res
+        print(f"\nN = {n}: {note}")
+        for state, r in res.items():
+            print(f"  [{state}] gradient s {r['gradient_s']:.3f} | losses {r['losses']:.2f}  sharpness "
+                  f"{r['sharpness']:.2f}  probes {r['probes']:.2f}  alignment {r['alignment']:.2f}  small "
+                  f"{r['small']:.2f}  total {r['total']:.2f}")
+            print(f"  [{state}] solve: warm mv {r['warm_mv']} ({r['warm_start']})  old warm mv {r['old_warm_mv']}  "
+                  f"cold mv {r['cold_mv']} | cost warm {r['warm_cost']:.2f}  old warm {r['old_warm_cost']:.2f}  "
+                  f"cold {r['cold_cost']:.2f}  warm/cold {r['warm_vs_cold']:.2f} | v0 residual "
+                  f"{r['first_residual']:.3f}")
+            print(f"  [{state}] accuracy at tol 1e-3: gap {r['eig_gap']:.3g}  angle bound {r['v1_angle_bound']:.2e}  "
+                  f"true sin {r['true_sin']:.2e} | cos2 bound {r['cos2_bound']:.2e}  true cos2 err "
+                  f"{r['true_cos2_err']:.2e}")
+            for tol, a in r["acc"].items():
+                print(f"  [{state}]   tol {tol:.0e} float32: {a['mv']:>3} mv  angle bound {a['bound']:.2e}  true sin "
+                      f"{a['sin']:.2e}  max cos2 bound {a['cos2_bound']:.2e}  true {a['cos2_err']:.2e}  relative: "
+                      f"bound {a['cos2_rel_bound']:.2%}  true {a['cos2_rel_err']:.2%}")
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s")
+    return all_results
+
+
+if __name__ == "__main__":
+    main()
