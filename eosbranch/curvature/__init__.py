@@ -12,7 +12,7 @@ interface, and matrix-free top eigenpairs.
 from .autograd import DEFAULT_HVP_METHOD
 from .backend import BACKENDS, select_backend
 from .flat import flatten, unflatten
-from .lanczos import EigenResult, release_workspace, top_eigenpairs
+from .lanczos import WARM_HINT_RESIDUAL, EigenResult, release_workspace, top_eigenpairs
 from .objective import GroupBatch, Objective, running_stats_frozen
 from .operator import HVP_METHODS, HessianOperator, hessian_matvec, preconditioned_matvec
 
@@ -22,5 +22,5 @@ _running_stats_frozen = running_stats_frozen
 __all__ = [
     "EigenResult", "top_eigenpairs", "hessian_matvec", "HessianOperator", "preconditioned_matvec",
     "flatten", "unflatten", "release_workspace", "DEFAULT_HVP_METHOD", "HVP_METHODS",
-    "Objective", "GroupBatch", "select_backend", "BACKENDS", "running_stats_frozen",
+    "Objective", "GroupBatch", "select_backend", "BACKENDS", "running_stats_frozen", "WARM_HINT_RESIDUAL",
 ]
