@@ -91,6 +91,14 @@ class MLPBackend(AutogradBackend):
         hv = mlp.hvp(cache, dict(zip(self.obj.names, tangents)))
         return [hv.get(n) for n in self.obj.names]
 
+    def shared_forward(self) -> mlp.Cache | None:
+        """The R-operator cache over all points (one chunk, no subset), built once: the layer
+        inputs, activation derivatives, outputs, per-example losses and dl_i/df that the loss,
+        accuracy and per-example passes of the same measurement read instead of a forward pass."""
+        if not self.obj.single_chunk or self.obj.subset is not None:
+            return None
+        return self._cached(next(self.obj.hessian_chunks()))
+
     def gradient_hint(self):
         if not self.obj.single_chunk:
             return None
