@@ -167,14 +167,18 @@ def cpu(fn):
 
 
 def measure_once(model, X, y, groups, v0):
-    """One measurement as measure.measure does it; CPU seconds per component and the solve."""
+    """One measurement as measure.measure does it; CPU seconds per component and the solve. One
+    operator for the whole measurement: its forward pass (the R-operator's cache, counted under
+    losses) gives the loss and accuracy, the solve's products and the per-example passes."""
     t = {}
-    t["losses"], _ = cpu(lambda: _loss_accuracy(model, X, y))
-    t["sharpness"], res = cpu(lambda: sharpness(model, X, y, v0=v0))
+    H = hessian_matvec(model, MSE, (X, y))
+    dim = sum(p.numel() for p in model.parameters())
+    t["losses"], _ = cpu(lambda: _shared_loss_accuracy(H, y))
+    t["sharpness"], res = cpu(lambda: top_eigenpairs(H, dim, tol=1e-3, v0=v0))
     v1 = res.vectors[:, 0]
 
     def probes_part():
-        ctx = Context(model, MSE, X, y, groups, v1)
+        ctx = Context(model, MSE, X, y, groups, v1, operator=H)
         return ctx, group_probes(ctx)
 
     t["probes"], (ctx, rows) = cpu(probes_part)
@@ -186,10 +190,10 @@ def measure_once(model, X, y, groups, v0):
     return t, res, rows
 
 
-@torch.no_grad()
-def _loss_accuracy(model, X, y):
-    out = model(X)
-    return MSE(out, y).item(), (out.argmax(1) == y).double().mean().item()
+def _shared_loss_accuracy(H, y):
+    """As measure._shared_loss_accuracy: from the operator's forward pass (built here)."""
+    fwd = H.shared_forward()
+    return fwd.losses.mean().item(), (fwd.f.argmax(1) == y).double().mean().item()
 
 
 def centroid_distance(X, y):

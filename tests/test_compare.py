@@ -166,7 +166,8 @@ def test_t_star_and_t_star_star_on_a_synthetic_sharpness_series(tmp_path, monkey
         v[0, 0] = 1.0
         value = (exit_series if st.lr == 0.025 else parent_series)[st.step]
         return SimpleNamespace(values=torch.tensor([value] * k, dtype=torch.float64), vectors=v,
-                               residuals=torch.zeros(k, dtype=torch.float64), n_matvecs=0), None
+                               residuals=torch.zeros(k, dtype=torch.float64), n_matvecs=0,
+                               gaps=torch.full((k,), float("nan"), dtype=torch.float64)), None
 
     monkeypatch.setattr(measure, "solve_curvature", fake)
     spec = copy.deepcopy(TINY)
