@@ -207,7 +207,9 @@ class Context:
             return
         if want_quad or want_coup:
             self.group_grads  # the group pass, which the curvature pass builds on
-        r = self.backend.curvature(self._batch, self.v1, quadratic=want_quad, coupling=want_coup, gradient=want_dS)
+        kw = {} if self.forward is None or self.taylor is None else {"forward": self.forward}
+        r = self.backend.curvature(self._batch, self.v1, quadratic=want_quad, coupling=want_coup, gradient=want_dS,
+                                   **kw)
         if want_quad:
             self.cache[KEYS["group_hessian_quadratic"]] = dict(zip(names, r["quadratic"].tolist()))
         if want_coup:

@@ -59,6 +59,31 @@ def test_group_probes_match_dense_oracles(loss, chunk_size, batched, method):
     ctx = Context(model, loss, X, y, GROUPS, v1, chunk_size=chunk_size, batched_vjp=batched, curvature_method=method)
     assert (ctx.taylor is not None) == (method in ("auto", "taylor"))  # this MLP is Linear-Tanh-Linear
     assert (ctx.input_split is not None) == (method in ("auto", "input_layer"))
+    _check_group_probes(ctx, d, X, y, lam, v1, J, H, dS)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_group_probes_reading_the_operators_forward_match_dense_oracles(loss, weighted):
+    # The Taylor curvature pass takes the first layer's output from the measurement's operator.
+    model, X, y = tiny()
+    w = torch.rand(X.shape[0], dtype=F64, generator=torch.Generator().manual_seed(4)) if weighted else None
+    d = Dense(model, loss, X, y)
+    objective = dense_weighted(d, w) if weighted else d.mean_loss
+
+    def hess(f):
+        return torch.func.hessian(objective)(f)
+
+    H = hess(d.theta)
+    evals, U = torch.linalg.eigh(H)
+    lam, v1, J = evals[-1], U[:, -1], d.per_example_grads()
+    dS = torch.func.jacrev(lambda f: v1 @ hess(f) @ v1)(d.theta)
+    ctx = Context(model, loss, X, y, GROUPS, v1, weights=w, operator=hessian_matvec(model, loss, (X, y), weights=w))
+    assert ctx.taylor is not None and ctx.forward is not None
+    _check_group_probes(ctx, d, X, y, lam, v1, J, H, dS)
+
+
+def _check_group_probes(ctx, d, X, y, lam, v1, J, H, dS):
     got = rows_to_dict(group_probes(ctx))
     assert [m for g, m in got if g == "a"] == list(GROUP_METRICS)
     for name, idx in GROUPS.items():

@@ -108,8 +108,11 @@ class MLPBackend(AutogradBackend):
     def group_pass(self, batch: GroupBatch):
         return taylor.group_pass(self.obj, self.chain, batch)
 
-    def curvature(self, batch, v1, quadratic, coupling, gradient) -> dict:
-        out = taylor.group_curvature(self.obj, self.chain, batch, v1, coupling, quadratic) \
+    def curvature(self, batch, v1, quadratic, coupling, gradient, forward: mlp.Cache | None = None) -> dict:
+        """As the other backends; ``forward``: an R-operator cache over the Hessian's points at these
+        parameters (the measurement's, ``shared_forward``), whose first-layer output it reuses."""
+        first = None if forward is None or self.obj.subset is not None else forward.first_out
+        out = taylor.group_curvature(self.obj, self.chain, batch, v1, coupling, quadratic, first) \
             if quadratic or coupling else {}
         if gradient:  # the flat grad S: Taylor mode never forms it
             out.update(super().curvature(batch, v1, False, False, True))

@@ -45,6 +45,7 @@ class Cache:
         self.loss_grad: Tensor | None = None  # per-example dl/df (with its graph unless loss_hess is known)
         self.loss_hess = None  # closed-form v -> (d2l/df2) v of a built-in loss (eosbranch.loss)
         self.losses: Tensor | None = None     # per-example losses l_i [n]
+        self.first_out: Tensor | None = None  # the first Linear's output x W1^T + b1 [n, width]
 
 
 def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor, omega: Tensor) -> Cache:
@@ -59,6 +60,8 @@ def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor
                 _, _, w, b = step
                 c.inputs.append(x)
                 x = F.linear(x, params[w], params[b] if b else None)
+                if c.first_out is None:
+                    c.first_out = x
             else:
                 h, s1, s2 = activation(step[1], x, graph=False)
                 c.derivs.append((s1, s2))
