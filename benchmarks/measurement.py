@@ -59,8 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import data, mlp  # noqa: E402  (benchmarks/probes.py: the same setting)
 
-from eosbranch.curvature import flatten, hessian_matvec, top_eigenpairs  # noqa: E402
-from eosbranch.curvature.lanczos import WARM_HINT_RESIDUAL  # noqa: E402
+from eosbranch.curvature import WARM_HINT_RESIDUAL, flatten, hessian_matvec, top_eigenpairs  # noqa: E402
 from eosbranch.eigen_error import angle_bound, cos2_error_bound  # noqa: E402
 from eosbranch.loss import get_loss  # noqa: E402
 from eosbranch.probes import (  # noqa: E402
