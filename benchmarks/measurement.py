@@ -18,8 +18,8 @@ Each component is called as measure.measure calls it (the same functions and arg
 stand-in for the trainer records the rows), on a fresh operator/context, and timed next to one
 plain gradient (forward + backward of the mean loss) in the same repeat: CPU time of this
 process, 1 thread, minimum over repeats. Components:
-  losses      full-data loss and accuracy (one forward pass);
-  sharpness   hessian_matvec + top_eigenpairs (tol 1e-3) as the trainer calls it (plain warm start);
+  losses      full-data loss and accuracy: the operator's forward pass (built here, shared by the rest);
+  sharpness   top_eigenpairs (tol 1e-3) on that operator as the trainer calls it (plain warm start);
               beside it the solve alone: "warm" with the opt-in hint choice (hint_residual =
               WARM_HINT_RESIDUAL), "old warm" (the default) and cold (gradient hint), with products;
   probes      group probes (loss, accuracy, grad_norm, cos2_v1, C_k, Q_k, R_k) on a Context;
@@ -32,16 +32,17 @@ true sin(angle) and |cos2 error| from a float64 reference solve (tol 1e-8), at t
     .venv/bin/python benchmarks/measurement.py [--sizes 2000 10000] [--repeats 2] [--cache DIR]
     .venv/bin/python benchmarks/measurement.py --small        # tiny sizes, for the test
 
-First-layer products (the data times W1, N x 3072 x 512, ~0.4 gradient at N = 10,000), for the
-one-pass restructuring that comes later. A measurement multiplies the full data by W1 (or by a
-tangent of it) in: (1) the loss/accuracy forward (measure._loss_accuracy); (2) the operator build
-(r_operator.build caches layer inputs, activation derivatives and outputs); (3) every Hessian-vector
-product, twice (the data times the W1 tangent, and the W1 gradient X^T delta), and the cold start's
-gradient hint once (X^T delta from the cache); (4) Context's curvature pass (eosbranch.taylor: the
-data times [W1; v1's W1 block]); (5) the jvp along v1 for per-example projections (its primal gives
-the per-example losses); (6) the per-example gradient norms (a forward with hooks; the first
-layer's norms then come from ||x_i||^2 ||delta_i||^2 with no further product). The group pass
-touches the group points only. (1), (4), (5) and (6) recompute what (2)'s cache holds.
+First-layer products (the data times W1, N x 3072 x 512, ~0.4 gradient at N = 10,000). One
+operator serves the whole measurement (measure.measure): its R-operator cache (mlp.build: layer
+inputs, activation derivatives, the first layer's output, outputs, per-example losses and dl_i/df;
+one forward, counted under "losses") gives (1) the loss and accuracy; (2) every Hessian-vector
+product, which multiplies the data twice (by the W1 tangent, and X^T delta), and the cold start's
+gradient hint (X^T delta once); (3) the Taylor curvature pass, whose product with the data covers
+only v1's W1 block and the groups' rows (the W1 part is the cache's first_out); (4) the
+projections <grad l_i, v1> = dl_i/df . R{f_i} along v1 (one product with v1's W1 block; a jvp
+was a forward and a tangent); (5) the per-example gradient norms from the cached inputs and
+adjoints (no data product). The group pass touches the group points only. Left: the data times
+v1's W1 block twice ((3) and (4)).
 """
 
 from __future__ import annotations
@@ -167,14 +168,18 @@ def cpu(fn):
 
 
 def measure_once(model, X, y, groups, v0):
-    """One measurement as measure.measure does it; CPU seconds per component and the solve."""
+    """One measurement as measure.measure does it; CPU seconds per component and the solve. One
+    operator for the whole measurement: its forward pass (the R-operator's cache, counted under
+    losses) gives the loss and accuracy, the solve's products and the per-example passes."""
     t = {}
-    t["losses"], _ = cpu(lambda: _loss_accuracy(model, X, y))
-    t["sharpness"], res = cpu(lambda: sharpness(model, X, y, v0=v0))
+    H = hessian_matvec(model, MSE, (X, y))
+    dim = sum(p.numel() for p in model.parameters())
+    t["losses"], _ = cpu(lambda: _shared_loss_accuracy(H, y))
+    t["sharpness"], res = cpu(lambda: top_eigenpairs(H, dim, tol=1e-3, v0=v0))
     v1 = res.vectors[:, 0]
 
     def probes_part():
-        ctx = Context(model, MSE, X, y, groups, v1)
+        ctx = Context(model, MSE, X, y, groups, v1, operator=H)
         return ctx, group_probes(ctx)
 
     t["probes"], (ctx, rows) = cpu(probes_part)
@@ -186,10 +191,10 @@ def measure_once(model, X, y, groups, v0):
     return t, res, rows
 
 
-@torch.no_grad()
-def _loss_accuracy(model, X, y):
-    out = model(X)
-    return MSE(out, y).item(), (out.argmax(1) == y).double().mean().item()
+def _shared_loss_accuracy(H, y):
+    """As measure._shared_loss_accuracy: from the operator's forward pass (built here)."""
+    fwd = H.shared_forward()
+    return fwd.losses.mean().item(), (fwd.f.argmax(1) == y).double().mean().item()
 
 
 def centroid_distance(X, y):

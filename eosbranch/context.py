@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
 from . import per_example
@@ -67,13 +68,17 @@ class Context:
     layers and elementwise activations, else the input-layer factorisation when the model starts
     with an ``nn.Linear``, else the generic autograd pass), "taylor", "input_layer" or "generic";
     the same numbers. The Taylor route also takes the group gradients from per-layer factors.
+    ``operator``: the measurement's ``HessianOperator`` at the same parameters, if any: where it
+    caches a forward pass over these same points (an MLP chain in one chunk, no subset), the
+    per-example losses, projections and gradient norms read it instead of passing the data
+    through the first layer again (the same numbers up to rounding).
     """
 
     def __init__(self, model: nn.Module, loss_fn, X: Tensor, y: Tensor,
                  groups: dict[str, Tensor] | None = None, v1: Tensor | None = None,
                  chunk_size: int | None = None, hessian_subset: Tensor | None = None,
                  grad_norm_method: str = "auto", batched_vjp: bool = True, weights: Tensor | None = None,
-                 curvature_method: str = "auto"):
+                 curvature_method: str = "auto", operator=None):
         obj = Objective(model, loss_fn, X, y, chunk_size=chunk_size, subset=hessian_subset, weights=weights,
                         who="Context", subset_name="hessian_subset")
         self.objective = obj
@@ -96,6 +101,17 @@ class Context:
                                       label=f"curvature_method={curvature_method!r}", hint="; use 'auto'")
         self._batch: GroupBatch | None = None
         self.cache: dict[str, object] = {}
+        self.forward = self._shared_forward(operator)
+
+    def _shared_forward(self, operator):
+        """The operator's cached forward pass if it is over these points at these parameters."""
+        fwd = None if operator is None else operator.shared_forward()
+        if fwd is None or operator.objective.X is not self.X or operator.objective.y is not self.y:
+            return None
+        theirs = operator.objective
+        if theirs.names != self.param_names or not all(torch.equal(a, b) for a, b in zip(theirs.params, self.params)):
+            return None  # the model moved since the operator was made: its forward is another one
+        return fwd
 
     @property
     def taylor(self):
@@ -191,7 +207,9 @@ class Context:
             return
         if want_quad or want_coup:
             self.group_grads  # the group pass, which the curvature pass builds on
-        r = self.backend.curvature(self._batch, self.v1, quadratic=want_quad, coupling=want_coup, gradient=want_dS)
+        kw = {} if self.forward is None or self.taylor is None else {"forward": self.forward}
+        r = self.backend.curvature(self._batch, self.v1, quadratic=want_quad, coupling=want_coup, gradient=want_dS,
+                                   **kw)
         if want_quad:
             self.cache[KEYS["group_hessian_quadratic"]] = dict(zip(names, r["quadratic"].tolist()))
         if want_coup:
@@ -227,10 +245,17 @@ class Context:
     def per_example_loss(self) -> Tensor:
         """[N] l_i at the snapshotted parameters."""
         return self._get(KEYS["per_example_loss"],
-                         lambda: self.cache.setdefault(KEYS["per_example_loss"], per_example.losses(self.objective)))
+                         lambda: self.cache.setdefault(KEYS["per_example_loss"], per_example.losses(self.objective)
+                                                       if self.forward is None else self.forward.losses))
 
     def _projection_pass(self) -> None:
-        proj, loss = per_example.projections(self.objective, self._need_v1("per_example_projection"))
+        v1 = self._need_v1("per_example_projection")
+        if self.forward is not None:
+            self.cache[KEYS["per_example_projection"]] = per_example.projections_from_forward(
+                self.forward, self.param_names, v1)
+            self.cache.setdefault(KEYS["per_example_loss"], self.forward.losses)
+            return
+        proj, loss = per_example.projections(self.objective, v1)
         self.cache[KEYS["per_example_projection"]] = proj
         self.cache.setdefault(KEYS["per_example_loss"], loss)
 
@@ -241,7 +266,9 @@ class Context:
 
     def _grad_norm_pass(self) -> None:
         sq = None
-        if self.grad_norm_method in ("auto", "linear"):
+        if self.forward is not None and self.grad_norm_method in ("auto", "linear"):
+            sq = per_example.grad_norm_sq_from_forward(self.forward)  # the same identity, no data product
+        elif self.grad_norm_method in ("auto", "linear"):
             try:
                 sq = per_example.grad_norm_sq_linear(self.objective)
             except per_example.NotLinear:

@@ -63,9 +63,25 @@ def curvature_subset(exp: "Experiment") -> Optional[torch.Tensor]:
     return torch.randperm(n, generator=g)[:size].sort().values.to(exp.device)
 
 
+def _shared_loss_accuracy(exp, H):
+    """The training loss and accuracy from the Hessian operator's cached forward pass over the
+    training points (an MLP chain in one chunk, no subset), else by a forward pass of their own."""
+    fwd = None if H is None else H.shared_forward()
+    if fwd is None:
+        return _loss_accuracy(exp, exp.train_X, exp.train_y, train=True)
+    loss = exp.objective(fwd.losses).item()
+    acc = None
+    if exp.data.task == "classification":
+        acc = (fwd.f.detach().argmax(1) == exp.train_y).double().mean().item()
+    return loss, acc
+
+
 def measure(tr: "Trainer") -> None:
     exp = tr.exp
-    loss, acc = _loss_accuracy(exp, exp.train_X, exp.train_y, train=True)
+    # One operator for the whole measurement: its forward pass (built once) also gives the loss,
+    # the accuracy and the probes' per-example passes (benchmarks/measurement.py counts the cost).
+    H = training_hessian(exp) if exp.spec.measure.sharpness else None
+    loss, acc = _shared_loss_accuracy(exp, H)
     if exp.optimizer.batch_size is not None:
         tr.record("all", "loss", loss)
     if acc is not None:
@@ -75,8 +91,8 @@ def measure(tr: "Trainer") -> None:
         tr.record("all", "test_loss", test_loss)
         if test_acc is not None:
             tr.record("all", "test_accuracy", test_acc)
-    angle = measure_curvature(tr) if exp.spec.measure.sharpness else None
-    measure_probes(tr, angle)
+    angle = measure_curvature(tr, H) if exp.spec.measure.sharpness else None
+    measure_probes(tr, angle, H)
 
 
 def training_hessian(exp: "Experiment"):
@@ -87,13 +103,14 @@ def training_hessian(exp: "Experiment"):
                           subset=curvature_subset(exp), weights=exp.train_weight)
 
 
-def solve_curvature(exp: "Experiment", st, k: int = 1, v0=None, preconditioned: bool = True):
+def solve_curvature(exp: "Experiment", st, k: int = 1, v0=None, preconditioned: bool = True, H=None):
     """``(res, pres)``: the top-``k`` eigenpairs of the training Hessian at the current parameters,
     warm-started from ``v0`` (default: the first ``k`` of the state's vectors), and, for a
     preconditioned optimizer with a state (Adam after its first step), the top pair of P^-1 H
-    (else None). The state is not changed."""
+    (else None). ``H``: that Hessian's operator if the caller made it (``training_hessian``).
+    The state is not changed."""
     ms = exp.spec.measure
-    H = training_hessian(exp)
+    H = training_hessian(exp) if H is None else H
     dim = sum(p.numel() for p in exp.params)
     if v0 is None and st.eig_vectors is not None:
         v0 = st.eig_vectors[:, :k]  # a block of k, not of every vector the state keeps
@@ -124,8 +141,9 @@ def effective_step_v1(exp: "Experiment", st, v1: torch.Tensor) -> float:
     return st.lr * float((v * v / diag).sum() / (v @ v))
 
 
-def measure_curvature(tr: "Trainer") -> float:
-    """Records the curvature rows; returns ``v1_angle_bound`` for the probes along this v1."""
+def measure_curvature(tr: "Trainer", H=None) -> float:
+    """Records the curvature rows; returns ``v1_angle_bound`` for the probes along this v1.
+    ``H``: the training Hessian's operator at this step, if made already."""
     exp, st, ms = tr.exp, tr.st, tr.exp.spec.measure
     if ms.mechanism:
         # sigma^2 along the previous v1, over the steps tracked since it was found (eosbranch.mechanism).
@@ -135,7 +153,7 @@ def measure_curvature(tr: "Trainer") -> float:
             tr.record("all", "oscillation_variance", sigma2)
             st.measured["oscillation_variance"] = sigma2
         st.measured[TRACK_KEY] = []  # the next window is tracked along the new v1
-    res, pres = solve_curvature(exp, st, k=ms.top_k)
+    res, pres = solve_curvature(exp, st, k=ms.top_k, H=H)
     st.eig_vectors = res.vectors.detach()
     values = res.values.tolist()
     for i, value in enumerate(values):
@@ -183,9 +201,11 @@ def centroid_distance(exp: "Experiment") -> Optional[torch.Tensor]:
     return (X - mu[y]).norm(dim=1)
 
 
-def measure_probes(tr: "Trainer", angle: Optional[float] = None) -> None:
+def measure_probes(tr: "Trainer", angle: Optional[float] = None, H=None) -> None:
     """The probe rows along the state's v1; ``angle`` (its ``v1_angle_bound``, None where v1 was
-    not solved at this step) adds ``cos2_v1_error_bound`` next to each group's ``cos2_v1``."""
+    not solved at this step) adds ``cos2_v1_error_bound`` next to each group's ``cos2_v1``.
+    ``H``: the training Hessian's operator at this step, whose cached forward pass the per-example
+    passes read where it covers the same points."""
     exp, st, ms = tr.exp, tr.st, tr.exp.spec.measure
     v1 = None if st.eig_vectors is None else st.eig_vectors[:, 0]
     named = [(n, p) for n, p in exp.model.named_parameters() if p.requires_grad]
@@ -200,7 +220,7 @@ def measure_probes(tr: "Trainer", angle: Optional[float] = None) -> None:
     # The Hessian behind v1 is the training loss's; held-out groups (mode: heldout) are measured on
     # the same footing as the rest, so the context sees every point of data.X.
     ctx = Context(exp.model, exp.loss_fn, exp.data.X, exp.data.y, exp.groups, v1, chunk_size=ms.chunk_size,
-                  hessian_subset=_hessian_rows(exp), weights=exp.sample_weight)
+                  hessian_subset=_hessian_rows(exp), weights=exp.sample_weight, operator=H)
     if ms.probes and exp.groups:
         # Full-batch runs have every group's loss and accuracy at every step (eosbranch.step_losses).
         every_step = exp.optimizer.batch_size is None

@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .curvature import mlp as r_operator
 from .curvature.flat import unflatten
 from .curvature.objective import Objective, running_stats_frozen
 
@@ -21,7 +22,8 @@ from .curvature.objective import Objective, running_stats_frozen
 # deprecated; the warning is torch's own and nothing a user of eosbranch can act on.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
-__all__ = ["NotLinear", "losses", "projections", "grad_norm_sq_linear", "grad_norm_sq_vmap"]
+__all__ = ["NotLinear", "losses", "projections", "grad_norm_sq_linear", "grad_norm_sq_vmap",
+           "projections_from_forward", "grad_norm_sq_from_forward"]
 
 # Per-sample gradients with vmap materialise [chunk, dim]; cap that block at this many entries.
 VMAP_BLOCK_ENTRIES = 2 ** 24
@@ -136,3 +138,34 @@ def grad_norm_sq_vmap(obj: Objective) -> Tensor:
                 rows = pos[i:i + block].to(obj.device)
                 sq[rows] = sum(g.reshape(xb.shape[0], -1).pow(2).sum(1) for g in gs)
     return sq
+
+
+# ---------------------------------------------------------------------- from a shared forward pass
+# An MLP chain's R-operator cache (``eosbranch.curvature.mlp.build`` over all points, one chunk)
+# already holds each layer's input, the activations' derivatives, the outputs and dl_i/df: the
+# measurement builds it once for the Hessian, and these read it instead of running the data
+# through the first layer again.
+def projections_from_forward(c: r_operator.Cache, names: list[str], v1: Tensor) -> Tensor:
+    """[N] <grad l_i, v1> = (dl_i/df_i) . R{f_i} along v1: one product of the data with v1's first
+    block (a jvp also recomputes the forward, a second one)."""
+    params = [c.params[n] for n in names]
+    Rf = r_operator.output_tangent(c, dict(zip(names, unflatten(v1, params))))
+    return (c.loss_grad.detach() * Rf).sum(-1)
+
+
+def grad_norm_sq_from_forward(c: r_operator.Cache) -> Tensor:
+    """[N] ||grad l_i||^2 = sum over Linear layers of ||delta_i||^2 (||a_i||^2 + 1 if it has a bias),
+    the identity of :func:`grad_norm_sq_linear`, from the cached inputs and per-example adjoints
+    (no product with the data)."""
+    deltas = r_operator.example_adjoints(c)
+    total = None
+    li = 0
+    with torch.no_grad():
+        for i, step in enumerate(c.chain.steps):
+            if step[0] != "linear":
+                continue
+            d2 = deltas[i].pow(2).sum(1)
+            part = d2 * (c.inputs[li].pow(2).sum(1) + (1.0 if step[3] else 0.0))
+            total = part if total is None else total + part
+            li += 1
+    return total

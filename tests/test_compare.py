@@ -160,13 +160,14 @@ def test_t_star_and_t_star_star_on_a_synthetic_sharpness_series(tmp_path, monkey
     parent_series = {0: 10.0, 5: 50.0, 10: 30.0, 15: 35.0, 20: 41.0, 25: 39.0, 30: 45.0, 35: 44.0, 40: 43.0}
     exit_series = {20: 41.0, 25: 70.0, 30: 90.0, 35: 95.0, 40: 99.0}
 
-    def fake(exp, st, k=1, v0=None, preconditioned=True):
+    def fake(exp, st, k=1, v0=None, preconditioned=True, H=None):
         dim = sum(p.numel() for p in exp.params)
         v = torch.zeros(dim, k, dtype=exp.dtype)
         v[0, 0] = 1.0
         value = (exit_series if st.lr == 0.025 else parent_series)[st.step]
         return SimpleNamespace(values=torch.tensor([value] * k, dtype=torch.float64), vectors=v,
-                               residuals=torch.zeros(k, dtype=torch.float64), n_matvecs=0), None
+                               residuals=torch.zeros(k, dtype=torch.float64), n_matvecs=0,
+                               gaps=torch.full((k,), float("nan"), dtype=torch.float64)), None
 
     monkeypatch.setattr(measure, "solve_curvature", fake)
     spec = copy.deepcopy(TINY)

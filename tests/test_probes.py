@@ -11,7 +11,7 @@ import scipy.stats
 import torch
 from torch import nn
 
-from eosbranch.curvature import flatten, input_linear
+from eosbranch.curvature import flatten, hessian_matvec, input_linear
 from eosbranch.loss import get_loss
 from eosbranch.probes import (
     GROUP_METRICS, KEYS, Context, curvature_fraction, fraction_loss_increased, group_probes,
@@ -59,6 +59,31 @@ def test_group_probes_match_dense_oracles(loss, chunk_size, batched, method):
     ctx = Context(model, loss, X, y, GROUPS, v1, chunk_size=chunk_size, batched_vjp=batched, curvature_method=method)
     assert (ctx.taylor is not None) == (method in ("auto", "taylor"))  # this MLP is Linear-Tanh-Linear
     assert (ctx.input_split is not None) == (method in ("auto", "input_layer"))
+    _check_group_probes(ctx, d, X, y, lam, v1, J, H, dS)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_group_probes_reading_the_operators_forward_match_dense_oracles(loss, weighted):
+    # The Taylor curvature pass takes the first layer's output from the measurement's operator.
+    model, X, y = tiny()
+    w = torch.rand(X.shape[0], dtype=F64, generator=torch.Generator().manual_seed(4)) if weighted else None
+    d = Dense(model, loss, X, y)
+    objective = dense_weighted(d, w) if weighted else d.mean_loss
+
+    def hess(f):
+        return torch.func.hessian(objective)(f)
+
+    H = hess(d.theta)
+    evals, U = torch.linalg.eigh(H)
+    lam, v1, J = evals[-1], U[:, -1], d.per_example_grads()
+    dS = torch.func.jacrev(lambda f: v1 @ hess(f) @ v1)(d.theta)
+    ctx = Context(model, loss, X, y, GROUPS, v1, weights=w, operator=hessian_matvec(model, loss, (X, y), weights=w))
+    assert ctx.taylor is not None and ctx.forward is not None
+    _check_group_probes(ctx, d, X, y, lam, v1, J, H, dS)
+
+
+def _check_group_probes(ctx, d, X, y, lam, v1, J, H, dS):
     got = rows_to_dict(group_probes(ctx))
     assert [m for g, m in got if g == "a"] == list(GROUP_METRICS)
     for name, idx in GROUPS.items():
@@ -184,6 +209,36 @@ def test_per_example_projection_norms_and_alignment_match_dense(kind, method, lo
     torch.testing.assert_close(ctx.per_example_loss, d.per_example_loss(d.theta), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(per_example_alignment(ctx), (J @ v1) ** 2 / J.norm(dim=1) ** 2,
                                rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_per_example_passes_from_the_operators_forward_match_dense(loss, weighted):
+    # The measurement's Hessian operator caches one forward pass (MLP chain, one chunk); the
+    # Context reads per-example losses, projections and norms from it instead of its own passes.
+    model, X, y = tiny("mlp")
+    d = Dense(model, loss, X, y)
+    J = d.per_example_grads()
+    v1 = torch.randn(J.shape[1], dtype=F64, generator=torch.Generator().manual_seed(3))
+    v1 /= v1.norm()
+    w = torch.rand(X.shape[0], dtype=F64, generator=torch.Generator().manual_seed(4)) if weighted else None
+    H = hessian_matvec(model, loss, (X, y), weights=w)
+    ctx = Context(model, loss, X, y, GROUPS, v1, weights=w, operator=H)
+    assert ctx.forward is H.shared_forward() is not None
+    torch.testing.assert_close(ctx.per_example_projection, J @ v1, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ctx.per_example_grad_norm, J.norm(dim=1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ctx.per_example_loss, d.per_example_loss(d.theta), rtol=1e-12, atol=1e-14)
+
+
+def test_context_ignores_an_operator_over_other_points_or_parameters():
+    model, X, y = tiny("mlp")
+    assert Context(model, "mse", X, y, operator=hessian_matvec(model, "mse", (X[:10], y[:10]))).forward is None
+    assert Context(model, "mse", X, y, operator=hessian_matvec(model, "mse", (X, y), subset=[0, 1])).forward is None
+    assert Context(model, "mse", X, y, operator=hessian_matvec(model, "mse", (X, y), chunk_size=7)).forward is None
+    H = hessian_matvec(model, "mse", (X, y))
+    with torch.no_grad():
+        model[0].weight.add_(0.1)  # the model moved after the operator was made
+    assert Context(model, "mse", X, y, operator=H).forward is None
 
 
 def test_linear_norm_identity_refuses_models_it_does_not_cover():

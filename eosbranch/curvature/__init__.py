@@ -6,7 +6,8 @@ interface, and matrix-free top eigenpairs.
   model), ``input_linear`` (a first ``nn.Linear``) and ``mlp`` (MLP chains: ``mlp``'s R-operator
   HVPs and ``taylor``'s group curvature);
 - ``operator``: ``hessian_matvec`` (x -> H x) and ``preconditioned_matvec``;
-- ``lanczos``: ``top_eigenpairs``; ``flat``: ``flatten``/``unflatten``.
+- ``lanczos``: ``top_eigenpairs``, started by ``warm_start`` (the gradient hint, ``WARM_HINT_RESIDUAL``);
+  ``flat``: ``flatten``/``unflatten``/``project_out``.
 """
 
 from .autograd import DEFAULT_HVP_METHOD
@@ -15,6 +16,7 @@ from .flat import flatten, unflatten
 from .lanczos import WARM_HINT_RESIDUAL, EigenResult, release_workspace, top_eigenpairs
 from .objective import GroupBatch, Objective, running_stats_frozen
 from .operator import HVP_METHODS, HessianOperator, hessian_matvec, preconditioned_matvec
+from .warm_start import WARM_HINT_RESIDUAL
 
 # The name step_losses, mechanism and input_linear imported before the package existed.
 _running_stats_frozen = running_stats_frozen

@@ -96,6 +96,11 @@ class AutogradBackend:
             out = {n: t.unsqueeze(0) for n, t in hvp({n: t[0] for n, t in td.items()}).items()}
         return [out[n] for n in obj.names]
 
+    def shared_forward(self):
+        """The forward and adjoint cache over all the objective's points that other passes of a
+        measurement may read (an MLP chain's R-operator cache), or None: autograd keeps none."""
+        return None
+
     def gradient_hint(self) -> list[Tensor | None] | None:
         """The full-batch gradient (per parameter) when it is free: double backward on a single
         chunk, whose graph every product reuses; else None."""

@@ -91,6 +91,14 @@ class MLPBackend(AutogradBackend):
         hv = mlp.hvp(cache, dict(zip(self.obj.names, tangents)))
         return [hv.get(n) for n in self.obj.names]
 
+    def shared_forward(self) -> mlp.Cache | None:
+        """The R-operator cache over all points (one chunk, no subset), built once: the layer
+        inputs, activation derivatives, outputs, per-example losses and dl_i/df that the loss,
+        accuracy and per-example passes of the same measurement read instead of a forward pass."""
+        if not self.obj.single_chunk or self.obj.subset is not None:
+            return None
+        return self._cached(next(self.obj.hessian_chunks()))
+
     def gradient_hint(self):
         if not self.obj.single_chunk:
             return None
@@ -100,8 +108,11 @@ class MLPBackend(AutogradBackend):
     def group_pass(self, batch: GroupBatch):
         return taylor.group_pass(self.obj, self.chain, batch)
 
-    def curvature(self, batch, v1, quadratic, coupling, gradient) -> dict:
-        out = taylor.group_curvature(self.obj, self.chain, batch, v1, coupling, quadratic) \
+    def curvature(self, batch, v1, quadratic, coupling, gradient, forward: mlp.Cache | None = None) -> dict:
+        """As the other backends; ``forward``: an R-operator cache over the Hessian's points at these
+        parameters (the measurement's, ``shared_forward``), whose first-layer output it reuses."""
+        first = None if forward is None or self.obj.subset is not None else forward.first_out
+        out = taylor.group_curvature(self.obj, self.chain, batch, v1, coupling, quadratic, first) \
             if quadratic or coupling else {}
         if gradient:  # the flat grad S: Taylor mode never forms it
             out.update(super().curvature(batch, v1, False, False, True))

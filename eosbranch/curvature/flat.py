@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["flatten", "unflatten"]
+__all__ = ["flatten", "unflatten", "project_out"]
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
@@ -27,3 +27,13 @@ def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     if i != vec.shape[0]:
         raise ValueError(f"unflatten: vector has {vec.shape[0]} entries, the tensors hold {i}")
     return out
+
+
+def project_out(basis: Tensor, w: Tensor) -> Tensor:
+    """Remove from rows of ``w`` their components along the orthonormal rows of ``basis``, twice
+    (one classical Gram-Schmidt pass loses orthogonality when w is nearly in the span)."""
+    c = w @ basis.T
+    w.addmm_(c, basis, alpha=-1)  # in place: no [rows, dim] temporary
+    c2 = w @ basis.T
+    w.addmm_(c2, basis, alpha=-1)
+    return c + c2

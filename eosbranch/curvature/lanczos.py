@@ -28,6 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .flat import project_out as _project_out
+from .warm_start import _cold_start_hint, _hint_row, _join_hint
+
 __all__ = ["EigenResult", "top_eigenpairs", "release_workspace"]
 
 @dataclass
@@ -49,16 +52,6 @@ class EigenResult:
 
 
 # ----------------------------------------------------------------------------- block Lanczos
-def _project_out(basis: Tensor, w: Tensor) -> Tensor:
-    """Remove from rows of ``w`` their components along the orthonormal rows of ``basis``, twice
-    (one classical Gram-Schmidt pass loses orthogonality when w is nearly in the span)."""
-    c = w @ basis.T
-    w.addmm_(c, basis, alpha=-1)  # in place: no [rows, dim] temporary
-    c2 = w @ basis.T
-    w.addmm_(c2, basis, alpha=-1)
-    return c + c2
-
-
 def _orthonormalize(W: Tensor, basis: Tensor, gen: torch.Generator, floor: float):
     """Careful column-by-column CGS2 of the rows of W against ``basis`` and each other.
 
@@ -140,40 +133,8 @@ def _resolve(dtype, device, v0, matvec):
     return dtype, torch.device(device)
 
 
-# Weight of the seeded random part mixed into a start hint: it keeps every eigenvector present in
-# the start (a hint exactly orthogonal to v1 must not yield a certified lambda_2), yet small
-# enough not to slow convergence (4 products instead of 6 at 0.01-0.03 in the CIFAR-shaped
-# benchmark setting, 5 at 0.1).
-HINT_RANDOM_WEIGHT = 0.03
 # Rows of the Lanczos basis reserved up front, in blocks (see top_eigenpairs).
 INITIAL_BASIS_BLOCKS = 16
-
-
-def _cold_start_hint(matvec, start: Tensor, dim: int, dtype, device) -> None:
-    """Replace the first (unit, random) start row by hint + HINT_RANDOM_WEIGHT * that row, where
-    the operator offers a free direction (``matvec.start_hint()``; HessianOperator: the gradient)."""
-    hint_fn = getattr(matvec, "start_hint", None)
-    hint = hint_fn() if callable(hint_fn) else None
-    if hint is None:
-        return
-    hint = hint.detach().reshape(-1).to(device=device, dtype=dtype)
-    norm = hint.norm()
-    if hint.numel() != dim or not torch.isfinite(norm) or norm.item() <= torch.finfo(dtype).tiny:
-        return  # no usable direction (e.g. the gradient vanishes at a minimum): stay random
-    row = hint / norm + HINT_RANDOM_WEIGHT * start[0]
-    start[0] = row / row.norm()
-
-
-# Suggested ``hint_residual`` (opt-in; the default None keeps the plain warm start). A warm start
-# v0 whose first product leaves a relative residual ||A v0 - theta v0|| / |theta| above it is
-# taken as stale and the gradient hint joins it (``_join_hint``); below it the solve is the plain
-# warm one, product for product. Measured with benchmarks/measurement.py (CIFAR-shaped MLP,
-# float32, tol 1e-3; products joined / plain warm / cold): the first residual is 0.17 at the EoS
-# state (N = 2,000 and 10,000: no join, 4 / 4 / 5); after a catapult (residual 7.2, 7.0) 20 / 19 /
-# 19 at N = 2,000 and 13 / 10 / 14 at N = 10,000; at its peak (residual 9.3, 2.4) 4 / 5 / 3 and
-# 7 / 5 / 6. The join pays the product that revealed the stale v0 and drops v0's Krylov
-# direction, so it won only once in four: not the default.
-WARM_HINT_RESIDUAL = 0.5
 
 
 def _ritz_gaps(theta: np.ndarray, res: np.ndarray, k: int) -> np.ndarray:
@@ -188,54 +149,6 @@ def _ritz_gaps(theta: np.ndarray, res: np.ndarray, k: int) -> np.ndarray:
         others = np.delete(np.arange(theta.size), j)
         gaps[j] = np.min(np.abs(theta[others] - theta[j]) - res[others])
     return gaps
-
-
-def _hint_row(matvec, first: Tensor, dim: int, dtype, device) -> Tensor | None:
-    """The operator's start hint (the gradient) orthogonalised against the unit row ``first``
-    and normalised, or None where there is no usable hint."""
-    hint_fn = getattr(matvec, "start_hint", None)
-    hint = hint_fn() if callable(hint_fn) else None
-    if hint is None or hint.numel() != dim:
-        return None
-    h = hint.detach().reshape(1, dim).to(device=device, dtype=dtype).clone()
-    norm = h.norm()
-    if not torch.isfinite(norm) or norm.item() <= torch.finfo(dtype).tiny:
-        return None
-    h /= norm
-    _project_out(first.reshape(1, dim), h)
-    norm = h.norm()
-    if norm.item() <= 1e-3:  # the hint is (almost) v0 itself: it adds nothing
-        return None
-    return h / norm
-
-
-def _join_hint(matvec, V: Tensor, T: Tensor, h: Tensor, dtype):
-    """Rayleigh-Ritz on span{v0, hint}, then single-vector Lanczos from the better combination.
-
-    V[0] = v0 is multiplied (A v0 = T[0,0] V[0] + T[1,0] V[1]); one product A h gives the 2x2
-    projected problem, whose top Ritz vector u is at least as good as either start in the
-    Rayleigh-quotient sense. Its residual lies in the span of the two orthogonalised products,
-    so the Krylov relation A u = theta u + beta r holds exactly and the solve goes on from
-    (u, r) with no further product. Returns the new rows (u, r) and (theta, beta), or None where
-    the new residual vanishes (leave the plain warm solve alone)."""
-    dim = V.shape[1]
-    Av0 = T[0, 0] * V[0] + T[1, 0] * V[1]
-    Ah = matvec(h[0].clone()).reshape(1, dim).to(dtype)
-    X = torch.cat([V[:1], h])
-    W = torch.cat([Av0.reshape(1, dim), Ah])
-    C = _project_out(X, W)  # W now holds the residual parts, C the 2x2 projection (rows = products)
-    Q, R = torch.linalg.qr(W.T)
-    M = C.T.to("cpu", torch.float64).numpy()
-    theta, S = np.linalg.eigh(0.5 * (M + M.T))
-    s = S[:, -1]
-    coef = R.to("cpu", torch.float64).numpy() @ s  # residual of u in the basis Q
-    beta = float(np.linalg.norm(coef))
-    if beta <= math.sqrt(torch.finfo(dtype).eps) * abs(theta[-1]):
-        return None
-    st = torch.from_numpy(s.copy()).to(device=V.device, dtype=dtype)
-    u = st @ X
-    r = Q @ torch.from_numpy(coef / beta).to(device=V.device, dtype=dtype)
-    return u / u.norm(), r / r.norm(), float(theta[-1]), beta
 
 
 def top_eigenpairs(matvec: Callable[[Tensor], Tensor], dim: int, k: int = 1, tol: float = 1e-3,

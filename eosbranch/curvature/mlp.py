@@ -28,7 +28,7 @@ from torch import Tensor
 from ..loss import output_derivatives
 from ..mlp_chain import Chain, activation
 
-__all__ = ["Cache", "build", "hvp", "gradient"]
+__all__ = ["Cache", "build", "hvp", "gradient", "example_adjoints", "output_tangent"]
 
 
 class Cache:
@@ -45,6 +45,7 @@ class Cache:
         self.loss_grad: Tensor | None = None  # per-example dl/df (with its graph unless loss_hess is known)
         self.loss_hess = None  # closed-form v -> (d2l/df2) v of a built-in loss (eosbranch.loss)
         self.losses: Tensor | None = None     # per-example losses l_i [n]
+        self.first_out: Tensor | None = None  # the first Linear's output x W1^T + b1 [n, width]
 
 
 def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor, omega: Tensor) -> Cache:
@@ -59,6 +60,8 @@ def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor
                 _, _, w, b = step
                 c.inputs.append(x)
                 x = F.linear(x, params[w], params[b] if b else None)
+                if c.first_out is None:
+                    c.first_out = x
             else:
                 h, s1, s2 = activation(step[1], x, graph=False)
                 c.derivs.append((s1, s2))
@@ -73,26 +76,60 @@ def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor
             gl = torch.autograd.grad(per.sum(), f, create_graph=True)[0]
         c.f, c.loss_grad, c.losses = f, gl, per.detach()
     c.omega = omega
-    # Adjoints backward: deltas[i] is dL/d(output of step i).
+    deltas = _adjoints(c, omega.unsqueeze(-1) * c.loss_grad.detach())
+    c.deltas = deltas
+    acts = [i for i, step in enumerate(chain.steps) if step[0] != "linear"]
     with torch.no_grad():
-        d = omega.unsqueeze(-1) * c.loss_grad.detach()
-        deltas = [None] * len(chain.steps)
+        c.s2_delta = [None if s2 is None else s2 * deltas[i] for i, (_, s2) in zip(acts, c.derivs)]
+    return c
+
+
+def _adjoints(c: Cache, d: Tensor) -> list[Tensor]:
+    """Per step, the adjoint of its output, from ``d`` at the model's output, backward. The first
+    layer's input is data and needs no adjoint, so no product here touches the data."""
+    chain, params = c.chain, c.params
+    deltas: list[Tensor] = [None] * len(chain.steps)
+    with torch.no_grad():
         li, ai = len(c.inputs), len(c.derivs)
         for i in range(len(chain.steps) - 1, -1, -1):
             deltas[i] = d
             step = chain.steps[i]
             if step[0] == "linear":
                 li -= 1
-                if li > 0:  # the first layer's input is data: no adjoint needed
+                if li > 0:
                     d = d @ params[step[2]]
             else:
                 ai -= 1
                 d = c.derivs[ai][0] * d
-    c.deltas = deltas
-    acts = [i for i, step in enumerate(chain.steps) if step[0] != "linear"]
+    return deltas
+
+
+def example_adjoints(c: Cache) -> list[Tensor]:
+    """Per step, each example's own dl_i/d(output of the step) [n, width]: the cache's adjoints
+    where the points' weights are all one, else a backward pass from dl_i/df (no data product)."""
+    if bool((c.omega == 1).all()):
+        return c.deltas
+    return _adjoints(c, c.loss_grad.detach())
+
+
+def output_tangent(c: Cache, tangent: dict[str, Tensor]) -> Tensor:
+    """[n, C] R{f}: the derivative of each example's output along one tangent (name -> tensor of
+    the parameter's shape), forward through the cached inputs and activation derivatives: one
+    product of the data with the first layer's tangent, none with its weight."""
+    R, li, ai = None, 0, 0
     with torch.no_grad():
-        c.s2_delta = [None if s2 is None else s2 * deltas[i] for i, (_, s2) in zip(acts, c.derivs)]
-    return c
+        for step in c.chain.steps:
+            if step[0] == "linear":
+                _, _, w, b = step
+                out = c.inputs[li] @ tangent[w].T
+                if R is not None:
+                    out.addmm_(R, c.params[w].T)
+                if b:
+                    out += tangent[b]
+                R, li = out, li + 1
+            else:
+                R, ai = c.derivs[ai][0] * R, ai + 1
+    return R
 
 
 def _loss_hessian_times(c: Cache, Rf: Tensor) -> Tensor:

@@ -55,6 +55,13 @@ class HessianOperator:
         parts = self.backend.gradient_hint()
         return None if parts is None else self._flat(parts, 1)[0]
 
+    def shared_forward(self):
+        """The forward pass this operator caches over all of ``data`` (an MLP chain's R-operator
+        cache, ``eosbranch.curvature.mlp.Cache``: layer inputs, outputs ``f``, per-example
+        ``losses`` and dl_i/df), for the other passes of a measurement at the same parameters;
+        None where the backend keeps none (other models, chunks, a subset)."""
+        return self.backend.shared_forward()
+
     def _flat(self, parts, m: int) -> Tensor:
         """[m, dim] from per-parameter blocks of m rows; None stands for a zero block."""
         return torch.cat([torch.zeros(m, p.numel(), dtype=self.dtype, device=self.device) if h is None

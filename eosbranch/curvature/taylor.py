@@ -165,10 +165,12 @@ def _loss_jet(loss_fn, f: Tensor, yc: Tensor, f1: Tensor, f2: Tensor | None, gra
 
 
 def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor | None,
-                    coupling: bool, quadratic: bool) -> dict:
+                    coupling: bool, quadratic: bool, first_out: Tensor | None = None) -> dict:
     """``{"quadratic": [K] g_k^T H g_k, "coupling": [K] <g_k, grad S>, "s": v1^T H v1}`` for the
     groups of ``batch`` (after :func:`group_pass`), H the Hessian of ``obj`` (the one v1 came from:
-    all points or a subset, weighted if it is)."""
+    all points or a subset, weighted if it is). ``first_out``: the first layer's output over the
+    Hessian's points in one chunk, if a forward pass at these parameters has it already (the
+    measurement's R-operator cache): the data then meet only v1's block and the groups' rows."""
     K = batch.W.shape[0]
     fac = batch.factors  # from group_pass
     P = dict(zip(obj.names, obj.params))
@@ -180,11 +182,13 @@ def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor 
     s_total = torch.zeros((), dtype=obj.dtype, device=obj.device)
     # Everything the data meet in the first layer, as one matrix: its weight, v1's block and the
     # groups' points (their factors' rows), so a single product with the data gives all three.
-    first_rows = [P[w1]] + ([vparts[w1]] if coupling else [])
+    shared = first_out is not None and obj.single_chunk
+    first_rows = ([] if shared else [P[w1]]) + ([vparts[w1]] if coupling else [])
     if fac["layers"][0] is not None:
         first_rows.append(fac["layers"][0]["A"])
-    first_rows = torch.cat(first_rows)
+    first_rows = torch.cat(first_rows) if first_rows else None
     width = P[w1].shape[0]
+    at = 0 if shared else width  # where v1's block starts in the product's columns
     for chunk in obj.hessian_chunks():
         Xh, yh, om = chunk.X, chunk.y, chunk.global_omega(obj.dtype, obj.device)
         # At most SUB_CHUNK points at a time: the K group streams are K times the size of an
@@ -193,12 +197,15 @@ def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor 
             Xc, yc, omega = Xh[i:i + SUB_CHUNK], yh[i:i + SUB_CHUNK], om[i:i + SUB_CHUNK]
             A = chain.inputs(Xc)
             with torch.no_grad():
-                out = A @ first_rows.T
-                Z0 = out[:, :width] + P[b1] if b1 else out[:, :width]
+                out = None if first_rows is None else A @ first_rows.T
+                if shared:
+                    Z0 = first_out[i:i + SUB_CHUNK].detach()  # a leaf of its own: it may record below
+                else:
+                    Z0 = out[:, :width] + P[b1] if b1 else out[:, :width]
                 Zv = None
                 if coupling:
-                    Zv = out[:, width:2 * width] + vparts[b1] if b1 else out[:, width:2 * width]
-                xA = out[:, (2 if coupling else 1) * width:] if fac["layers"][0] is not None else None
+                    Zv = out[:, at:at + width] + vparts[b1] if b1 else out[:, at:at + width]
+                xA = out[:, at + (width if coupling else 0):] if fac["layers"][0] is not None else None
                 Zk = _times_group_blocks(A, 0, fac, gparts[w1], xA)  # [K, n, h]: the groups' first tangents
                 if b1:
                     Zk += gparts[b1].unsqueeze(1)
