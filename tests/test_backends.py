@@ -23,12 +23,7 @@ ROUTES = ["auto", "taylor", "input_layer", "generic"]
 HVP_METHODS = [None, "double_backward", "forward_over_reverse", "r_operator"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add synchronisation
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add synchronisation
 
 
 @pytest.fixture(scope="module", params=NAMES)

@@ -22,14 +22,7 @@ except ImportError:  # pragma: no cover
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: intra-op threads only add synchronisation (10-100x slower on a busy
-    # machine). Restored afterwards, so other modules keep the thread count of conftest.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add synchronisation
 
 
 def tiny_mlp():

@@ -13,7 +13,7 @@ interface, and matrix-free top eigenpairs.
 from .autograd import DEFAULT_HVP_METHOD
 from .backend import BACKENDS, select_backend
 from .flat import flatten, unflatten
-from .lanczos import WARM_HINT_RESIDUAL, EigenResult, release_workspace, top_eigenpairs
+from .lanczos import EigenResult, release_workspace, top_eigenpairs
 from .objective import GroupBatch, Objective, running_stats_frozen
 from .operator import HVP_METHODS, HessianOperator, hessian_matvec, preconditioned_matvec
 from .warm_start import WARM_HINT_RESIDUAL

@@ -42,7 +42,21 @@ __all__ = ["BACKENDS", "AutogradBackend", "InputLinearBackend", "MLPBackend", "s
 BACKENDS = ("auto", "mlp", "input_linear", "autograd")
 
 
-class InputLinearBackend(AutogradBackend):
+class FactoredBackend(AutogradBackend):
+    """A backend whose group curvature (R_k, Q_k) comes from a factorisation that never forms the
+    flat grad S; when grad S itself is asked for, autograd gives it."""
+
+    def group_curvature(self, batch, v1, quadratic, coupling, forward=None) -> dict:
+        raise NotImplementedError
+
+    def curvature(self, batch, v1, quadratic, coupling, gradient, forward=None) -> dict:
+        out = self.group_curvature(batch, v1, quadratic, coupling, forward) if quadratic or coupling else {}
+        if gradient:
+            out.update(AutogradBackend.curvature(self, batch, v1, False, False, True))
+        return out
+
+
+class InputLinearBackend(FactoredBackend):
     """Group curvature through the input-layer factorisation; everything else by autograd."""
 
     name = "input_linear"
@@ -52,15 +66,11 @@ class InputLinearBackend(AutogradBackend):
         super().__init__(obj, form, batched_vjp)
         self.split = split
 
-    def curvature(self, batch, v1, quadratic, coupling, gradient) -> dict:
-        out = input_linear.group_curvature(self.obj, self.split, batch, v1, coupling, quadratic) \
-            if quadratic or coupling else {}
-        if gradient:  # the flat grad S: the factorisation never forms it
-            out.update(super().curvature(batch, v1, False, False, True))
-        return out
+    def group_curvature(self, batch, v1, quadratic, coupling, forward=None) -> dict:
+        return input_linear.group_curvature(self.obj, self.split, batch, v1, coupling, quadratic)
 
 
-class MLPBackend(AutogradBackend):
+class MLPBackend(FactoredBackend):
     """HVPs by the R-operator, group gradients and curvature by Taylor-mode propagation."""
 
     name = "mlp"
@@ -108,15 +118,11 @@ class MLPBackend(AutogradBackend):
     def group_pass(self, batch: GroupBatch):
         return taylor.group_pass(self.obj, self.chain, batch)
 
-    def curvature(self, batch, v1, quadratic, coupling, gradient, forward: mlp.Cache | None = None) -> dict:
-        """As the other backends; ``forward``: an R-operator cache over the Hessian's points at these
-        parameters (the measurement's, ``shared_forward``), whose first-layer output it reuses."""
+    def group_curvature(self, batch, v1, quadratic, coupling, forward: mlp.Cache | None = None) -> dict:
+        """``forward``: an R-operator cache over the Hessian's points at these parameters (the
+        measurement's, ``shared_forward``), whose first-layer output it reuses."""
         first = None if forward is None or self.obj.subset is not None else forward.first_out
-        out = taylor.group_curvature(self.obj, self.chain, batch, v1, coupling, quadratic, first) \
-            if quadratic or coupling else {}
-        if gradient:  # the flat grad S: Taylor mode never forms it
-            out.update(super().curvature(batch, v1, False, False, True))
-        return out
+        return taylor.group_curvature(self.obj, self.chain, batch, v1, coupling, quadratic, first)
 
 
 def select_backend(obj: Objective, method: str = "auto", *, form: str | None = None, batched_vjp: bool = True,
