@@ -8,6 +8,9 @@ import os
 import pytest
 import torch
 
+from eosbranch.experiment import build
+from eosbranch.loop import Trainer
+
 # Bit-exact comparisons need the same thread count in every process of a test.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -86,3 +89,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class Crash(Exception):
+    """A hard stop raised by the per-step callback: a crash at a chosen step, deterministically."""
+
+
+def crash_at(spec, store, step: int, **trainer_options) -> None:
+    """Train ``spec`` into ``store`` from step 0 and stop hard at ``step`` (no checkpoint saved
+    there, rows of later steps never written), as a SIGKILL at that step would."""
+    tr = Trainer(build(spec), store, **trainer_options)
+    tr.start_fresh()
+
+    def crash(trainer, losses):
+        if trainer.st.step == step:
+            raise Crash
+
+    with pytest.raises(Crash):
+        tr.run(spec.steps, crash)

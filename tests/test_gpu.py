@@ -14,12 +14,12 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS sta
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import eosbranch
 from eosbranch.curvature import hessian_matvec, top_eigenpairs
 from eosbranch.spec import parse_spec
 from eosbranch.train import build
+from tests.oracles import dense_hessian
 
 DEVICE = os.environ.get("EOSBRANCH_GPU_TEST_DEVICE", "cuda")
 
@@ -60,23 +60,6 @@ def test_null_fork_on_cuda_is_bit_identical(tmp_path, model):
     assert cert.value.tolist() == [0.0]
 
 
-def _dense_hessian(exp) -> torch.Tensor:
-    """The full Hessian of the training loss over the flat parameters, by torch.func (float64)."""
-    names = [n for n, p in exp.model.named_parameters() if p.requires_grad]
-    shapes = [p.shape for _, p in exp.model.named_parameters() if p.requires_grad]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in exp.model.named_parameters() if p.requires_grad])
-
-    def f(theta):
-        parts, i = {}, 0
-        for n, shape in zip(names, shapes):
-            k = shape.numel()
-            parts[n] = theta[i:i + k].view(shape)
-            i += k
-        return exp.loss_fn(functional_call(exp.model, parts, (exp.train_X,)), exp.train_y)
-
-    return torch.func.hessian(f)(flat)
-
-
 @pytest.mark.parametrize("model", ["mlp", "vit"])
 def test_hvp_on_cuda_matches_a_dense_float64_hessian_on_the_cpu(model):
     s = spec(model, groups=None, data={"kind": "digits", "classes": [3, 5], "n_per_class": 20})
@@ -85,7 +68,7 @@ def test_hvp_on_cuda_matches_a_dense_float64_hessian_on_the_cpu(model):
     cpu = build(parse_spec({**s, "device": "cpu", "dtype": "float64"}))  # same initial weights
     cpu.model.load_state_dict(dev.model.state_dict())
     cpu.data.X = dev.data.X.detach().cpu().double()  # the device's float32 inputs, exactly
-    H = _dense_hessian(cpu)
+    H = dense_hessian(cpu.model, cpu.loss_fn, cpu.train_X, cpu.train_y)  # float64, on the CPU
     op = hessian_matvec(dev.model, dev.loss_fn, (dev.train_X, dev.train_y))
     assert op.dim == H.shape[0]
     V = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -5,7 +5,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call, hessian
 
 import eosbranch
 from eosbranch.catalog import example_path
@@ -15,23 +14,7 @@ from eosbranch.experiment import build
 from eosbranch.state import restore_state
 
 from conftest import write_spec
-
-
-def dense_hessian(exp):
-    names = [n for n, p in exp.model.named_parameters()]
-    params = {n: p.detach() for n, p in exp.model.named_parameters()}
-    shapes = [p.shape for p in params.values()]
-
-    def f(flat):
-        chunks, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = s.numel()
-            chunks[n] = flat[i:i + k].reshape(s)
-            i += k
-        return exp.loss_fn(functional_call(exp.model, chunks, (exp.data.X,)), exp.data.y)
-
-    flat = torch.cat([p.flatten() for p in params.values()])
-    return hessian(f)(flat)
+from tests.oracles import dense_hessian
 
 
 def at_checkpoint(run, step):
@@ -83,7 +66,7 @@ def test_adam_records_preconditioned_sharpness_against_dense(tmp_path, tiny_spec
     tiny_spec["model"]["width"] = 8
     run = eosbranch.train(tiny_spec, tmp_path)
     exp, st = at_checkpoint(run, 10)
-    H = dense_hessian(exp)
+    H = dense_hessian(exp.model, exp.loss_fn, exp.data.X, exp.data.y)
     P = torch.cat([d.flatten() for d in exp.optimizer.preconditioner(st.opt_state)])
     dense = torch.linalg.eigvals(torch.diag(1 / P) @ H).real.max().item()
     assert run.metric("preconditioned_sharpness")[10] == pytest.approx(dense, rel=1e-6)

@@ -18,13 +18,11 @@ import torch
 from typer.testing import CliRunner
 
 import eosbranch
-from conftest import TINY, write_spec
+from conftest import TINY, crash_at, write_spec
 from eosbranch.cli import app
 from eosbranch.errors import EosbranchWarning
 from eosbranch.spec import parse_spec
 from eosbranch.store import RunStore
-from eosbranch.experiment import build
-from eosbranch.loop import Trainer
 from eosbranch.rundir import open_run, run_dir_for
 
 TABLES = ("metrics", "events", "examples")
@@ -46,24 +44,13 @@ def reference(tmp_path_factory):
     return eosbranch.train(table_spec(), tmp_path_factory.mktemp("ref"))
 
 
-class Crash(Exception):
-    pass
-
 
 @pytest.fixture(scope="module")
 def crashed(tmp_path_factory):
     """A run stopped hard at step 25 (checkpoints 0, 10, 20; table rows of steps < 20)."""
     spec = parse_spec(table_spec())
     store = open_run(spec, run_dir_for(spec, tmp_path_factory.mktemp("crashed")))
-    tr = Trainer(build(spec), store)
-    tr.start_fresh()
-
-    def crash(trainer, loss):
-        if trainer.st.step == 25:
-            raise Crash
-
-    with pytest.raises(Crash):
-        tr.run(spec.steps, crash)
+    crash_at(spec, store, 25)
     return store.path
 
 

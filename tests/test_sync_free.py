@@ -30,7 +30,7 @@ from eosbranch.models import MODELS
 from eosbranch.rundir import open_run
 from eosbranch.spec import parse_spec
 
-from conftest import TINY
+from conftest import TINY, crash_at
 
 SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select"}
 TENSOR_READS = ["item", "tolist", "numpy", "cpu", "__float__", "__bool__", "__int__", "__index__"]
@@ -224,24 +224,13 @@ def test_a_diverging_run_stops_as_on_the_host_path(tmp_path, monkeypatch):
         assert all(torch.isfinite(v).all() for v in device.checkpoint(s_)["model"].values())
 
 
-class Crash(Exception):
-    pass
-
 
 def test_the_device_path_resumes_bit_for_bit(tmp_path, monkeypatch):
     s = with_groups()
     ref = train_on("device", s, tmp_path / "ref", monkeypatch)
     spec = parse_spec(s)
     store = open_run(spec, tmp_path / "crash" / ref.name)
-    tr = Trainer(build(spec), store, sync_free=True)
-    tr.start_fresh()
-
-    def crash(trainer, losses):
-        if trainer.st.step == 17:
-            raise Crash
-
-    with pytest.raises(Crash):
-        tr.run(spec.steps, crash)
+    crash_at(spec, store, 17, sync_free=True)
     assert store.checkpoint_steps() == [0, 7, 14]
     assert_same_rows(ref, eosbranch.resume(store.path))
 

@@ -8,11 +8,11 @@ import eosbranch
 from eosbranch.errors import DivergenceError
 from eosbranch.store import RunStore
 from eosbranch.tables import METRICS_COLUMNS
-from eosbranch.experiment import build
-from eosbranch.loop import Trainer
 from eosbranch.rundir import open_run
 from eosbranch.state import checkpoint_state
 from eosbranch.spec import parse_spec
+
+from conftest import crash_at
 
 
 def final_params(run):
@@ -55,24 +55,13 @@ def test_same_seed_twice_identical_and_different_seed_differs(tmp_path, tiny_spe
     assert not torch.equal(final_params(a)["1.weight"], final_params(c)["1.weight"])
 
 
-class Crash(Exception):
-    pass
-
 
 def crash_then_resume(tmp_path, spec_dict, crash_step):
     """Train uninterrupted, then again with a crash at ``crash_step`` and a resume: (ref, resumed, store)."""
     ref = eosbranch.train(spec_dict, tmp_path / "ref")
     spec = parse_spec(spec_dict)
     store = open_run(spec, tmp_path / "crash" / ref.name)
-    tr = Trainer(build(spec), store)
-    tr.start_fresh()
-
-    def crash(trainer, loss):
-        if trainer.st.step == crash_step:
-            raise Crash
-
-    with pytest.raises(Crash):
-        tr.run(spec.steps, crash)
+    crash_at(spec, store, crash_step)
     crashed = (store.checkpoint_steps(), int(store.read_table("metrics").step.max()))
     return ref, eosbranch.resume(store.path), crashed
 

@@ -44,10 +44,8 @@ BACKENDS = ("auto", "mlp", "input_linear", "autograd")
 
 class FactoredBackend(AutogradBackend):
     """A backend whose group curvature (R_k, Q_k) comes from a factorisation that never forms the
-    flat grad S; when grad S itself is asked for, autograd gives it."""
-
-    def group_curvature(self, batch, v1, quadratic, coupling, forward=None) -> dict:
-        raise NotImplementedError
+    flat grad S; when grad S itself is asked for, autograd gives it. A subclass defines
+    ``group_curvature(batch, v1, quadratic, coupling, forward)``."""
 
     def curvature(self, batch, v1, quadratic, coupling, gradient, forward=None) -> dict:
         out = self.group_curvature(batch, v1, quadratic, coupling, forward) if quadratic or coupling else {}
