@@ -10,7 +10,7 @@ import eosbranch
 from eosbranch.eigen_error import GAP_SAFETY, ROUNDING, angle_bound, cos2_error_bound
 from eosbranch.measure import solve_curvature
 from eosbranch.train import build, restore_state
-from test_measure import dense_hessian
+from tests.oracles import dense_hessian
 
 F64 = torch.float64
 
@@ -79,7 +79,7 @@ def test_recorded_bounds_hold_against_dense_eigenvectors(tmp_path, tiny_spec, lo
         assert bound == angle_bound(res.residuals[0].item(), res.gaps[0].item(), res.values[0].item(), eps)
         exp64 = build(run.spec.model_copy(update={"dtype": "float64"}))
         restore_state(exp64, run.checkpoint(step))
-        w, U = torch.linalg.eigh(dense_hessian(exp64))
+        w, U = torch.linalg.eigh(dense_hessian(exp64.model, exp64.loss_fn, exp64.data.X, exp64.data.y))
         if w[-1] - w[-2] <= tol * abs(w[-1]):
             # The solve may stop with a residual above the true gap: no estimate from its basis
             # can then tell lambda_2 apart (eosbranch.eigen_error), so the bound is not claimed.
