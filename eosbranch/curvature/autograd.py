@@ -101,6 +101,11 @@ class AutogradBackend:
         measurement may read (an MLP chain's R-operator cache), or None: autograd keeps none."""
         return None
 
+    def first_tangent(self, v: Tensor) -> Tensor | None:
+        """R{z_1} along ``v`` [N, width] recombined from the products made so far, or None: only
+        the R-operator records them (``MLPBackend.first_tangent``)."""
+        return None
+
     def gradient_hint(self) -> list[Tensor | None] | None:
         """The full-batch gradient (per parameter) when it is free: double backward on a single
         chunk, whose graph every product reuses; else None."""

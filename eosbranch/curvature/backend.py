@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import torch
 from torch import Tensor
 
 from .. import mlp_chain
@@ -37,9 +38,16 @@ from . import input_linear, mlp, taylor
 from .autograd import AutogradBackend
 from .objective import Chunk, GroupBatch, Objective
 
-__all__ = ["BACKENDS", "AutogradBackend", "InputLinearBackend", "MLPBackend", "select_backend"]
+__all__ = ["BACKENDS", "AutogradBackend", "InputLinearBackend", "MLPBackend", "select_backend", "RECORD_BYTES"]
 
 BACKENDS = ("auto", "mlp", "input_linear", "autograd")
+
+# Memory the R-operator may hold for recombining first-layer tangents (MLPBackend.first_tangent):
+# each product keeps its input [m, dim] and its R{z_1} [N, m, width]. An EoS solve of 4 products
+# on the CIFAR-shaped MLP of benchmarks/measurement.py holds 36 MB at N = 2,000 and 110 MB at
+# N = 10,000; a longer solve that would pass the cap stops recording (the passes then multiply
+# the data themselves, as before).
+RECORD_BYTES = 256 * 2**20
 
 
 class FactoredBackend(AutogradBackend):
@@ -47,8 +55,9 @@ class FactoredBackend(AutogradBackend):
     flat grad S; when grad S itself is asked for, autograd gives it. A subclass defines
     ``group_curvature(batch, v1, quadratic, coupling, forward)``."""
 
-    def curvature(self, batch, v1, quadratic, coupling, gradient, forward=None) -> dict:
-        out = self.group_curvature(batch, v1, quadratic, coupling, forward) if quadratic or coupling else {}
+    def curvature(self, batch, v1, quadratic, coupling, gradient, forward=None, first_tangent=None) -> dict:
+        out = (self.group_curvature(batch, v1, quadratic, coupling, forward, first_tangent)
+               if quadratic or coupling else {})
         if gradient:
             out.update(AutogradBackend.curvature(self, batch, v1, False, False, True))
         return out
@@ -64,7 +73,7 @@ class InputLinearBackend(FactoredBackend):
         super().__init__(obj, form, batched_vjp)
         self.split = split
 
-    def group_curvature(self, batch, v1, quadratic, coupling, forward=None) -> dict:
+    def group_curvature(self, batch, v1, quadratic, coupling, forward=None, first_tangent=None) -> dict:
         return input_linear.group_curvature(self.obj, self.split, batch, v1, coupling, quadratic)
 
 
@@ -77,6 +86,10 @@ class MLPBackend(FactoredBackend):
         super().__init__(obj, "double_backward", batched_vjp)
         self.chain, self.split = chain, split
         self._cache = None  # mlp.Cache of the single chunk, built on first use
+        # (inputs [m, dim], R{z_1} [N, m, width]) of every product over all points (one chunk, no
+        # subset), while they fit in RECORD_BYTES; None once they did not.
+        self._records: list[tuple[Tensor, Tensor]] | None = []
+        self._record_bytes = 0
 
     @property
     def hvp_method(self) -> str:
@@ -96,8 +109,48 @@ class MLPBackend(FactoredBackend):
 
     def hvp(self, tangents: list[Tensor], chunk: Chunk) -> list[Tensor | None]:
         cache = self._cached(chunk) if self.obj.single_chunk else self._build(chunk)
-        hv = mlp.hvp(cache, dict(zip(self.obj.names, tangents)))
+        record = self._records is not None and self.obj.single_chunk and self.obj.subset is None
+        first: list = [] if record else None
+        hv = mlp.hvp(cache, dict(zip(self.obj.names, tangents)), first)
+        if record:
+            self._record(tangents, first[0])
         return [hv.get(n) for n in self.obj.names]
+
+    def _record(self, tangents: list[Tensor], first: Tensor) -> None:
+        m = first.shape[1]
+        size = (m * self.obj.dim + first.numel()) * first.element_size()
+        if self._record_bytes + size > RECORD_BYTES:
+            self._records = None  # a partial record cannot rebuild a vector of the whole span
+            return
+        inputs = torch.cat([t.reshape(m, -1) for t in tangents], dim=1)  # a copy: the solver reuses its rows
+        self._records.append((inputs, first))
+        self._record_bytes += size
+
+    def first_tangent(self, v: Tensor) -> Tensor | None:
+        """R{z_1} = x V_1^T + c_1 along the flat ``v`` over all points [N, width], recombined from
+        the recorded products (R{z_1} is linear in v) when v lies in the span of their inputs, as a
+        Lanczos Ritz vector does: the coefficients solve the least-squares problem in float64 and
+        the part of v outside the span must be within rounding (100 eps relative); else None.
+        The data are not touched: this is the product with v's first block the measurement's
+        Taylor and per-example passes would otherwise each make."""
+        if not self._records:
+            return None
+        B = torch.cat([inputs for inputs, _ in self._records])  # [r, dim]
+        v = v.detach().reshape(-1).to(B.dtype)
+        # Normal equations: the r x r system is solved on the host in float64 (gelsd copes with a
+        # dependent row); the residual is then checked in the solver's dtype.
+        G, rhs = (B @ B.T).to("cpu", torch.float64), (B @ v).to("cpu", torch.float64)
+        coef = torch.linalg.lstsq(G, rhs.unsqueeze(1), driver="gelsd").solution[:, 0].to(B.device, B.dtype)
+        outside = (v - coef @ B).norm()
+        if not bool(outside <= 100 * torch.finfo(B.dtype).eps * v.norm()):
+            return None
+        out, at = None, 0
+        for _, first in self._records:
+            m = first.shape[1]
+            part = torch.einsum("nmw,m->nw", first, coef[at:at + m])
+            out = part if out is None else out.add_(part)
+            at += m
+        return out
 
     def shared_forward(self) -> mlp.Cache | None:
         """The R-operator cache over all points (one chunk, no subset), built once: the layer
@@ -116,11 +169,14 @@ class MLPBackend(FactoredBackend):
     def group_pass(self, batch: GroupBatch):
         return taylor.group_pass(self.obj, self.chain, batch)
 
-    def group_curvature(self, batch, v1, quadratic, coupling, forward: mlp.Cache | None = None) -> dict:
+    def group_curvature(self, batch, v1, quadratic, coupling, forward: mlp.Cache | None = None,
+                        first_tangent: Tensor | None = None) -> dict:
         """``forward``: an R-operator cache over the Hessian's points at these parameters (the
-        measurement's, ``shared_forward``), whose first-layer output it reuses."""
-        first = None if forward is None or self.obj.subset is not None else forward.first_out
-        return taylor.group_curvature(self.obj, self.chain, batch, v1, coupling, quadratic, first)
+        measurement's, ``shared_forward``), whose first-layer output it reuses; ``first_tangent``:
+        R{z_1} along v1 over those points (``first_tangent``), if known."""
+        shared = forward is not None and self.obj.subset is None
+        return taylor.group_curvature(self.obj, self.chain, batch, v1, coupling, quadratic,
+                                      forward.first_out if shared else None, first_tangent if shared else None)
 
 
 def select_backend(obj: Objective, method: str = "auto", *, form: str | None = None, batched_vjp: bool = True,

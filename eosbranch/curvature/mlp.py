@@ -112,15 +112,19 @@ def example_adjoints(c: Cache) -> list[Tensor]:
     return _adjoints(c, c.loss_grad.detach())
 
 
-def output_tangent(c: Cache, tangent: dict[str, Tensor]) -> Tensor:
+def output_tangent(c: Cache, tangent: dict[str, Tensor], first: Tensor | None = None) -> Tensor:
     """[n, C] R{f}: the derivative of each example's output along one tangent (name -> tensor of
     the parameter's shape), forward through the cached inputs and activation derivatives: one
-    product of the data with the first layer's tangent, none with its weight."""
+    product of the data with the first layer's tangent, none with its weight. ``first``: that
+    product's result R{z_1} [n, width] (bias included), if known already: then none at all."""
     R, li, ai = None, 0, 0
     with torch.no_grad():
         for step in c.chain.steps:
             if step[0] == "linear":
                 _, _, w, b = step
+                if li == 0 and first is not None:
+                    R, li = first, 1
+                    continue
                 out = c.inputs[li] @ tangent[w].T
                 if R is not None:
                     out.addmm_(R, c.params[w].T)
@@ -153,8 +157,11 @@ def _wide(V: Tensor) -> Tensor:
     return V.reshape(m * o, i).T
 
 
-def hvp(c: Cache, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+def hvp(c: Cache, tangents: dict[str, Tensor], first: list | None = None) -> dict[str, Tensor]:
     """H v for a block of m tangents (name -> [m, *shape]); returns name -> [m, *shape].
+    ``first``: a list that receives the first layer's tangent R{z_1} = x V_1^T + c_1 of the block
+    [n, m, width] (the product's one forward contact with the data; linear in v, so
+    ``eosbranch.curvature.backend.MLPBackend.first_tangent`` recombines these for a Ritz vector).
 
     Internally a block is laid out points first, [n, m, width], contiguous: every product with a
     weight matrix is then one matrix product over n*m rows, and the per-point factors (s', the
@@ -178,6 +185,8 @@ def hvp(c: Cache, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
                     out.view(n * m, -1).addmm_(R.reshape(n * m, -1), P[w].T)
                 if b:
                     out += tangents[b]
+                if li == 0 and first is not None:
+                    first.append(out)  # never written to below
                 R = out
                 li += 1
             else:

@@ -165,12 +165,15 @@ def _loss_jet(loss_fn, f: Tensor, yc: Tensor, f1: Tensor, f2: Tensor | None, gra
 
 
 def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor | None,
-                    coupling: bool, quadratic: bool, first_out: Tensor | None = None) -> dict:
+                    coupling: bool, quadratic: bool, first_out: Tensor | None = None,
+                    first_tangent: Tensor | None = None) -> dict:
     """``{"quadratic": [K] g_k^T H g_k, "coupling": [K] <g_k, grad S>, "s": v1^T H v1}`` for the
     groups of ``batch`` (after :func:`group_pass`), H the Hessian of ``obj`` (the one v1 came from:
     all points or a subset, weighted if it is). ``first_out``: the first layer's output over the
     Hessian's points in one chunk, if a forward pass at these parameters has it already (the
-    measurement's R-operator cache): the data then meet only v1's block and the groups' rows."""
+    measurement's R-operator cache): the data then meet only v1's block and the groups' rows.
+    ``first_tangent``: with ``first_out``, v1's first tangent x V_1^T + c_1 over the same points,
+    if known (recombined from the solve's products): the data then meet the groups' rows only."""
     K = batch.W.shape[0]
     fac = batch.factors  # from group_pass
     P = dict(zip(obj.names, obj.params))
@@ -183,7 +186,8 @@ def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor 
     # Everything the data meet in the first layer, as one matrix: its weight, v1's block and the
     # groups' points (their factors' rows), so a single product with the data gives all three.
     shared = first_out is not None and obj.single_chunk
-    first_rows = ([] if shared else [P[w1]]) + ([vparts[w1]] if coupling else [])
+    given_v = coupling and shared and first_tangent is not None  # v1's first tangent known already
+    first_rows = ([] if shared else [P[w1]]) + ([vparts[w1]] if coupling and not given_v else [])
     if fac["layers"][0] is not None:
         first_rows.append(fac["layers"][0]["A"])
     first_rows = torch.cat(first_rows) if first_rows else None
@@ -203,9 +207,12 @@ def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor 
                 else:
                     Z0 = out[:, :width] + P[b1] if b1 else out[:, :width]
                 Zv = None
-                if coupling:
+                if given_v:
+                    Zv = first_tangent[i:i + SUB_CHUNK].detach()
+                elif coupling:
                     Zv = out[:, at:at + width] + vparts[b1] if b1 else out[:, at:at + width]
-                xA = out[:, at + (width if coupling else 0):] if fac["layers"][0] is not None else None
+                xA = (out[:, at + (width if coupling and not given_v else 0):]
+                      if fac["layers"][0] is not None else None)
                 Zk = _times_group_blocks(A, 0, fac, gparts[w1], xA)  # [K, n, h]: the groups' first tangents
                 if b1:
                     Zk += gparts[b1].unsqueeze(1)

@@ -1,0 +1,109 @@
+"""v1's first-layer tangent recombined from the solve's own products (MLPBackend.first_tangent):
+exact against the direct product x V1^T + c1, refused for a vector outside the products' span, and
+what the measurement's Taylor and per-example passes then read (checked against dense oracles)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from eosbranch.curvature import backend, hessian_matvec, top_eigenpairs, unflatten
+from eosbranch.probes import Context, group_probes
+
+try:  # tests/ is on sys.path under pytest's default (rootdir-less) import mode
+    from oracles import Dense, rows_to_dict, sharpness_gradient
+except ImportError:  # pragma: no cover
+    from tests.oracles import Dense, rows_to_dict, sharpness_gradient
+
+F64 = torch.float64
+GROUPS = {"a": torch.arange(0, 6), "b": torch.tensor([2, 9, 15, 21]), "c": torch.arange(24, 30)}
+
+
+def mlp_and_data(n: int = 30):
+    """Two hidden tanh layers (so tangents pass a hidden Linear) and a two-class MSE task."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
+    return model, torch.randn(n, 7, generator=g, dtype=F64), torch.randint(0, 2, (n,), generator=g)
+
+
+def solved(model, X, y, tol=1e-10):
+    H = hessian_matvec(model, "mse", (X, y))
+    res = top_eigenpairs(H, H.dim, tol=tol)
+    return H, res.vectors[:, 0]
+
+
+def direct_first_tangent(model, X, v):
+    W, b = unflatten(v, [p for p in model.parameters()])[:2]
+    return X @ W.T + b
+
+
+def test_first_tangent_of_the_ritz_vector_equals_the_direct_product():
+    model, X, y = mlp_and_data()
+    H, v1 = solved(model, X, y)
+    got = H.backend.first_tangent(v1)
+    assert got is not None and len(H.backend._records) >= 3  # several products were recombined
+    torch.testing.assert_close(got, direct_first_tangent(model, X, v1), rtol=1e-11, atol=1e-12)
+    # Any scale of a vector in the span recombines too (the Context normalises its v1).
+    torch.testing.assert_close(H.backend.first_tangent(-2.5 * v1), -2.5 * direct_first_tangent(model, X, v1),
+                               rtol=1e-11, atol=1e-12)
+
+
+def test_a_vector_outside_the_products_span_is_refused():
+    model, X, y = mlp_and_data()
+    H, v1 = solved(model, X, y, tol=1e-2)  # few products: their span is a small subspace
+    other = torch.randn(H.dim, dtype=F64, generator=torch.Generator().manual_seed(5))
+    assert H.backend.first_tangent(other) is None
+    assert hessian_matvec(model, "mse", (X, y)).backend.first_tangent(v1) is None  # no products yet
+
+
+def test_records_past_the_memory_cap_stop_and_the_passes_multiply_the_data(monkeypatch):
+    model, X, y = mlp_and_data()
+    monkeypatch.setattr(backend, "RECORD_BYTES", 1)
+    H, v1 = solved(model, X, y)
+    assert H.backend._records is None and H.backend.first_tangent(v1) is None
+    ctx = Context(model, "mse", X, y, GROUPS, v1, operator=H)
+    assert ctx.forward is not None and ctx.first_tangent_v1 is None
+    J = Dense(model, "mse", X, y).per_example_grads()
+    torch.testing.assert_close(ctx.per_example_projection, J @ (v1 / v1.norm()), rtol=1e-10, atol=1e-12)
+
+
+def test_no_records_over_a_subset_or_chunks():
+    model, X, y = mlp_and_data()
+    for kw in ({"subset": torch.arange(10)}, {"chunk_size": 7}):
+        H = hessian_matvec(model, "mse", (X, y), **kw)
+        v1 = top_eigenpairs(H, H.dim, tol=1e-8).vectors[:, 0]
+        assert not H.backend._records and H.backend.first_tangent(v1) is None
+
+
+def test_measurement_passes_read_the_recombined_tangent_and_match_dense_oracles():
+    model, X, y = mlp_and_data()
+    H, v1 = solved(model, X, y)
+    v = v1 / v1.norm()
+    ctx = Context(model, "mse", X, y, GROUPS, v1, operator=H)
+    assert ctx.first_tangent_v1 is not None
+    rows = rows_to_dict(group_probes(ctx))
+    d = Dense(model, "mse", X, y)
+    J = d.per_example_grads()
+    dS = sharpness_gradient(d.mean_loss, d.theta, v)
+    for name, idx in GROUPS.items():
+        g = J[idx].mean(0)
+        assert rows[(name, "sharpness_coupling")] == pytest.approx((g @ dS).item(), rel=1e-9, abs=1e-12)
+        assert rows[(name, "cos2_v1")] == pytest.approx(((g @ v) ** 2 / (g @ g)).item(), rel=1e-9)
+    torch.testing.assert_close(ctx.per_example_projection, J @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_the_passes_use_the_recombined_tangent_rather_than_a_product_of_their_own(monkeypatch):
+    # Wiring: a deliberately wrong recombined tangent (zeros) must show in what the passes return,
+    # so a pass that silently recomputed x V1^T would fail here.
+    model, X, y = mlp_and_data()
+    H, v1 = solved(model, X, y)
+    honest = Context(model, "mse", X, y, GROUPS, v1, operator=H)
+    honest_proj, honest_rows = honest.per_example_projection, rows_to_dict(group_probes(honest))
+    monkeypatch.setattr(type(H.backend), "first_tangent", lambda self, v: torch.zeros(X.shape[0], 6, dtype=F64))
+    ctx = Context(model, "mse", X, y, GROUPS, v1, operator=H)
+    # With R{z1} = 0 only the later layers' tangents move the outputs.
+    assert not torch.allclose(ctx.per_example_projection, honest_proj)
+    assert rows_to_dict(group_probes(ctx))[("a", "sharpness_coupling")] != pytest.approx(
+        honest_rows[("a", "sharpness_coupling")], rel=1e-6)
