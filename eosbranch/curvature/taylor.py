@@ -30,6 +30,8 @@ union of the groups' points, which also give the group gradients, losses and acc
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -139,6 +141,33 @@ def _times_group_blocks(x: Tensor, j: int, fac: dict, U: Tensor, xA: Tensor | No
     return torch.stack(out)
 
 
+# ---------------------------------------------------------------------- the data's Gram
+# x A^T of every point with the groups' first-layer rows (their inputs) depends on neither the
+# parameters nor v1, so a run's measurements share it: kept for the last data tensor seen (a run
+# has one), released with that tensor, and read only while it is unmodified and the rows are the
+# same. (A dict keyed by tensors cannot be used: tensors compare elementwise.)
+_last_gram: list[tuple] = []  # [(weakref to X, X._version, rows, gram)]
+
+
+def _forget(ref) -> None:
+    if _last_gram and _last_gram[0][0] is ref:
+        _last_gram.clear()
+
+
+def _data_gram(obj: Objective, chain: Chain, rows: Tensor) -> Tensor:
+    """[N, len(rows)] chain.inputs(X) @ rows^T over all of ``obj.X`` (one chunk, no subset)."""
+    X = obj.X
+    if _last_gram:
+        ref, version, kept, gram = _last_gram[0]
+        if (ref() is X and version == X._version and kept.shape == rows.shape and kept.dtype == rows.dtype
+                and kept.device == rows.device and torch.equal(kept, rows)):
+            return gram
+    with torch.no_grad():
+        gram = chain.inputs(X.to(obj.device)) @ rows.T
+    _last_gram[:] = [(weakref.ref(X, _forget), X._version, rows.clone(), gram)]
+    return gram
+
+
 # ---------------------------------------------------------------------- curvature
 def _loss_jet(loss_fn, f: Tensor, yc: Tensor, f1: Tensor, f2: Tensor | None, graph: bool, batched: bool) -> Tensor:
     """Per-example l'' = f'^T (d2l/df2) f' + (dl/df) . f'' ([n], or [K, n] when ``batched``).
@@ -188,7 +217,10 @@ def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor 
     shared = first_out is not None and obj.single_chunk
     given_v = coupling and shared and first_tangent is not None  # v1's first tangent known already
     first_rows = ([] if shared else [P[w1]]) + ([vparts[w1]] if coupling and not given_v else [])
-    if fac["layers"][0] is not None:
+    gram = None  # the data times the groups' rows, [N, rows]: the same at every measurement of a run
+    if shared and fac["layers"][0] is not None:
+        gram = _data_gram(obj, chain, fac["layers"][0]["A"])
+    elif fac["layers"][0] is not None:
         first_rows.append(fac["layers"][0]["A"])
     first_rows = torch.cat(first_rows) if first_rows else None
     width = P[w1].shape[0]
@@ -211,8 +243,11 @@ def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor 
                     Zv = first_tangent[i:i + SUB_CHUNK].detach()
                 elif coupling:
                     Zv = out[:, at:at + width] + vparts[b1] if b1 else out[:, at:at + width]
-                xA = (out[:, at + (width if coupling and not given_v else 0):]
-                      if fac["layers"][0] is not None else None)
+                if gram is not None:
+                    xA = gram[i:i + SUB_CHUNK]
+                else:
+                    xA = (out[:, at + (width if coupling and not given_v else 0):]
+                          if fac["layers"][0] is not None else None)
                 Zk = _times_group_blocks(A, 0, fac, gparts[w1], xA)  # [K, n, h]: the groups' first tangents
                 if b1:
                     Zk += gparts[b1].unsqueeze(1)

@@ -1,14 +1,18 @@
-"""v1's first-layer tangent recombined from the solve's own products (MLPBackend.first_tangent):
-exact against the direct product x V1^T + c1, refused for a vector outside the products' span, and
-what the measurement's Taylor and per-example passes then read (checked against dense oracles)."""
+"""Data products a measurement shares instead of repeating: v1's first-layer tangent recombined from
+the solve's own products (MLPBackend.first_tangent), exact against the direct product x V1^T + c1,
+refused for a vector outside the products' span, and what the Taylor and per-example passes then
+read; and the data's Gram with the groups' rows, kept across measurements while the data are
+unchanged. Every value is checked against dense oracles."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
 from torch import nn
 
-from eosbranch.curvature import backend, hessian_matvec, top_eigenpairs, unflatten
+from eosbranch.curvature import backend, hessian_matvec, taylor, top_eigenpairs, unflatten
 from eosbranch.probes import Context, group_probes
 
 try:  # tests/ is on sys.path under pytest's default (rootdir-less) import mode
@@ -21,11 +25,12 @@ GROUPS = {"a": torch.arange(0, 6), "b": torch.tensor([2, 9, 15, 21]), "c": torch
 
 
 def mlp_and_data(n: int = 30):
-    """Two hidden tanh layers (so tangents pass a hidden Linear) and a two-class MSE task."""
+    """Two hidden tanh layers (so tangents pass a hidden Linear) and a two-class MSE task; the input
+    layer wide enough that the groups take the low-rank (factor) route there, as on real data."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)
-    model = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
-    return model, torch.randn(n, 7, generator=g, dtype=F64), torch.randint(0, 2, (n,), generator=g)
+    model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
+    return model, torch.randn(n, 20, generator=g, dtype=F64), torch.randint(0, 2, (n,), generator=g)
 
 
 def solved(model, X, y, tol=1e-10):
@@ -101,9 +106,42 @@ def test_the_passes_use_the_recombined_tangent_rather_than_a_product_of_their_ow
     H, v1 = solved(model, X, y)
     honest = Context(model, "mse", X, y, GROUPS, v1, operator=H)
     honest_proj, honest_rows = honest.per_example_projection, rows_to_dict(group_probes(honest))
-    monkeypatch.setattr(type(H.backend), "first_tangent", lambda self, v: torch.zeros(X.shape[0], 6, dtype=F64))
+    monkeypatch.setattr(type(H.backend), "first_tangent", lambda self, v: torch.zeros(X.shape[0], 16, dtype=F64))
     ctx = Context(model, "mse", X, y, GROUPS, v1, operator=H)
     # With R{z1} = 0 only the later layers' tangents move the outputs.
     assert not torch.allclose(ctx.per_example_projection, honest_proj)
     assert rows_to_dict(group_probes(ctx))[("a", "sharpness_coupling")] != pytest.approx(
         honest_rows[("a", "sharpness_coupling")], rel=1e-6)
+
+
+def _coupling_against_dense(model, X, y):
+    H, v1 = solved(model, X, y)
+    ctx = Context(model, "mse", X, y, GROUPS, v1, operator=H)
+    rows = rows_to_dict(group_probes(ctx))
+    d = Dense(model, "mse", X, y)
+    J = d.per_example_grads()
+    v = v1 / v1.norm()
+    dS = sharpness_gradient(d.mean_loss, d.theta, v)
+    Hd = d.hessian()
+    for name, idx in GROUPS.items():
+        g = J[idx].mean(0)
+        assert rows[(name, "sharpness_coupling")] == pytest.approx((g @ dS).item(), rel=1e-9, abs=1e-12)
+        assert rows[(name, "rayleigh")] == pytest.approx((g @ Hd @ g / (g @ g)).item(), rel=1e-9)
+
+
+def test_the_groups_gram_is_kept_across_measurements_and_renewed_when_the_data_change():
+    model, X, y = mlp_and_data()
+    _coupling_against_dense(model, X, y)
+    kept = taylor._last_gram[0][3]
+    with torch.no_grad():  # the next measurement: the parameters moved, the data did not
+        for p in model.parameters():
+            p.mul_(1.1)
+    _coupling_against_dense(model, X, y)
+    assert taylor._last_gram[0][3] is kept
+    with torch.no_grad():
+        X.mul_(0.9)  # data changed in place: the kept Gram must not be read
+    _coupling_against_dense(model, X, y)
+    assert taylor._last_gram[0][3] is not kept and taylor._last_gram[0][0]() is X
+    del X, kept
+    gc.collect()
+    assert not taylor._last_gram  # released with its data
