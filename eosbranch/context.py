@@ -42,7 +42,7 @@ KEYS = {
     "per_example_loss": "per_example_loss",           # [N]
     "per_example_projection": "per_example_projection_v1_global",  # [N] <grad l_i, v1>
     "per_example_grad_norm": "per_example_grad_norm",  # [N] ||grad l_i||
-    "first_tangent": "first_tangent_v1_global",       # [N, width] x V1^T + c1 from the solve's products
+    "tangents": "tangents_v1_global",  # {"first": [N, width] x V1^T + c1, "output": [N, C] R{f}}, from the solve
 }
 
 # The probes' names for the curvature backends (eosbranch.curvature.backend).
@@ -116,14 +116,15 @@ class Context:
         return fwd
 
     @property
-    def first_tangent_v1(self) -> Tensor | None:
-        """[N, width] v1's first-layer tangent x V1^T + c1, recombined from the products of the
-        operator's solve (``MLPBackend.first_tangent``) where v1 lies in their span, else None
-        (the passes then multiply the data by v1's block themselves)."""
-        key = KEYS["first_tangent"]
+    def tangents_v1(self) -> dict[str, Tensor] | None:
+        """Along v1, over all points: {"first": [N, width] x V1^T + c1, "output": [N, C] R{f}},
+        recombined from the products of the operator's solve (``MLPBackend.tangents_along``)
+        where v1 lies in their span, else None (the passes then multiply the data by v1's block
+        themselves)."""
+        key = KEYS["tangents"]
         if key not in self.cache:
             self.cache[key] = None if self._operator is None or self.v1 is None else \
-                self._operator.backend.first_tangent(self.v1)
+                self._operator.backend.tangents_along(self.v1)
         return self.cache[key]
 
     @property
@@ -221,8 +222,8 @@ class Context:
         if want_quad or want_coup:
             self.group_grads  # the group pass, which the curvature pass builds on
         kw = {} if self.forward is None or self.taylor is None else {"forward": self.forward}
-        if kw and want_coup:
-            kw["first_tangent"] = self.first_tangent_v1
+        if kw and want_coup and self.tangents_v1 is not None:
+            kw["first_tangent"] = self.tangents_v1["first"]
         r = self.backend.curvature(self._batch, self.v1, quadratic=want_quad, coupling=want_coup, gradient=want_dS,
                                    **kw)
         if want_quad:
@@ -267,7 +268,7 @@ class Context:
         v1 = self._need_v1("per_example_projection")
         if self.forward is not None:
             self.cache[KEYS["per_example_projection"]] = per_example.projections_from_forward(
-                self.forward, self.param_names, v1, self.first_tangent_v1)
+                self.forward, self.param_names, v1, None if self.tangents_v1 is None else self.tangents_v1["output"])
             self.cache.setdefault(KEYS["per_example_loss"], self.forward.losses)
             return
         proj, loss = per_example.projections(self.objective, v1)

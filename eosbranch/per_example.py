@@ -146,12 +146,14 @@ def grad_norm_sq_vmap(obj: Objective) -> Tensor:
 # measurement builds it once for the Hessian, and these read it instead of running the data
 # through the first layer again.
 def projections_from_forward(c: r_operator.Cache, names: list[str], v1: Tensor,
-                             first: Tensor | None = None) -> Tensor:
+                             output: Tensor | None = None) -> Tensor:
     """[N] <grad l_i, v1> = (dl_i/df_i) . R{f_i} along v1: one product of the data with v1's first
-    block (a jvp also recomputes the forward, a second one), none where ``first`` (that product,
-    x V1^T + c1) is given."""
-    params = [c.params[n] for n in names]
-    Rf = r_operator.output_tangent(c, dict(zip(names, unflatten(v1, params))), first)
+    block (a jvp also recomputes the forward, a second one), none where ``output`` (R{f} along
+    v1, [N, C]) is given."""
+    if output is None:
+        params = [c.params[n] for n in names]
+        output = r_operator.output_tangent(c, dict(zip(names, unflatten(v1, params))))
+    Rf = output
     return (c.loss_grad.detach() * Rf).sum(-1)
 
 

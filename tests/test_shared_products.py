@@ -1,5 +1,5 @@
 """Data products a measurement shares instead of repeating: v1's first-layer tangent recombined from
-the solve's own products (MLPBackend.first_tangent), exact against the direct product x V1^T + c1,
+the solve's own products (MLPBackend.tangents_along), exact against the direct product x V1^T + c1,
 refused for a vector outside the products' span, and what the Taylor and per-example passes then
 read; and the data's Gram with the groups' rows, kept across measurements while the data are
 unchanged. Every value is checked against dense oracles."""
@@ -39,19 +39,27 @@ def solved(model, X, y, tol=1e-10):
     return H, res.vectors[:, 0]
 
 
+def first(H, v):
+    t = H.backend.tangents_along(v)
+    return None if t is None else t["first"]
+
+
 def direct_first_tangent(model, X, v):
     W, b = unflatten(v, [p for p in model.parameters()])[:2]
     return X @ W.T + b
 
 
-def test_first_tangent_of_the_ritz_vector_equals_the_direct_product():
+def test_tangents_of_the_ritz_vector_equal_the_direct_products():
     model, X, y = mlp_and_data()
     H, v1 = solved(model, X, y)
-    got = H.backend.first_tangent(v1)
+    got = first(H, v1)
     assert got is not None and len(H.backend._records) >= 3  # several products were recombined
     torch.testing.assert_close(got, direct_first_tangent(model, X, v1), rtol=1e-11, atol=1e-12)
+    d = Dense(model, "mse", X, y)  # R{f} along v1: the jvp of the outputs (torch.func, not eosbranch)
+    _, Rf = torch.func.jvp(lambda f: d.out(f, X), (d.theta,), (v1,))
+    torch.testing.assert_close(H.backend.tangents_along(v1)["output"], Rf, rtol=1e-11, atol=1e-12)
     # Any scale of a vector in the span recombines too (the Context normalises its v1).
-    torch.testing.assert_close(H.backend.first_tangent(-2.5 * v1), -2.5 * direct_first_tangent(model, X, v1),
+    torch.testing.assert_close(first(H, -2.5 * v1), -2.5 * direct_first_tangent(model, X, v1),
                                rtol=1e-11, atol=1e-12)
 
 
@@ -59,17 +67,17 @@ def test_a_vector_outside_the_products_span_is_refused():
     model, X, y = mlp_and_data()
     H, v1 = solved(model, X, y, tol=1e-2)  # few products: their span is a small subspace
     other = torch.randn(H.dim, dtype=F64, generator=torch.Generator().manual_seed(5))
-    assert H.backend.first_tangent(other) is None
-    assert hessian_matvec(model, "mse", (X, y)).backend.first_tangent(v1) is None  # no products yet
+    assert first(H, other) is None
+    assert first(hessian_matvec(model, "mse", (X, y)), v1) is None  # no products yet
 
 
 def test_records_past_the_memory_cap_stop_and_the_passes_multiply_the_data(monkeypatch):
     model, X, y = mlp_and_data()
     monkeypatch.setattr(backend, "RECORD_BYTES", 1)
     H, v1 = solved(model, X, y)
-    assert H.backend._records is None and H.backend.first_tangent(v1) is None
+    assert H.backend._records is None and first(H, v1) is None
     ctx = Context(model, "mse", X, y, GROUPS, v1, operator=H)
-    assert ctx.forward is not None and ctx.first_tangent_v1 is None
+    assert ctx.forward is not None and ctx.tangents_v1 is None
     J = Dense(model, "mse", X, y).per_example_grads()
     torch.testing.assert_close(ctx.per_example_projection, J @ (v1 / v1.norm()), rtol=1e-10, atol=1e-12)
 
@@ -79,7 +87,7 @@ def test_no_records_over_a_subset_or_chunks():
     for kw in ({"subset": torch.arange(10)}, {"chunk_size": 7}):
         H = hessian_matvec(model, "mse", (X, y), **kw)
         v1 = top_eigenpairs(H, H.dim, tol=1e-8).vectors[:, 0]
-        assert not H.backend._records and H.backend.first_tangent(v1) is None
+        assert not H.backend._records and first(H, v1) is None
 
 
 def test_measurement_passes_read_the_recombined_tangent_and_match_dense_oracles():
@@ -87,7 +95,7 @@ def test_measurement_passes_read_the_recombined_tangent_and_match_dense_oracles(
     H, v1 = solved(model, X, y)
     v = v1 / v1.norm()
     ctx = Context(model, "mse", X, y, GROUPS, v1, operator=H)
-    assert ctx.first_tangent_v1 is not None
+    assert ctx.tangents_v1 is not None
     rows = rows_to_dict(group_probes(ctx))
     d = Dense(model, "mse", X, y)
     J = d.per_example_grads()
@@ -106,9 +114,11 @@ def test_the_passes_use_the_recombined_tangent_rather_than_a_product_of_their_ow
     H, v1 = solved(model, X, y)
     honest = Context(model, "mse", X, y, GROUPS, v1, operator=H)
     honest_proj, honest_rows = honest.per_example_projection, rows_to_dict(group_probes(honest))
-    monkeypatch.setattr(type(H.backend), "first_tangent", lambda self, v: torch.zeros(X.shape[0], 16, dtype=F64))
+    monkeypatch.setattr(type(H.backend), "tangents_along", lambda self, v: {
+        "first": torch.zeros(X.shape[0], 16, dtype=F64), "output": torch.zeros(X.shape[0], 2, dtype=F64)})
     ctx = Context(model, "mse", X, y, GROUPS, v1, operator=H)
-    # With R{z1} = 0 only the later layers' tangents move the outputs.
+    # With R{z1} = 0 only the later layers' tangents move the coupling; with R{f} = 0 every
+    # projection is 0.
     assert not torch.allclose(ctx.per_example_projection, honest_proj)
     assert rows_to_dict(group_probes(ctx))[("a", "sharpness_coupling")] != pytest.approx(
         honest_rows[("a", "sharpness_coupling")], rel=1e-6)

@@ -101,9 +101,9 @@ class AutogradBackend:
         measurement may read (an MLP chain's R-operator cache), or None: autograd keeps none."""
         return None
 
-    def first_tangent(self, v: Tensor) -> Tensor | None:
-        """R{z_1} along ``v`` [N, width] recombined from the products made so far, or None: only
-        the R-operator records them (``MLPBackend.first_tangent``)."""
+    def tangents_along(self, v: Tensor) -> dict[str, Tensor] | None:
+        """Tangents along ``v`` recombined from the products made so far, or None: only the
+        R-operator records them (``MLPBackend.tangents_along``)."""
         return None
 
     def gradient_hint(self) -> list[Tensor | None] | None:

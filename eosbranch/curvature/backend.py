@@ -42,12 +42,13 @@ __all__ = ["BACKENDS", "AutogradBackend", "InputLinearBackend", "MLPBackend", "s
 
 BACKENDS = ("auto", "mlp", "input_linear", "autograd")
 
-# Memory the R-operator may hold for recombining first-layer tangents (MLPBackend.first_tangent):
-# each product keeps its input [m, dim] and its R{z_1} [N, m, width]. An EoS solve of 4 products
+# Memory the R-operator may hold for recombining tangents (MLPBackend.tangents_along): each product
+# keeps its input [m, dim], its R{z_1} [N, m, width] and its R{f} [N, m, C]. An EoS solve of 4 products
 # on the CIFAR-shaped MLP of benchmarks/measurement.py holds 36 MB at N = 2,000 and 110 MB at
 # N = 10,000; a longer solve that would pass the cap stops recording (the passes then multiply
 # the data themselves, as before).
 RECORD_BYTES = 256 * 2**20
+_COLUMNS = 2**16  # float64 column block of tangents_along's least-squares problem
 
 
 class FactoredBackend(AutogradBackend):
@@ -56,6 +57,7 @@ class FactoredBackend(AutogradBackend):
     ``group_curvature(batch, v1, quadratic, coupling, forward)``."""
 
     def curvature(self, batch, v1, quadratic, coupling, gradient, forward=None, first_tangent=None) -> dict:
+        # first_tangent: v1's R{z_1} over the Hessian's points, if known (MLPBackend.tangents_along)
         out = (self.group_curvature(batch, v1, quadratic, coupling, forward, first_tangent)
                if quadratic or coupling else {})
         if gradient:
@@ -86,9 +88,10 @@ class MLPBackend(FactoredBackend):
         super().__init__(obj, "double_backward", batched_vjp)
         self.chain, self.split = chain, split
         self._cache = None  # mlp.Cache of the single chunk, built on first use
-        # (inputs [m, dim], R{z_1} [N, m, width]) of every product over all points (one chunk, no
-        # subset), while they fit in RECORD_BYTES; None once they did not.
-        self._records: list[tuple[Tensor, Tensor]] | None = []
+        # (inputs [m, dim], {"first": R{z_1} [N, m, width], "output": R{f} [N, m, C]}) of every
+        # product over all points (one chunk, no subset) while they fit in RECORD_BYTES; None once
+        # they did not.
+        self._records: list[tuple[Tensor, dict[str, Tensor]]] | None = []
         self._record_bytes = 0
 
     @property
@@ -110,45 +113,59 @@ class MLPBackend(FactoredBackend):
     def hvp(self, tangents: list[Tensor], chunk: Chunk) -> list[Tensor | None]:
         cache = self._cached(chunk) if self.obj.single_chunk else self._build(chunk)
         record = self._records is not None and self.obj.single_chunk and self.obj.subset is None
-        first: list = [] if record else None
-        hv = mlp.hvp(cache, dict(zip(self.obj.names, tangents)), first)
+        seen: dict | None = {} if record else None
+        hv = mlp.hvp(cache, dict(zip(self.obj.names, tangents)), seen)
         if record:
-            self._record(tangents, first[0])
+            self._record(tangents, seen)
         return [hv.get(n) for n in self.obj.names]
 
-    def _record(self, tangents: list[Tensor], first: Tensor) -> None:
-        m = first.shape[1]
-        size = (m * self.obj.dim + first.numel()) * first.element_size()
+    def _record(self, tangents: list[Tensor], seen: dict[str, Tensor]) -> None:
+        m = seen["first"].shape[1]
+        size = (m * self.obj.dim + sum(t.numel() for t in seen.values())) * seen["first"].element_size()
         if self._record_bytes + size > RECORD_BYTES:
             self._records = None  # a partial record cannot rebuild a vector of the whole span
             return
         inputs = torch.cat([t.reshape(m, -1) for t in tangents], dim=1)  # a copy: the solver reuses its rows
-        self._records.append((inputs, first))
+        self._records.append((inputs, seen))
         self._record_bytes += size
 
-    def first_tangent(self, v: Tensor) -> Tensor | None:
-        """R{z_1} = x V_1^T + c_1 along the flat ``v`` over all points [N, width], recombined from
-        the recorded products (R{z_1} is linear in v) when v lies in the span of their inputs, as a
-        Lanczos Ritz vector does: the coefficients solve the least-squares problem in float64 and
-        the part of v outside the span must be within rounding (100 eps relative); else None.
-        The data are not touched: this is the product with v's first block the measurement's
-        Taylor and per-example passes would otherwise each make."""
+    def tangents_along(self, v: Tensor) -> dict[str, Tensor] | None:
+        """Along the flat ``v``, over all points: {"first": R{z_1} = x V_1^T + c_1 [N, width],
+        "output": R{f} [N, C]}, recombined from the recorded products (both are linear in v) when
+        v lies in the span of their inputs, as a Lanczos Ritz vector does: the coefficients solve
+        the least-squares problem in float64 and the part of v outside the span must be within
+        rounding (100 eps relative); else None. The data are not touched: these are the products
+        with v's first block that the measurement's Taylor and per-example passes would otherwise
+        each make."""
         if not self._records:
             return None
         B = torch.cat([inputs for inputs, _ in self._records])  # [r, dim]
         v = v.detach().reshape(-1).to(B.dtype)
-        # Normal equations: the r x r system is solved on the host in float64 (gelsd copes with a
-        # dependent row); the residual is then checked in the solver's dtype.
-        G, rhs = (B @ B.T).to("cpu", torch.float64), (B @ v).to("cpu", torch.float64)
-        coef = torch.linalg.lstsq(G, rhs.unsqueeze(1), driver="gelsd").solution[:, 0].to(B.device, B.dtype)
-        outside = (v - coef @ B).norm()
-        if not bool(outside <= 100 * torch.finfo(B.dtype).eps * v.norm()):
+        # Normal equations in float64, accumulated over column blocks (a float32 dot product over
+        # millions of entries is good to ~1e-4 only, too coarse to tell a vector of the span from
+        # one just outside it); the r x r system is solved on the host (gelsd copes with a
+        # dependent row) and the part of v outside the span is measured in float64 too.
+        r, dim = B.shape
+        G = torch.zeros(r, r, dtype=torch.float64, device=B.device)
+        rhs = torch.zeros(r, dtype=torch.float64, device=B.device)
+        for i in range(0, dim, _COLUMNS):
+            Bi, vi = B[:, i:i + _COLUMNS].to(torch.float64), v[i:i + _COLUMNS].to(torch.float64)
+            G += Bi @ Bi.T
+            rhs += Bi @ vi
+        coef = torch.linalg.lstsq(G.cpu(), rhs.cpu().unsqueeze(1), driver="gelsd").solution[:, 0].to(B.device)
+        outside2 = torch.zeros((), dtype=torch.float64, device=B.device)
+        for i in range(0, dim, _COLUMNS):
+            outside2 += (v[i:i + _COLUMNS].to(torch.float64) - coef @ B[:, i:i + _COLUMNS].to(torch.float64)).square().sum()
+        if not bool(outside2.sqrt() <= 100 * torch.finfo(B.dtype).eps * v.to(torch.float64).norm()):
             return None
-        out, at = None, 0
-        for _, first in self._records:
-            m = first.shape[1]
-            part = torch.einsum("nmw,m->nw", first, coef[at:at + m])
-            out = part if out is None else out.add_(part)
+        coef = coef.to(B.dtype)
+        out: dict[str, Tensor] = {}
+        at = 0
+        for _, seen in self._records:
+            m = seen["first"].shape[1]
+            for key, t in seen.items():
+                part = torch.einsum("nmw,m->nw", t, coef[at:at + m])
+                out[key] = out[key].add_(part) if key in out else part
             at += m
         return out
 
@@ -173,7 +190,7 @@ class MLPBackend(FactoredBackend):
                         first_tangent: Tensor | None = None) -> dict:
         """``forward``: an R-operator cache over the Hessian's points at these parameters (the
         measurement's, ``shared_forward``), whose first-layer output it reuses; ``first_tangent``:
-        R{z_1} along v1 over those points (``first_tangent``), if known."""
+        R{z_1} along v1 over those points (``tangents_along``), if known."""
         shared = forward is not None and self.obj.subset is None
         return taylor.group_curvature(self.obj, self.chain, batch, v1, coupling, quadratic,
                                       forward.first_out if shared else None, first_tangent if shared else None)

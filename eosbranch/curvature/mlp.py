@@ -112,19 +112,15 @@ def example_adjoints(c: Cache) -> list[Tensor]:
     return _adjoints(c, c.loss_grad.detach())
 
 
-def output_tangent(c: Cache, tangent: dict[str, Tensor], first: Tensor | None = None) -> Tensor:
+def output_tangent(c: Cache, tangent: dict[str, Tensor]) -> Tensor:
     """[n, C] R{f}: the derivative of each example's output along one tangent (name -> tensor of
     the parameter's shape), forward through the cached inputs and activation derivatives: one
-    product of the data with the first layer's tangent, none with its weight. ``first``: that
-    product's result R{z_1} [n, width] (bias included), if known already: then none at all."""
+    product of the data with the first layer's tangent, none with its weight."""
     R, li, ai = None, 0, 0
     with torch.no_grad():
         for step in c.chain.steps:
             if step[0] == "linear":
                 _, _, w, b = step
-                if li == 0 and first is not None:
-                    R, li = first, 1
-                    continue
                 out = c.inputs[li] @ tangent[w].T
                 if R is not None:
                     out.addmm_(R, c.params[w].T)
@@ -157,11 +153,12 @@ def _wide(V: Tensor) -> Tensor:
     return V.reshape(m * o, i).T
 
 
-def hvp(c: Cache, tangents: dict[str, Tensor], first: list | None = None) -> dict[str, Tensor]:
+def hvp(c: Cache, tangents: dict[str, Tensor], record: dict | None = None) -> dict[str, Tensor]:
     """H v for a block of m tangents (name -> [m, *shape]); returns name -> [m, *shape].
-    ``first``: a list that receives the first layer's tangent R{z_1} = x V_1^T + c_1 of the block
-    [n, m, width] (the product's one forward contact with the data; linear in v, so
-    ``eosbranch.curvature.backend.MLPBackend.first_tangent`` recombines these for a Ritz vector).
+    ``record``: a dict that receives the block's first-layer tangent R{z_1} = x V_1^T + c_1
+    [n, m, width] under "first" (the product's one forward contact with the data) and its output
+    tangent R{f} [n, m, C] under "output". Both are linear in v, so
+    ``eosbranch.curvature.backend.MLPBackend.tangents_along`` recombines them for a Ritz vector.
 
     Internally a block is laid out points first, [n, m, width], contiguous: every product with a
     weight matrix is then one matrix product over n*m rows, and the per-point factors (s', the
@@ -185,14 +182,16 @@ def hvp(c: Cache, tangents: dict[str, Tensor], first: list | None = None) -> dic
                     out.view(n * m, -1).addmm_(R.reshape(n * m, -1), P[w].T)
                 if b:
                     out += tangents[b]
-                if li == 0 and first is not None:
-                    first.append(out)  # never written to below
+                if li == 0 and record is not None:
+                    record["first"] = out  # never written to below
                 R = out
                 li += 1
             else:
                 Rz.append(R)
                 R = c.derivs[ai][0].unsqueeze(1) * R
                 ai += 1
+        if record is not None:
+            record["output"] = R
         Rd = _loss_hessian_times(c, R)  # R{delta} at the output
         for i in range(len(chain.steps) - 1, -1, -1):
             step = chain.steps[i]
