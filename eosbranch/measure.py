@@ -24,8 +24,12 @@ Whole-data quantities go in ``metrics`` with ``group = "all"``:
 - ``examples.parquet`` rows (``measure.examples``: every example, only group members, or none).
 
 Each solve is warm-started from the previous measurement's eigenvectors (kept in the training
-state and its checkpoints), so measurements are cheap and resume bit for bit.
+state and its checkpoints), so measurements are cheap and resume bit for bit; where the training
+loss has grown more than ``LOSS_JUMP`` (2) times since that measurement (a catapult under way, when
+those vectors are stale and a warm start can cost more than a cold one), it starts cold from the
+gradient instead and records a ``cold_start`` event (``eosbranch.curvature.warm_start``).
 """
+
 
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .curvature import flatten, hessian_matvec, preconditioned_matvec, top_eigenpairs
+from .curvature import LOSS_JUMP, flatten, hessian_matvec, preconditioned_matvec, stale_warm_start, top_eigenpairs
 from .eigen_error import angle_bound, cos2_error_bound
 from .mechanism import TRACK_KEY, sigma_squared, v1_group_curvature
 from .probes import (
@@ -43,6 +47,10 @@ from .probes import (
 if TYPE_CHECKING:
     from .experiment import Experiment
     from .loop import Trainer
+
+# The training loss at the previous measurement (in the state's ``measured``, so checkpoints,
+# resumes and forks make the same warm/cold choice).
+LOSS_KEY = "loss_at_measurement"
 
 
 @torch.no_grad()
@@ -91,7 +99,7 @@ def measure(tr: "Trainer") -> None:
         tr.record("all", "test_loss", test_loss)
         if test_acc is not None:
             tr.record("all", "test_accuracy", test_acc)
-    angle = measure_curvature(tr, H) if exp.spec.measure.sharpness else None
+    angle = measure_curvature(tr, H, loss) if exp.spec.measure.sharpness else None
     measure_probes(tr, angle, H)
 
 
@@ -103,23 +111,30 @@ def training_hessian(exp: "Experiment"):
                           subset=curvature_subset(exp), weights=exp.train_weight)
 
 
-def solve_curvature(exp: "Experiment", st, k: int = 1, v0=None, preconditioned: bool = True, H=None):
+def cold_start(st, loss: float) -> bool:
+    """Whether this measurement's solve starts cold although the state holds vectors: the training
+    ``loss`` is above LOSS_JUMP times the one at the previous measurement (``stale_warm_start``)."""
+    return st.eig_vectors is not None and stale_warm_start(loss, st.measured.get(LOSS_KEY))
+
+
+def solve_curvature(exp: "Experiment", st, k: int = 1, v0=None, preconditioned: bool = True, H=None,
+                    cold: bool = False):
     """``(res, pres)``: the top-``k`` eigenpairs of the training Hessian at the current parameters,
-    warm-started from ``v0`` (default: the first ``k`` of the state's vectors), and, for a
-    preconditioned optimizer with a state (Adam after its first step), the top pair of P^-1 H
-    (else None). ``H``: that Hessian's operator if the caller made it (``training_hessian``).
-    The state is not changed."""
+    warm-started from ``v0`` (default: the first ``k`` of the state's vectors; ``cold``: none, the
+    operator's gradient hint instead), and, for a preconditioned optimizer with a state (Adam after
+    its first step), the top pair of P^-1 H (else None). ``H``: that Hessian's operator if the
+    caller made it (``training_hessian``). The state is not changed."""
     ms = exp.spec.measure
     H = training_hessian(exp) if H is None else H
     dim = sum(p.numel() for p in exp.params)
-    if v0 is None and st.eig_vectors is not None:
+    if v0 is None and st.eig_vectors is not None and not cold:
         v0 = st.eig_vectors[:, :k]  # a block of k, not of every vector the state keeps
     res = top_eigenpairs(H, dim, k=k, tol=ms.tol, v0=v0, max_matvecs=ms.max_matvecs)
     pres = None
     if preconditioned and exp.optimizer.preconditioned and st.opt_state:
         diag = flatten(exp.optimizer.preconditioner(st.opt_state))
-        pres = top_eigenpairs(preconditioned_matvec(H, diag), dim, k=1, tol=ms.tol, v0=st.precond_vectors,
-                              max_matvecs=ms.max_matvecs)
+        pres = top_eigenpairs(preconditioned_matvec(H, diag), dim, k=1, tol=ms.tol,
+                              v0=None if cold else st.precond_vectors, max_matvecs=ms.max_matvecs)
     return res, pres
 
 
@@ -141,9 +156,10 @@ def effective_step_v1(exp: "Experiment", st, v1: torch.Tensor) -> float:
     return st.lr * float((v * v / diag).sum() / (v @ v))
 
 
-def measure_curvature(tr: "Trainer", H=None) -> float:
+def measure_curvature(tr: "Trainer", H=None, loss: float | None = None) -> float:
     """Records the curvature rows; returns ``v1_angle_bound`` for the probes along this v1.
-    ``H``: the training Hessian's operator at this step, if made already."""
+    ``H``: the training Hessian's operator at this step, if made already; ``loss``: the training
+    loss at this step, which decides a cold start (``cold_start``)."""
     exp, st, ms = tr.exp, tr.st, tr.exp.spec.measure
     if ms.mechanism:
         # sigma^2 along the previous v1, over the steps tracked since it was found (eosbranch.mechanism).
@@ -153,7 +169,14 @@ def measure_curvature(tr: "Trainer", H=None) -> float:
             tr.record("all", "oscillation_variance", sigma2)
             st.measured["oscillation_variance"] = sigma2
         st.measured[TRACK_KEY] = []  # the next window is tracked along the new v1
-    res, pres = solve_curvature(exp, st, k=ms.top_k, H=H)
+    cold = loss is not None and cold_start(st, loss)
+    if cold:
+        prev = st.measured[LOSS_KEY]
+        tr.event("cold_start", loss, f"training loss {loss:.6g} > {LOSS_JUMP:g} x {prev:.6g} at the previous "
+                                     "measurement: its eigenvectors are stale, the solve starts from the gradient")
+    res, pres = solve_curvature(exp, st, k=ms.top_k, H=H, cold=cold)
+    if loss is not None:
+        st.measured[LOSS_KEY] = loss
     st.eig_vectors = res.vectors.detach()
     values = res.values.tolist()
     for i, value in enumerate(values):

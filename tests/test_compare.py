@@ -160,7 +160,7 @@ def test_t_star_and_t_star_star_on_a_synthetic_sharpness_series(tmp_path, monkey
     parent_series = {0: 10.0, 5: 50.0, 10: 30.0, 15: 35.0, 20: 41.0, 25: 39.0, 30: 45.0, 35: 44.0, 40: 43.0}
     exit_series = {20: 41.0, 25: 70.0, 30: 90.0, 35: 95.0, 40: 99.0}
 
-    def fake(exp, st, k=1, v0=None, preconditioned=True, H=None):
+    def fake(exp, st, k=1, v0=None, preconditioned=True, H=None, cold=False):
         dim = sum(p.numel() for p in exp.params)
         v = torch.zeros(dim, k, dtype=exp.dtype)
         v[0, 0] = 1.0

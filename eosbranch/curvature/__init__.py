@@ -16,7 +16,7 @@ from .flat import flatten, unflatten
 from .lanczos import EigenResult, release_workspace, top_eigenpairs
 from .objective import GroupBatch, Objective, running_stats_frozen
 from .operator import HVP_METHODS, HessianOperator, hessian_matvec, preconditioned_matvec
-from .warm_start import WARM_HINT_RESIDUAL
+from .warm_start import LOSS_JUMP, WARM_HINT_RESIDUAL, stale_warm_start
 
 # The name step_losses, mechanism and input_linear imported before the package existed.
 _running_stats_frozen = running_stats_frozen
@@ -24,5 +24,6 @@ _running_stats_frozen = running_stats_frozen
 __all__ = [
     "EigenResult", "top_eigenpairs", "hessian_matvec", "HessianOperator", "preconditioned_matvec",
     "flatten", "unflatten", "release_workspace", "DEFAULT_HVP_METHOD", "HVP_METHODS",
-    "Objective", "GroupBatch", "select_backend", "BACKENDS", "running_stats_frozen", "WARM_HINT_RESIDUAL",
+    "Objective", "GroupBatch", "select_backend", "BACKENDS", "running_stats_frozen", "WARM_HINT_RESIDUAL", "LOSS_JUMP",
+    "stale_warm_start",
 ]

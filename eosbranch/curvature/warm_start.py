@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .flat import project_out as _project_out
 
-__all__ = ["HINT_RANDOM_WEIGHT", "WARM_HINT_RESIDUAL"]
+__all__ = ["HINT_RANDOM_WEIGHT", "WARM_HINT_RESIDUAL", "LOSS_JUMP", "stale_warm_start"]
 
 # Weight of the seeded random part mixed into a start hint: it keeps every eigenvector present in
 # the start (a hint exactly orthogonal to v1 must not yield a certified lambda_2), yet small
@@ -93,3 +93,20 @@ def _join_hint(matvec, V: Tensor, T: Tensor, h: Tensor, dtype):
     u = st @ X
     r = Q @ torch.from_numpy(coef / beta).to(device=V.device, dtype=dtype)
     return u / u.norm(), r / r.norm(), float(theta[-1]), beta
+
+
+# The trainer's choice before the first product (eosbranch.measure): the previous measurement's
+# vectors are taken as stale, and the solve starts cold from the gradient hint, when the training
+# loss has grown by more than LOSS_JUMP times since that measurement (a catapult or a divergence
+# under way: the iterate was thrown along a new direction and the top eigenvector moved with it).
+# Measured with benchmarks/measurement.py: XXMEASURE
+LOSS_JUMP = 2.0
+
+
+def stale_warm_start(loss: float, previous_loss: float | None) -> bool:
+    """True where a warm start from the previous measurement's vectors should give way to a cold
+    one: the training loss is above LOSS_JUMP times the loss at that measurement. False without a
+    previous loss, or where either is not finite and positive (no evidence either way)."""
+    if previous_loss is None or not (math.isfinite(loss) and math.isfinite(previous_loss)) or previous_loss <= 0:
+        return False
+    return loss > LOSS_JUMP * previous_loss
