@@ -19,9 +19,11 @@ stand-in for the trainer records the rows), on a fresh operator/context, and tim
 plain gradient (forward + backward of the mean loss) in the same repeat: CPU time of this
 process, 1 thread, minimum over repeats. Components:
   losses      full-data loss and accuracy: the operator's forward pass (built here, shared by the rest);
-  sharpness   top_eigenpairs (tol 1e-3) on that operator as the trainer calls it (plain warm start);
-              beside it the solve alone: "warm" with the opt-in hint choice (hint_residual =
-              WARM_HINT_RESIDUAL), "old warm" (the default) and cold (gradient hint), with products;
+  sharpness   top_eigenpairs (tol 1e-3) on that operator as the trainer calls it: warm from the
+              previous v1, or cold (gradient hint) where the loss grew more than LOSS_JUMP (2) times
+              since the previous measurement ("trainer's choice", with that loss ratio); beside it
+              the solve alone (operator build included): "warm" (plain), "cold", and "join" (the
+              opt-in hint join, hint_residual = WARM_HINT_RESIDUAL), with their products;
   probes      group probes (loss, accuracy, grad_norm, cos2_v1, C_k, Q_k, R_k) on a Context;
   alignment   per-example cos2 on the same Context, and the Spearman rho with centroid distance;
   small       curvature_fraction and weight_projection.
@@ -32,17 +34,20 @@ true sin(angle) and |cos2 error| from a float64 reference solve (tol 1e-8), at t
     .venv/bin/python benchmarks/measurement.py [--sizes 2000 10000] [--repeats 2] [--cache DIR]
     .venv/bin/python benchmarks/measurement.py --small        # tiny sizes, for the test
 
-First-layer products (the data times W1, N x 3072 x 512, ~0.4 gradient at N = 10,000). One
+First-layer products (the data times a width x D matrix, ~0.4 gradient at either size). One
 operator serves the whole measurement (measure.measure): its R-operator cache (mlp.build: layer
 inputs, activation derivatives, the first layer's output, outputs, per-example losses and dl_i/df;
 one forward, counted under "losses") gives (1) the loss and accuracy; (2) every Hessian-vector
 product, which multiplies the data twice (by the W1 tangent, and X^T delta), and the cold start's
-gradient hint (X^T delta once); (3) the Taylor curvature pass, whose product with the data covers
-only v1's W1 block and the groups' rows (the W1 part is the cache's first_out); (4) the
-projections <grad l_i, v1> = dl_i/df . R{f_i} along v1 (one product with v1's W1 block; a jvp
-was a forward and a tangent); (5) the per-example gradient norms from the cached inputs and
-adjoints (no data product). The group pass touches the group points only. Left: the data times
-v1's W1 block twice ((3) and (4)).
+gradient hint (X^T delta once); each product also records its R{z_1} and R{f}, which are linear in
+the vector, so v1's (a combination of the multiplied vectors) are recombined, not recomputed
+(MLPBackend.tangents_along); (3) the Taylor curvature pass, which reads the cache's first-layer
+output and v1's recombined R{z_1}, and the data's Gram with the groups' rows, kept across a run's
+measurements (taylor._data_gram; here across repeats, as across a run's measurements): no
+product with the data; (4) the projections <grad l_i, v1> = dl_i/df . R{f_i} from v1's
+recombined R{f}: no product at all; (5) the per-example gradient norms from the cached inputs and
+adjoints (no data product). The group pass touches the group points only. So the data are
+multiplied once by the forward and twice per product of the solve, and by nothing else.
 """
 
 from __future__ import annotations
@@ -60,7 +65,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import data, mlp  # noqa: E402  (benchmarks/probes.py: the same setting)
 
-from eosbranch.curvature import WARM_HINT_RESIDUAL, flatten, hessian_matvec, top_eigenpairs  # noqa: E402
+from eosbranch.curvature import (  # noqa: E402
+    WARM_HINT_RESIDUAL, flatten, hessian_matvec, stale_warm_start, top_eigenpairs,
+)
 from eosbranch.eigen_error import angle_bound, cos2_error_bound  # noqa: E402
 from eosbranch.loss import get_loss  # noqa: E402
 from eosbranch.probes import (  # noqa: E402
@@ -74,8 +81,10 @@ CATAPULT = 1.5  # step-size factor of the catapult (2 repeats spikes at N = 2,00
 FIELDS = [
     ("gradient_s", "gradient s"), ("losses", "losses"), ("sharpness", "sharpness"), ("probes", "probes"),
     ("alignment", "alignment"), ("small", "small"), ("total", "total"),
-    ("warm_mv", "warm mv"), ("old_warm_mv", "old warm mv"), ("cold_mv", "cold mv"),
-    ("warm_cost", "warm"), ("old_warm_cost", "old warm"), ("cold_cost", "cold"), ("warm_vs_cold", "warm/cold"),
+    ("join_mv", "join mv"), ("warm_mv", "warm mv"), ("cold_mv", "cold mv"),
+    ("join_cost", "join"), ("warm_cost", "warm"), ("cold_cost", "cold"), ("join_vs_cold", "join/cold"),
+    ("warm_vs_cold", "warm/cold"), ("loss_ratio", "loss ratio"), ("chosen_mv", "chosen mv"),
+    ("chosen_vs_cold", "chosen/cold"),
     ("first_residual", "v0 residual"), ("eig_gap", "gap"), ("v1_angle_bound", "angle bound"),
     ("true_sin", "true sin"), ("cos2_bound", "cos2 bound"), ("true_cos2_err", "true cos2 err"),
 ]
@@ -116,7 +125,7 @@ def states(n: int, d: int, width: int, cache: Path | None, every: int = 32, max_
         lr = 2.0 / (1.3 * s0.values[0].item())
         v, step, onset = s0.vectors, 0, None
         while step < max_steps:
-            gd(model, X, y, lr, every)
+            block = gd(model, X, y, lr, every)  # block[0]: the loss at the previous measurement
             step += every
             r = sharpness(model, X, y, v0=v)
             if onset is not None:
@@ -132,7 +141,8 @@ def states(n: int, d: int, width: int, cache: Path | None, every: int = 32, max_
         s_cat = sharpness(model, X, y, v0=v_eos).values[0].item()
         saved = {"eos": eos, "v_before": v, "catapult": copy.deepcopy(model.state_dict()), "v_eos": v_eos,
                  "lr": lr, "onset": onset, "step": step, "s_eos": s_eos, "s_cat": s_cat,
-                 "loss_start": losses[0], "loss_peak": max(losses), "loss_end": losses[-1]}
+                 "loss_start": losses[0], "loss_peak": max(losses), "loss_end": losses[-1],
+                 "loss_before": block[0]}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(saved, path)
@@ -147,13 +157,18 @@ def states(n: int, d: int, width: int, cache: Path | None, every: int = 32, max_
         saved.update(peak=peak, loss_peak_state=best)
         if path is not None:
             torch.save(saved, path)
+    if "loss_before" not in saved:
+        raise SystemExit(f"{path}: made by an older version of this benchmark (no loss_before); delete it")
     out = {}
-    for name, key, v0 in (("eos", "eos", "v_before"), ("catapult", "catapult", "v_eos"), ("peak", "peak", "v_eos")):
+    # Per state: the model, the warm start v0 (the previous measurement's v1) and the training loss at
+    # that previous measurement, which the trainer's warm/cold choice compares with (measure.cold_start).
+    for name, key, v0, prev in (("eos", "eos", "v_before", "loss_before"), ("catapult", "catapult", "v_eos", "loss_start"),
+                                ("peak", "peak", "v_eos", "loss_start")):
         if name not in wanted:
             continue
         m = mlp(d, width)
         m.load_state_dict(saved[key])
-        out[name] = (m, saved[v0])
+        out[name] = (m, saved[v0], saved[prev])
     note = (f"eta {saved['lr']:.4g} (2/eta {2 / saved['lr']:.1f}); onset at step {saved['onset']}, eos state at "
             f"{saved['step']} (S {saved['s_eos']:.2f}); catapult: 32 steps at {CATAPULT} eta, loss {saved['loss_start']:.3g} "
             f"-> peak {saved['loss_peak']:.3g} -> {saved['loss_end']:.3g}, S {saved['s_cat']:.2f} "
@@ -167,15 +182,18 @@ def cpu(fn):
     return time.process_time() - t, out
 
 
-def measure_once(model, X, y, groups, v0):
+def measure_once(model, X, y, groups, v0, prev_loss):
     """One measurement as measure.measure does it; CPU seconds per component and the solve. One
     operator for the whole measurement: its forward pass (the R-operator's cache, counted under
-    losses) gives the loss and accuracy, the solve's products and the per-example passes."""
+    losses) gives the loss and accuracy, the solve's products and the per-example passes. The
+    solve starts warm from v0 or cold (the gradient hint) as the trainer chooses: cold where the
+    loss grew more than LOSS_JUMP times since the previous measurement (``prev_loss``)."""
     t = {}
     H = hessian_matvec(model, MSE, (X, y))
     dim = sum(p.numel() for p in model.parameters())
-    t["losses"], _ = cpu(lambda: _shared_loss_accuracy(H, y))
-    t["sharpness"], res = cpu(lambda: top_eigenpairs(H, dim, tol=1e-3, v0=v0))
+    t["losses"], (loss, _) = cpu(lambda: _shared_loss_accuracy(H, y))
+    start = None if stale_warm_start(loss, prev_loss) else v0
+    t["sharpness"], res = cpu(lambda: top_eigenpairs(H, dim, tol=1e-3, v0=start))
     v1 = res.vectors[:, 0]
 
     def probes_part():
@@ -241,9 +259,9 @@ def accuracy(model, X, y, groups, v0):
 def run(n: int, args) -> tuple[dict, str]:
     X, y, groups, st, note = states(n, args.dim, args.width, args.cache, wanted=args.states)
     results = {}
-    for name, (model, v0) in st.items():
+    for name, (model, v0, prev_loss) in st.items():
         gradient(model, X, y)  # warm-up (allocator, kernels, the first jvp)
-        measure_once(model, X, y, groups, v0)
+        measure_once(model, X, y, groups, v0, prev_loss)
         best: dict = {}
 
         def keep(key, value):
@@ -251,21 +269,27 @@ def run(n: int, args) -> tuple[dict, str]:
 
         for _ in range(args.repeats):
             keep("gradient_s", cpu(lambda: gradient(model, X, y))[0])
-            t, res, _ = measure_once(model, X, y, groups, v0)
+            t, res, _ = measure_once(model, X, y, groups, v0, prev_loss)
             for key, value in t.items():
                 keep(key, value)
             keep("total", sum(t.values()))
+            best["chosen"], best["chosen_mv"] = res.start, res.n_matvecs
             keep("gradient_s", cpu(lambda: gradient(model, X, y))[0])
-            for key, kw in (("warm", {"hint_residual": WARM_HINT_RESIDUAL}), ("old_warm", {}), ("cold", {"v0": None})):
+            for key, kw in (("join", {"hint_residual": WARM_HINT_RESIDUAL}), ("warm", {}), ("cold", {"v0": None})):
                 sec, r = solve_cost(model, X, y, **{"v0": v0, **kw})
                 keep(f"{key}_cost", sec)
                 best[f"{key}_mv"] = r.n_matvecs
                 best[f"{key}_start"] = r.start
         g = best["gradient_s"]
-        for key in ("losses", "sharpness", "probes", "alignment", "small", "total", "warm_cost", "old_warm_cost",
+        for key in ("losses", "sharpness", "probes", "alignment", "small", "total", "join_cost", "warm_cost",
                     "cold_cost"):
             best[key] /= g
+        best["join_vs_cold"] = best["join_cost"] / best["cold_cost"]
         best["warm_vs_cold"] = best["warm_cost"] / best["cold_cost"]
+        # The trainer's choice costs what that solve costs (the same start, the same products).
+        best["chosen_vs_cold"] = best["warm_vs_cold"] if best["chosen"] == "warm" else 1.0
+        loss_now = MSE(model(X), y).item()
+        best["loss_ratio"] = loss_now / prev_loss
         # The first product's relative residual of the warm start: what the hint choice looks at.
         one = top_eigenpairs(hessian_matvec(model, MSE, (X, y)), sum(p.numel() for p in model.parameters()),
                              tol=1e-3, v0=v0, max_matvecs=1)
@@ -304,10 +328,12 @@ def main(argv=None):
             print(f"  [{state}] gradient s {r['gradient_s']:.3f} | losses {r['losses']:.2f}  sharpness "
                   f"{r['sharpness']:.2f}  probes {r['probes']:.2f}  alignment {r['alignment']:.2f}  small "
                   f"{r['small']:.2f}  total {r['total']:.2f}")
-            print(f"  [{state}] solve: warm mv {r['warm_mv']} ({r['warm_start']})  old warm mv {r['old_warm_mv']}  "
-                  f"cold mv {r['cold_mv']} | cost warm {r['warm_cost']:.2f}  old warm {r['old_warm_cost']:.2f}  "
-                  f"cold {r['cold_cost']:.2f}  warm/cold {r['warm_vs_cold']:.2f} | v0 residual "
-                  f"{r['first_residual']:.3f}")
+            print(f"  [{state}] solve: warm mv {r['warm_mv']}  cold mv {r['cold_mv']}  join mv {r['join_mv']} "
+                  f"({r['join_start']}) | cost warm {r['warm_cost']:.2f}  cold {r['cold_cost']:.2f}  join "
+                  f"{r['join_cost']:.2f}  warm/cold {r['warm_vs_cold']:.2f}  join/cold {r['join_vs_cold']:.2f} | v0 "
+                  f"residual {r['first_residual']:.3f}")
+            print(f"  [{state}] trainer's choice: loss ratio {r['loss_ratio']:.2f} since the previous measurement "
+                  f"-> {r['chosen']} start, {r['chosen_mv']} mv, chosen/cold {r['chosen_vs_cold']:.2f}")
             print(f"  [{state}] accuracy at tol 1e-3: gap {r['eig_gap']:.3g}  angle bound {r['v1_angle_bound']:.2e}  "
                   f"true sin {r['true_sin']:.2e} | cos2 bound {r['cos2_bound']:.2e}  true cos2 err "
                   f"{r['true_cos2_err']:.2e}")

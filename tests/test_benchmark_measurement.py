@@ -17,14 +17,15 @@ def test_measurement_benchmark_small_prints_every_field(capsys):
 
     results = measurement.main(["--small"])
     out = capsys.readouterr().out
-    for label in ("losses", "sharpness", "probes", "alignment", "total", "warm mv", "old warm mv", "cold mv",
-                  "warm/cold", "v0 residual", "angle bound", "true sin", "cos2 bound", "true cos2 err"):
+    for label in ("losses", "sharpness", "probes", "alignment", "total", "warm mv", "join mv", "cold mv",
+                  "warm/cold", "join/cold", "loss ratio", "chosen/cold", "v0 residual", "angle bound", "true sin", "cos2 bound", "true cos2 err"):
         assert label in out, label
     for n, states in results.items():
         assert set(states) == {"eos", "catapult", "peak"}
         for state, r in states.items():
             for key, _ in measurement.FIELDS:
                 assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (n, state, key, r[key])
-            assert r["warm_mv"] >= 1 and r["cold_mv"] >= 1 and r["gradient_s"] > 0
+            assert r["warm_mv"] >= 1 and r["cold_mv"] >= 1 and r["join_mv"] >= 1 and r["gradient_s"] > 0
+            assert r["chosen"] == ("cold" if r["loss_ratio"] > 2 else "warm")
             assert 0 <= r["v1_angle_bound"] <= 1 and r["true_sin"] <= r["v1_angle_bound"]
             assert set(r["acc"]) == set(measurement.TOLS)
