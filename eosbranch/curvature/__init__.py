@@ -7,7 +7,8 @@ interface, and matrix-free top eigenpairs.
   HVPs and ``taylor``'s group curvature);
 - ``operator``: ``hessian_matvec`` (x -> H x) and ``preconditioned_matvec``;
 - ``lanczos``: ``top_eigenpairs``, started by ``warm_start`` (the gradient hint, ``WARM_HINT_RESIDUAL``);
-  ``flat``: ``flatten``/``unflatten``/``project_out``.
+  ``flat``: ``flatten``/``unflatten``/``project_out``; ``records``: what the products leave for the
+  rest of a measurement (tangents along v1, recombined).
 """
 
 from .autograd import DEFAULT_HVP_METHOD

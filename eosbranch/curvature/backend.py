@@ -30,25 +30,17 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-import torch
 from torch import Tensor
 
 from .. import mlp_chain
 from . import input_linear, mlp, taylor
 from .autograd import AutogradBackend
 from .objective import Chunk, GroupBatch, Objective
+from .records import ProductRecords
 
-__all__ = ["BACKENDS", "AutogradBackend", "InputLinearBackend", "MLPBackend", "select_backend", "RECORD_BYTES"]
+__all__ = ["BACKENDS", "AutogradBackend", "InputLinearBackend", "MLPBackend", "select_backend"]
 
 BACKENDS = ("auto", "mlp", "input_linear", "autograd")
-
-# Memory the R-operator may hold for recombining tangents (MLPBackend.tangents_along): each product
-# keeps its input [m, dim], its R{z_1} [N, m, width] and its R{f} [N, m, C]. An EoS solve of 4 products
-# on the CIFAR-shaped MLP of benchmarks/measurement.py holds 36 MB at N = 2,000 and 110 MB at
-# N = 10,000; a longer solve that would pass the cap stops recording (the passes then multiply
-# the data themselves, as before).
-RECORD_BYTES = 256 * 2**20
-_COLUMNS = 2**16  # float64 column block of tangents_along's least-squares problem
 
 
 class FactoredBackend(AutogradBackend):
@@ -88,11 +80,8 @@ class MLPBackend(FactoredBackend):
         super().__init__(obj, "double_backward", batched_vjp)
         self.chain, self.split = chain, split
         self._cache = None  # mlp.Cache of the single chunk, built on first use
-        # (inputs [m, dim], {"first": R{z_1} [N, m, width], "output": R{f} [N, m, C]}) of every
-        # product over all points (one chunk, no subset) while they fit in RECORD_BYTES; None once
-        # they did not.
-        self._records: list[tuple[Tensor, dict[str, Tensor]]] | None = []
-        self._record_bytes = 0
+        # Every product's vectors and tangents over all points (one chunk, no subset).
+        self.records = ProductRecords()
 
     @property
     def hvp_method(self) -> str:
@@ -112,62 +101,20 @@ class MLPBackend(FactoredBackend):
 
     def hvp(self, tangents: list[Tensor], chunk: Chunk) -> list[Tensor | None]:
         cache = self._cached(chunk) if self.obj.single_chunk else self._build(chunk)
-        record = self._records is not None and self.obj.single_chunk and self.obj.subset is None
+        record = not self.records.disabled and self.obj.single_chunk and self.obj.subset is None
         seen: dict | None = {} if record else None
         hv = mlp.hvp(cache, dict(zip(self.obj.names, tangents)), seen)
         if record:
-            self._record(tangents, seen)
+            self.records.add(tangents, seen)
         return [hv.get(n) for n in self.obj.names]
-
-    def _record(self, tangents: list[Tensor], seen: dict[str, Tensor]) -> None:
-        m = seen["first"].shape[1]
-        size = (m * self.obj.dim + sum(t.numel() for t in seen.values())) * seen["first"].element_size()
-        if self._record_bytes + size > RECORD_BYTES:
-            self._records = None  # a partial record cannot rebuild a vector of the whole span
-            return
-        inputs = torch.cat([t.reshape(m, -1) for t in tangents], dim=1)  # a copy: the solver reuses its rows
-        self._records.append((inputs, seen))
-        self._record_bytes += size
 
     def tangents_along(self, v: Tensor) -> dict[str, Tensor] | None:
         """Along the flat ``v``, over all points: {"first": R{z_1} = x V_1^T + c_1 [N, width],
-        "output": R{f} [N, C]}, recombined from the recorded products (both are linear in v) when
-        v lies in the span of their inputs, as a Lanczos Ritz vector does: the coefficients solve
-        the least-squares problem in float64 and the part of v outside the span must be within
-        rounding (100 eps relative); else None. The data are not touched: these are the products
-        with v's first block that the measurement's Taylor and per-example passes would otherwise
-        each make."""
-        if not self._records:
-            return None
-        B = torch.cat([inputs for inputs, _ in self._records])  # [r, dim]
-        v = v.detach().reshape(-1).to(B.dtype)
-        # Normal equations in float64, accumulated over column blocks (a float32 dot product over
-        # millions of entries is good to ~1e-4 only, too coarse to tell a vector of the span from
-        # one just outside it); the r x r system is solved on the host (gelsd copes with a
-        # dependent row) and the part of v outside the span is measured in float64 too.
-        r, dim = B.shape
-        G = torch.zeros(r, r, dtype=torch.float64, device=B.device)
-        rhs = torch.zeros(r, dtype=torch.float64, device=B.device)
-        for i in range(0, dim, _COLUMNS):
-            Bi, vi = B[:, i:i + _COLUMNS].to(torch.float64), v[i:i + _COLUMNS].to(torch.float64)
-            G += Bi @ Bi.T
-            rhs += Bi @ vi
-        coef = torch.linalg.lstsq(G.cpu(), rhs.cpu().unsqueeze(1), driver="gelsd").solution[:, 0].to(B.device)
-        outside2 = torch.zeros((), dtype=torch.float64, device=B.device)
-        for i in range(0, dim, _COLUMNS):
-            outside2 += (v[i:i + _COLUMNS].to(torch.float64) - coef @ B[:, i:i + _COLUMNS].to(torch.float64)).square().sum()
-        if not bool(outside2.sqrt() <= 100 * torch.finfo(B.dtype).eps * v.to(torch.float64).norm()):
-            return None
-        coef = coef.to(B.dtype)
-        out: dict[str, Tensor] = {}
-        at = 0
-        for _, seen in self._records:
-            m = seen["first"].shape[1]
-            for key, t in seen.items():
-                part = torch.einsum("nmw,m->nw", t, coef[at:at + m])
-                out[key] = out[key].add_(part) if key in out else part
-            at += m
-        return out
+        "output": R{f} [N, C]}, recombined from this operator's products where v lies in the span
+        of their vectors, as a Lanczos Ritz vector does (``eosbranch.curvature.records``); else
+        None. The data are not touched: these are the products with v's first block that the
+        measurement's Taylor and per-example passes would otherwise each make."""
+        return self.records.along(v)
 
     def shared_forward(self) -> mlp.Cache | None:
         """The R-operator cache over all points (one chunk, no subset), built once: the layer
