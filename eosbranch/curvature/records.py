@@ -21,7 +21,6 @@ __all__ = ["ProductRecords", "RECORD_BYTES"]
 # pass the cap stops recording (the passes then multiply the data themselves).
 RECORD_BYTES = 256 * 2**20
 _COLUMNS = 2**16  # float64 column block of the least-squares problem
-_GROW = 8         # rows added to the buffers at a time
 
 
 class ProductRecords:
@@ -39,10 +38,12 @@ class ProductRecords:
         cap = 0 if not self._buf else self._buf["inputs"].shape[0]
         if need <= cap:
             return True
-        cap = need + _GROW
-        if cap * sum(widths.values()) * like.element_size() > RECORD_BYTES:
+        row_bytes = sum(widths.values()) * like.element_size()
+        most = RECORD_BYTES // row_bytes
+        if need > most:
             self.disabled, self.rows, self._buf = True, 0, {}
             return False
+        cap = min(max(4, 2 * need), most)  # doubling: a long solve copies its records O(log) times
         grown = {k: torch.empty(cap, w, dtype=like.dtype, device=like.device) for k, w in widths.items()}
         for k, old in self._buf.items():
             grown[k][:self.rows] = old[:self.rows]
