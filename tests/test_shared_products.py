@@ -24,6 +24,13 @@ F64 = torch.float64
 GROUPS = {"a": torch.arange(0, 6), "b": torch.tensor([2, 9, 15, 21]), "c": torch.arange(24, 30)}
 
 
+@pytest.fixture(autouse=True)
+def many_rows(monkeypatch):
+    # Cold solves of these tiny models take 7-30 products at tight tolerances; the trainer's warm
+    # solves take a few (test_a_warm_solve_recombines_within_the_default_caps keeps the default).
+    monkeypatch.setattr(records, "MAX_ROWS", 64)
+
+
 def mlp_and_data(n: int = 30):
     """Two hidden tanh layers (so tangents pass a hidden Linear) and a two-class MSE task; the input
     layer wide enough that the groups take the low-rank (factor) route there, as on real data."""
@@ -71,9 +78,10 @@ def test_a_vector_outside_the_products_span_is_refused():
     assert first(hessian_matvec(model, "mse", (X, y)), v1) is None  # no products yet
 
 
-def test_records_past_the_memory_cap_stop_and_the_passes_multiply_the_data(monkeypatch):
+@pytest.mark.parametrize("cap", ["RECORD_BYTES", "MAX_ROWS"])
+def test_records_past_a_cap_stop_and_the_passes_multiply_the_data(monkeypatch, cap):
     model, X, y = mlp_and_data()
-    monkeypatch.setattr(records, "RECORD_BYTES", 1)
+    monkeypatch.setattr(records, cap, 1 if cap == "RECORD_BYTES" else 2)
     H, v1 = solved(model, X, y)
     assert H.backend.records.disabled and H.backend.records.rows == 0 and first(H, v1) is None
     ctx = Context(model, "mse", X, y, GROUPS, v1, operator=H)
@@ -166,3 +174,17 @@ def test_block_products_recombine_each_ritz_vector():
     for j in range(2):
         v = res.vectors[:, j]
         torch.testing.assert_close(first(H, v), direct_first_tangent(model, X, v), rtol=1e-11, atol=1e-12)
+
+
+def test_a_warm_solve_recombines_within_the_default_caps(monkeypatch):
+    monkeypatch.setattr(records, "MAX_ROWS", 8)  # the default
+    model, X, y = mlp_and_data()
+    _, v_prev = solved(model, X, y)
+    with torch.no_grad():  # the next measurement: the parameters moved a little
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7), dtype=F64))
+    H = hessian_matvec(model, "mse", (X, y))
+    res = top_eigenpairs(H, H.dim, tol=1e-3, v0=v_prev)
+    assert 2 <= res.n_matvecs <= records.MAX_ROWS == 8
+    v1 = res.vectors[:, 0]
+    torch.testing.assert_close(first(H, v1), direct_first_tangent(model, X, v1), rtol=1e-11, atol=1e-12)

@@ -13,20 +13,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ProductRecords", "RECORD_BYTES"]
+__all__ = ["ProductRecords", "RECORD_BYTES", "MAX_ROWS"]
 
 # Memory the records of one operator may hold: each product keeps its input [dim] and its tangents
 # [N, width] and [N, C]. An EoS solve of 4 products on the CIFAR-shaped MLP of
 # benchmarks/measurement.py holds 46 MB at N = 2,000 and 111 MB at N = 10,000; a solve that would
 # pass the cap stops recording (the passes then multiply the data themselves).
 RECORD_BYTES = 256 * 2**20
+# At most this many recorded vectors: the least-squares test below costs about r^2 dim, which at 19
+# products (a solve after a catapult, benchmarks/measurement.py, N = 2,000) exceeded the two data
+# products it saves; at the 4 of an EoS solve it costs 0.1 gradient.
+MAX_ROWS = 8
 _COLUMNS = 2**16  # float64 column block of the least-squares problem
 
 
 class ProductRecords:
     """Row buffers of the multiplied vectors ("inputs", [rows, dim]) and of each tangent
-    (key -> [rows, N * width]), filled product by product while they fit in RECORD_BYTES; once
-    they do not, ``disabled`` and empty (a partial record cannot rebuild a vector of the span)."""
+    (key -> [rows, N * width]), filled product by product while they fit in RECORD_BYTES and
+    MAX_ROWS; once they do not, ``disabled`` and empty (a partial record cannot rebuild a vector of
+    the span)."""
 
     def __init__(self):
         self.rows = 0
@@ -39,7 +44,7 @@ class ProductRecords:
         if need <= cap:
             return True
         row_bytes = sum(widths.values()) * like.element_size()
-        most = RECORD_BYTES // row_bytes
+        most = min(RECORD_BYTES // row_bytes, MAX_ROWS)
         if need > most:
             self.disabled, self.rows, self._buf = True, 0, {}
             return False
