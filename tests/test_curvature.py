@@ -365,6 +365,10 @@ def test_preconditioned_sharpness_matches_dense():
     torch.testing.assert_close(r.values[0], dense, rtol=1e-8, atol=0)
     w = r.vectors[:, 0] / diag.sqrt()  # mapped back: an eigenvector of P^-1 H
     torch.testing.assert_close((H @ w) / diag, r.values[0] * w, rtol=1e-7, atol=1e-9)
+    # Its cold-start hint is the gradient in the operator's coordinates, D^-1/2 g.
+    grad = flatten(torch.autograd.grad(get_loss("ce")(model(X), y), list(model.parameters())))
+    torch.testing.assert_close(op.start_hint(), grad / diag.sqrt(), rtol=1e-12, atol=1e-14)
+    assert preconditioned_matvec(hessian_matvec(model, "ce", (X, y), chunk_size=7), diag).start_hint() is None
 
 
 # ------------------------------------------------------------------ cold start along a free hint

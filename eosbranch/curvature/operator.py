@@ -115,6 +115,13 @@ class _Preconditioned:
         s = self.scale if x.dim() == 1 else self.scale[:, None]
         return s * self.matvec(s * x)
 
+    def start_hint(self) -> Tensor | None:
+        """D^{-1/2} g: the gradient hint of the Hessian's operator in this operator's coordinates (a
+        cold start of the preconditioned solve, eosbranch.measure), None where it has none."""
+        hint_fn = getattr(self.matvec, "start_hint", None)
+        hint = hint_fn() if callable(hint_fn) else None
+        return None if hint is None else self.scale * hint.reshape(-1)
+
 
 def preconditioned_matvec(matvec: Callable, diag: Tensor) -> Callable:
     """x -> D^{-1/2} H D^{-1/2} x for P = diag(``diag``) > 0: symmetric, with the spectrum of P^{-1} H.
