@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/curvature.py
 	$(PY) benchmarks/probes.py
+	$(PY) benchmarks/measurement.py --cache runs/bench-cache
 
 cli-docs: $(STAMP)
 	$(PY) -c "from eosbranch.cli import write_reference; write_reference('cli')"
