@@ -130,15 +130,16 @@ def _times_group_blocks(x: Tensor, j: int, fac: dict, U: Tensor, xA: Tensor | No
     A, D = layer["A"], layer["D"]
     if xA is None and x.dim() == 2:
         xA = x @ A.T  # one pass over a shared x (it may be the data)
-    out = []
+    # Each group's product is written straight into its slice (stacking K results copied them all).
+    out = torch.empty(U.shape[0], x.shape[-2], U.shape[1], dtype=x.dtype, device=x.device)
     for k in range(U.shape[0]):
         xk = x if x.dim() == 2 else x[k]
         if k in layer["groups"]:
             c, w = layer["groups"][k]
-            out.append((xA[:, c] if xA is not None else xk @ A[c].T) @ (w.unsqueeze(1) * D[c]))
+            torch.matmul(xA[:, c] if xA is not None else xk @ A[c].T, w.unsqueeze(1) * D[c], out=out[k])
         else:
-            out.append(xk @ U[k].T)
-    return torch.stack(out)
+            torch.matmul(xk, U[k].T, out=out[k])
+    return out
 
 
 # ---------------------------------------------------------------------- the data's Gram
