@@ -30,7 +30,6 @@ those vectors are stale and a warm start can cost more than a cold one), it star
 gradient instead and records a ``cold_start`` event (``eosbranch.curvature.warm_start``).
 """
 
-
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
