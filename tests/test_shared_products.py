@@ -188,3 +188,18 @@ def test_a_warm_solve_recombines_within_the_default_caps(monkeypatch):
     assert 2 <= res.n_matvecs <= records.MAX_ROWS == 8
     v1 = res.vectors[:, 0]
     torch.testing.assert_close(first(H, v1), direct_first_tangent(model, X, v1), rtol=1e-11, atol=1e-12)
+
+
+def test_float32_recombination_on_a_wider_model():
+    # The default dtype at the protocol's first layer (3072 x 512, 1.6 M parameters): a float32
+    # Gram of the recorded vectors is good to ~1e-4 there, too coarse for the span test (what once
+    # made every measurement fall back); the float64 blocks must accept v1 and reproduce the direct
+    # product to float32 rounding. Few points keep the products cheap.
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(3072, 512), nn.ReLU(), nn.Linear(512, 2))
+    X, y = torch.randn(120, 3072, generator=g), torch.randint(0, 2, (120,), generator=g)
+    H = hessian_matvec(model, "mse", (X, y))
+    v1 = top_eigenpairs(H, H.dim, tol=1e-3).vectors[:, 0]
+    assert H.dim > 1_500_000 and v1.dtype == torch.float32 and H.backend.records.rows >= 2
+    torch.testing.assert_close(first(H, v1), direct_first_tangent(model, X, v1), rtol=1e-4, atol=1e-5)
