@@ -189,7 +189,7 @@ def measure_once(model, X, y, groups, v0, prev_loss):
     solve starts warm from v0 or cold (the gradient hint) as the trainer chooses: cold where the
     loss grew more than LOSS_JUMP times since the previous measurement (``prev_loss``)."""
     t = {}
-    H = hessian_matvec(model, MSE, (X, y))
+    H = hessian_matvec(model, MSE, (X, y), record=True)  # as measure.training_hessian
     dim = sum(p.numel() for p in model.parameters())
     t["losses"], (loss, _) = cpu(lambda: _shared_loss_accuracy(H, y))
     start = None if stale_warm_start(loss, prev_loss) else v0
@@ -206,7 +206,7 @@ def measure_once(model, X, y, groups, v0, prev_loss):
     named = list(model.named_parameters())
     theta = flatten([p.detach() for p in model.parameters()])
     t["small"], _ = cpu(lambda: (curvature_fraction(v1, named), weight_projection(list(model.parameters()), theta, v1)))
-    return t, res, rows
+    return t, res, rows, loss
 
 
 def _shared_loss_accuracy(H, y):
@@ -269,7 +269,7 @@ def run(n: int, args) -> tuple[dict, str]:
 
         for _ in range(args.repeats):
             keep("gradient_s", cpu(lambda: gradient(model, X, y))[0])
-            t, res, _ = measure_once(model, X, y, groups, v0, prev_loss)
+            t, res, _, loss_now = measure_once(model, X, y, groups, v0, prev_loss)
             for key, value in t.items():
                 keep(key, value)
             keep("total", sum(t.values()))
@@ -288,7 +288,6 @@ def run(n: int, args) -> tuple[dict, str]:
         best["warm_vs_cold"] = best["warm_cost"] / best["cold_cost"]
         # The trainer's choice costs what that solve costs (the same start, the same products).
         best["chosen_vs_cold"] = best["warm_vs_cold"] if best["chosen"] == "warm" else 1.0
-        loss_now = MSE(model(X), y).item()
         best["loss_ratio"] = loss_now / prev_loss
         # The first product's relative residual of the warm start: what the hint choice looks at.
         one = top_eigenpairs(hessian_matvec(model, MSE, (X, y)), sum(p.numel() for p in model.parameters()),

@@ -87,7 +87,7 @@ def measure(tr: "Trainer") -> None:
     exp = tr.exp
     # One operator for the whole measurement: its forward pass (built once) also gives the loss,
     # the accuracy and the probes' per-example passes (benchmarks/measurement.py counts the cost).
-    H = training_hessian(exp) if exp.spec.measure.sharpness else None
+    H = training_hessian(exp, record=True) if exp.spec.measure.sharpness else None
     loss, acc = _shared_loss_accuracy(exp, H)
     if exp.optimizer.batch_size is not None:
         tr.record("all", "loss", loss)
@@ -102,12 +102,13 @@ def measure(tr: "Trainer") -> None:
     measure_probes(tr, angle, H)
 
 
-def training_hessian(exp: "Experiment"):
+def training_hessian(exp: "Experiment", record: bool = False):
     """The Hessian of the training loss as a matvec (on the fixed curvature subset, if any; with a
-    reweighting branch's weights, if any)."""
+    reweighting branch's weights, if any); ``record``: keep its products' tangents for the
+    measurement's probes (``hessian_matvec``)."""
     ms = exp.spec.measure
     return hessian_matvec(exp.model, exp.loss_fn, (exp.train_X, exp.train_y), chunk_size=ms.chunk_size,
-                          subset=curvature_subset(exp), weights=exp.train_weight)
+                          subset=curvature_subset(exp), weights=exp.train_weight, record=record)
 
 
 def cold_start(st, loss: float) -> bool:

@@ -153,8 +153,7 @@ def projections_from_forward(c: r_operator.Cache, names: list[str], v1: Tensor,
     if output is None:
         params = [c.params[n] for n in names]
         output = r_operator.output_tangent(c, dict(zip(names, unflatten(v1, params))))
-    Rf = output
-    return (c.loss_grad.detach() * Rf).sum(-1)
+    return (c.loss_grad.detach() * output).sum(-1)
 
 
 def grad_norm_sq_from_forward(c: r_operator.Cache) -> Tensor:

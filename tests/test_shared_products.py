@@ -41,7 +41,7 @@ def mlp_and_data(n: int = 30):
 
 
 def solved(model, X, y, tol=1e-10):
-    H = hessian_matvec(model, "mse", (X, y))
+    H = hessian_matvec(model, "mse", (X, y), record=True)
     res = top_eigenpairs(H, H.dim, tol=tol)
     return H, res.vectors[:, 0]
 
@@ -75,7 +75,10 @@ def test_a_vector_outside_the_products_span_is_refused():
     H, v1 = solved(model, X, y, tol=1e-2)  # few products: their span is a small subspace
     other = torch.randn(H.dim, dtype=F64, generator=torch.Generator().manual_seed(5))
     assert first(H, other) is None
-    assert first(hessian_matvec(model, "mse", (X, y)), v1) is None  # no products yet
+    assert first(hessian_matvec(model, "mse", (X, y), record=True), v1) is None  # no products yet
+    plain = hessian_matvec(model, "mse", (X, y))  # not a measurement's operator: nothing is kept
+    top_eigenpairs(plain, plain.dim, tol=1e-2)
+    assert plain.backend.records is None and first(plain, v1) is None
 
 
 @pytest.mark.parametrize("cap", ["RECORD_BYTES", "MAX_ROWS"])
@@ -93,7 +96,7 @@ def test_records_past_a_cap_stop_and_the_passes_multiply_the_data(monkeypatch, c
 def test_no_records_over_a_subset_or_chunks():
     model, X, y = mlp_and_data()
     for kw in ({"subset": torch.arange(10)}, {"chunk_size": 7}):
-        H = hessian_matvec(model, "mse", (X, y), **kw)
+        H = hessian_matvec(model, "mse", (X, y), **kw, record=True)
         v1 = top_eigenpairs(H, H.dim, tol=1e-8).vectors[:, 0]
         assert H.backend.records.rows == 0 and first(H, v1) is None
 
@@ -168,7 +171,7 @@ def test_the_groups_gram_is_kept_across_measurements_and_renewed_when_the_data_c
 def test_block_products_recombine_each_ritz_vector():
     # Top-2: the solver multiplies blocks of two vectors per product; each Ritz vector recombines.
     model, X, y = mlp_and_data()
-    H = hessian_matvec(model, "mse", (X, y))
+    H = hessian_matvec(model, "mse", (X, y), record=True)
     res = top_eigenpairs(H, H.dim, k=2, tol=1e-10)
     assert H.backend.records.rows == res.n_matvecs
     for j in range(2):
@@ -183,7 +186,7 @@ def test_a_warm_solve_recombines_within_the_default_caps(monkeypatch):
     with torch.no_grad():  # the next measurement: the parameters moved a little
         for p in model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7), dtype=F64))
-    H = hessian_matvec(model, "mse", (X, y))
+    H = hessian_matvec(model, "mse", (X, y), record=True)
     res = top_eigenpairs(H, H.dim, tol=1e-3, v0=v_prev)
     assert 2 <= res.n_matvecs <= records.MAX_ROWS == 8
     v1 = res.vectors[:, 0]
@@ -199,7 +202,20 @@ def test_float32_recombination_on_a_wider_model():
     g = torch.Generator().manual_seed(3)
     model = nn.Sequential(nn.Linear(3072, 512), nn.ReLU(), nn.Linear(512, 2))
     X, y = torch.randn(120, 3072, generator=g), torch.randint(0, 2, (120,), generator=g)
-    H = hessian_matvec(model, "mse", (X, y))
+    H = hessian_matvec(model, "mse", (X, y), record=True)
     v1 = top_eigenpairs(H, H.dim, tol=1e-3).vectors[:, 0]
     assert H.dim > 1_500_000 and v1.dtype == torch.float32 and H.backend.records.rows >= 2
     torch.testing.assert_close(first(H, v1), direct_first_tangent(model, X, v1), rtol=1e-4, atol=1e-5)
+
+
+def test_the_trainers_measurements_recombine(monkeypatch, tmp_path, tiny_spec):
+    # Wiring: the trainer's operator keeps its products (measure.training_hessian(record=True)) and
+    # its probes read v1's tangents from them.
+    import eosbranch
+
+    seen = []
+    along = records.ProductRecords.along
+    monkeypatch.setattr(records.ProductRecords, "along", lambda self, v: seen.append(along(self, v)) or seen[-1])
+    tiny_spec.update(steps=20, groups="classes", measure={"every": 10, "sharpness": True})
+    eosbranch.train(tiny_spec, tmp_path)
+    assert seen and all(t is not None for t in seen)

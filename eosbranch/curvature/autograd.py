@@ -101,6 +101,9 @@ class AutogradBackend:
         measurement may read (an MLP chain's R-operator cache), or None: autograd keeps none."""
         return None
 
+    def record_products(self) -> None:
+        """Keep what later products leave for ``tangents_along``: nothing on this route."""
+
     def tangents_along(self, v: Tensor) -> dict[str, Tensor] | None:
         """Tangents along ``v`` recombined from the products made so far, or None: only the
         R-operator records them (``MLPBackend.tangents_along``)."""

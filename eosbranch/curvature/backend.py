@@ -80,8 +80,9 @@ class MLPBackend(FactoredBackend):
         super().__init__(obj, "double_backward", batched_vjp)
         self.chain, self.split = chain, split
         self._cache = None  # mlp.Cache of the single chunk, built on first use
-        # Every product's vectors and tangents over all points (one chunk, no subset).
-        self.records = ProductRecords()
+        # Every product's vectors and tangents over all points (one chunk, no subset), once a
+        # measurement asks for them (record_products): other operators' products copy nothing.
+        self.records: ProductRecords | None = None
 
     @property
     def hvp_method(self) -> str:
@@ -101,7 +102,8 @@ class MLPBackend(FactoredBackend):
 
     def hvp(self, tangents: list[Tensor], chunk: Chunk) -> list[Tensor | None]:
         cache = self._cached(chunk) if self.obj.single_chunk else self._build(chunk)
-        record = not self.records.disabled and self.obj.single_chunk and self.obj.subset is None
+        record = self.records is not None and not self.records.disabled and self.obj.single_chunk \
+            and self.obj.subset is None
         seen: dict | None = {} if record else None
         hv = mlp.hvp(cache, dict(zip(self.obj.names, tangents)), seen)
         if record:
@@ -114,7 +116,10 @@ class MLPBackend(FactoredBackend):
         of their vectors, as a Lanczos Ritz vector does (``eosbranch.curvature.records``); else
         None. The data are not touched: these are the products with v's first block that the
         measurement's Taylor and per-example passes would otherwise each make."""
-        return self.records.along(v)
+        return None if self.records is None else self.records.along(v)
+
+    def record_products(self) -> None:
+        self.records = self.records or ProductRecords()
 
     def shared_forward(self) -> mlp.Cache | None:
         """The R-operator cache over all points (one chunk, no subset), built once: the layer

@@ -32,7 +32,8 @@ class HessianOperator:
     torch.func transforms cannot mutate captured buffers).
     """
 
-    def __init__(self, model: nn.Module, loss, data, chunk_size=None, subset=None, method=None, weights=None):
+    def __init__(self, model: nn.Module, loss, data, chunk_size=None, subset=None, method=None, weights=None,
+                 record: bool = False):
         if method is not None and method not in HVP_METHODS:
             raise ValueError(f"hessian_matvec: method must be one of {HVP_METHODS}, got {method!r}")
         X, y = data
@@ -46,6 +47,8 @@ class HessianOperator:
                                       label=f"method {method!r}")
         self.method = self.backend.hvp_method
         self.chain = self.backend.chain  # the MLP chain of the R-operator route, or None
+        if record:  # a measurement's operator: its Context reads v1's tangents from the products
+            self.backend.record_products()
 
     def start_hint(self) -> Tensor | None:
         """The flat full-batch gradient when it is free (one chunk: double backward's cached graph,
@@ -83,7 +86,8 @@ class HessianOperator:
         return total[0] if single else total.T.contiguous()
 
 
-def hessian_matvec(model, loss, data, chunk_size=None, subset=None, method=None, weights=None) -> HessianOperator:
+def hessian_matvec(model, loss, data, chunk_size=None, subset=None, method=None, weights=None,
+                   record: bool = False) -> HessianOperator:
     """Flat matvec of the Hessian of the mean training loss over the trainable parameters
     (``requires_grad``, in ``model.parameters()`` order), at the current parameters (snapshotted:
     make a new operator after the model changes).
@@ -97,10 +101,14 @@ def hessian_matvec(model, loss, data, chunk_size=None, subset=None, method=None,
     ``reduction="none"``, else per device from ``DEFAULT_HVP_METHOD`` (the backend choice is
     ``eosbranch.curvature.backend.select_backend``). The model is evaluated in whatever mode
     (train/eval) it is in.
+    ``record``: keep each product's vectors and tangents (MLP chains, one chunk, no subset;
+    ``eosbranch.curvature.records``) so that a measurement's Context recombines v1's tangents
+    instead of multiplying the data again; off by default (each product then copies nothing).
     The callable takes a [dim] vector or a [dim, m] block (one batched product) and carries
     ``.dim``, ``.dtype``, ``.device``, which ``top_eigenpairs`` picks up.
     """
-    return HessianOperator(model, loss, data, chunk_size=chunk_size, subset=subset, method=method, weights=weights)
+    return HessianOperator(model, loss, data, chunk_size=chunk_size, subset=subset, method=method, weights=weights,
+                           record=record)
 
 
 class _Preconditioned:
