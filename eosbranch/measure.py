@@ -24,7 +24,9 @@ Whole-data quantities go in ``metrics`` with ``group = "all"``:
 - ``examples.parquet`` rows (``measure.examples``: every example, only group members, or none).
 
 Each solve is warm-started from the previous measurement's eigenvectors (kept in the training
-state and its checkpoints), so measurements are cheap and resume bit for bit; where the training
+state and its checkpoints), moved along their path by the change since the measurement before
+(``warm_vectors``: ``eosbranch.curvature.warm_start.extrapolated_start``), so measurements are
+cheap and resume bit for bit; where the training
 loss has grown more than ``LOSS_JUMP`` (2) times since that measurement (a catapult under way, when
 those vectors are stale and a warm start can cost more than a cold one), it starts cold from the
 gradient instead and records a ``cold_start`` event (``eosbranch.curvature.warm_start``).
@@ -36,7 +38,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .curvature import LOSS_JUMP, flatten, hessian_matvec, preconditioned_matvec, stale_warm_start, top_eigenpairs
+from .curvature import (
+    LOSS_JUMP, extrapolated_start, flatten, hessian_matvec, path_ratio, preconditioned_matvec, stale_warm_start,
+    top_eigenpairs,
+)
 from .eigen_error import angle_bound, cos2_error_bound
 from .mechanism import TRACK_KEY, sigma_squared, v1_group_curvature
 from .probes import (
@@ -50,6 +55,9 @@ if TYPE_CHECKING:
 # The training loss at the previous measurement (in the state's ``measured``, so checkpoints,
 # resumes and forks make the same warm/cold choice).
 LOSS_KEY = "loss_at_measurement"
+# [t_eff of the measurement that found st.prev_eig_vectors (None: none), t_eff of st.eig_vectors']:
+# how far the next warm start is extrapolated along the vectors' path (``warm_vectors``).
+EIG_T_KEY = "eig_t_eff"
 
 
 @torch.no_grad()
@@ -117,18 +125,31 @@ def cold_start(st, loss: float) -> bool:
     return st.eig_vectors is not None and stale_warm_start(loss, st.measured.get(LOSS_KEY))
 
 
+def warm_vectors(st, k: int):
+    """The warm start of a top-``k`` solve at ``st.t_eff``: the state's first ``k`` vectors (a block
+    of k, not of every vector it keeps), extrapolated along their path from the measurement before
+    (``extrapolated_start``; as they are where the state holds no earlier ones). None: no vectors."""
+    if st.eig_vectors is None:
+        return None
+    last = st.eig_vectors[:, :k]
+    times = st.measured.get(EIG_T_KEY)
+    if st.prev_eig_vectors is None or times is None or times[0] is None:
+        return last
+    return extrapolated_start(last, st.prev_eig_vectors[:, :k], path_ratio(st.t_eff, times[1], times[0]))
+
+
 def solve_curvature(exp: "Experiment", st, k: int = 1, v0=None, preconditioned: bool = True, H=None,
                     cold: bool = False):
     """``(res, pres)``: the top-``k`` eigenpairs of the training Hessian at the current parameters,
-    warm-started from ``v0`` (default: the first ``k`` of the state's vectors; ``cold``: none, the
-    operator's gradient hint instead), and, for a preconditioned optimizer with a state (Adam after
-    its first step), the top pair of P^-1 H (else None). ``H``: that Hessian's operator if the
-    caller made it (``training_hessian``). The state is not changed."""
+    warm-started from ``v0`` (default: ``warm_vectors``; ``cold``: none, the operator's gradient
+    hint instead), and, for a preconditioned optimizer with a state (Adam after its first step),
+    the top pair of P^-1 H (else None). ``H``: that Hessian's operator if the caller made it
+    (``training_hessian``). The state is not changed."""
     ms = exp.spec.measure
     H = training_hessian(exp) if H is None else H
     dim = sum(p.numel() for p in exp.params)
-    if v0 is None and st.eig_vectors is not None and not cold:
-        v0 = st.eig_vectors[:, :k]  # a block of k, not of every vector the state keeps
+    if v0 is None and not cold:
+        v0 = warm_vectors(st, k)
     res = top_eigenpairs(H, dim, k=k, tol=ms.tol, v0=v0, max_matvecs=ms.max_matvecs)
     pres = None
     if preconditioned and exp.optimizer.preconditioned and st.opt_state:
@@ -177,6 +198,12 @@ def measure_curvature(tr: "Trainer", H=None, loss: float | None = None) -> float
     res, pres = solve_curvature(exp, st, k=ms.top_k, H=H, cold=cold)
     if loss is not None:
         st.measured[LOSS_KEY] = loss
+    # The vectors before these, for the next warm start's extrapolation: none after a cold start
+    # (the last ones were stale) or where the state does not say when its vectors were found.
+    times = st.measured.get(EIG_T_KEY)
+    keep = not cold and st.eig_vectors is not None and times is not None
+    st.prev_eig_vectors = st.eig_vectors if keep else None
+    st.measured[EIG_T_KEY] = [times[1] if keep else None, st.t_eff]
     st.eig_vectors = res.vectors.detach()
     values = res.values.tolist()
     for i, value in enumerate(values):

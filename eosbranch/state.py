@@ -30,6 +30,9 @@ class TrainState:
     opt_state: dict = field(default_factory=dict)
     cursor: dict = field(default_factory=lambda: {"epoch": 0, "pos": 0})
     eig_vectors: Optional[torch.Tensor] = None  # warm start for the next sharpness solve
+    # The measurement's vectors before those (None after a cold start): with them the next warm
+    # start is extrapolated along the eigenvectors' path (eosbranch.curvature.warm_start).
+    prev_eig_vectors: Optional[torch.Tensor] = None
     precond_vectors: Optional[torch.Tensor] = None  # same, for lambda_1(P^-1 H) under Adam
     # What measurements found (last sharpness, t_star, t_star_star, the oscillation track) and the
     # fork step; kept as one mapping because the checkpoint format stores it so. Read the
@@ -87,6 +90,7 @@ def checkpoint_state(exp: Experiment, st: TrainState) -> dict:
         "model": {k: v.detach().cpu().clone() for k, v in exp.model.state_dict().items()},
         "optimizer": _to_cpu(st.opt_state), "cursor": dict(st.cursor), "rng": _rng_state(),
         "eig_vectors": _to_cpu(st.eig_vectors), "precond_vectors": _to_cpu(st.precond_vectors),
+        "prev_eig_vectors": _to_cpu(st.prev_eig_vectors),
         "measured": copy.deepcopy(st.measured), "prev_example_losses": _to_cpu(st.prev_example_losses),
         "reference": _to_cpu(st.reference), "intervention": _to_cpu(st.intervention),
     }
@@ -101,6 +105,7 @@ def restore_state(exp: Experiment, ckpt: dict) -> TrainState:
         opt_state=_to_device(ckpt["optimizer"], exp.device), cursor=dict(ckpt["cursor"]),
         eig_vectors=_to_device(ckpt.get("eig_vectors"), exp.device),
         precond_vectors=_to_device(ckpt.get("precond_vectors"), exp.device),
+        prev_eig_vectors=_to_device(ckpt.get("prev_eig_vectors"), exp.device),
         measured=copy.deepcopy(dict(ckpt.get("measured", {}))),
         prev_example_losses=_to_device(ckpt.get("prev_example_losses"), exp.device),
         reference=_to_device(ckpt.get("reference"), exp.device),
