@@ -42,7 +42,7 @@ KEYS = {
     "per_example_loss": "per_example_loss",           # [N]
     "per_example_projection": "per_example_projection_v1_global",  # [N] <grad l_i, v1>
     "per_example_grad_norm": "per_example_grad_norm",  # [N] ||grad l_i||
-    "tangents": "tangents_v1_global",  # {"first": [N, width] x V1^T + c1, "output": [N, C] R{f}}, from the solve
+    "tangents": "tangents_v1_global",  # {"first": x V1^T + c1, "linear<j>": R{z_j}, "output": R{f}}, from the solve
 }
 
 # The probes' names for the curvature backends (eosbranch.curvature.backend).
@@ -117,8 +117,8 @@ class Context:
 
     @property
     def tangents_v1(self) -> dict[str, Tensor] | None:
-        """Along v1, over all points: {"first": [N, width] x V1^T + c1, "output": [N, C] R{f}},
-        recombined from the products of the operator's solve (``MLPBackend.tangents_along``)
+        """Along v1, over all points: {"first": [N, width] x V1^T + c1, "linear<j>": R{z_j} of each
+        later hidden Linear, "output": [N, C] R{f}}, recombined from the products of the operator's solve (``MLPBackend.tangents_along``)
         where v1 lies in their span, else None (the passes then multiply the data by v1's block
         themselves)."""
         key = KEYS["tangents"]
@@ -223,7 +223,7 @@ class Context:
             self.group_grads  # the group pass, which the curvature pass builds on
         kw = {} if self.forward is None or self.taylor is None else {"forward": self.forward}
         if kw and want_coup and self.tangents_v1 is not None:
-            kw["first_tangent"] = self.tangents_v1["first"]
+            kw["tangents"] = self.tangents_v1
         r = self.backend.curvature(self._batch, self.v1, quadratic=want_quad, coupling=want_coup, gradient=want_dS,
                                    **kw)
         if want_quad:

@@ -219,3 +219,43 @@ def test_the_trainers_measurements_recombine(monkeypatch, tmp_path, tiny_spec):
     tiny_spec.update(steps=20, groups="classes", measure={"every": 10, "sharpness": True})
     eosbranch.train(tiny_spec, tmp_path)
     assert seen and all(t is not None for t in seen)
+
+
+def test_hidden_tangents_recombine_to_the_jvp_of_the_hidden_layer():
+    # R{z_2} along v1 (the second Linear's output): recombined, against torch.func.jvp of the
+    # model truncated after that layer.
+    model, X, y = mlp_and_data()
+    H, v1 = solved(model, X, y)
+    got = H.backend.tangents_along(v1)
+    assert set(got) == {"first", "linear1", "output"}
+    d = Dense(model, "mse", X, y)
+    head = model[:3]  # Linear, Tanh, Linear
+    names = [n for n, _ in head.named_parameters()]
+    like = [p.detach() for p in head.parameters()]
+    k = sum(p.numel() for p in like)
+
+    def z2(flat):
+        return torch.func.functional_call(head, dict(zip(names, unflatten(flat, like))), (X,))
+
+    _, Rz2 = torch.func.jvp(z2, (d.theta[:k],), (v1[:k],))
+    torch.testing.assert_close(got["linear1"], Rz2, rtol=1e-11, atol=1e-12)
+
+
+def test_the_taylor_pass_reads_the_hidden_tangent_and_the_cached_pre_activations(monkeypatch):
+    # Wiring: a wrong recombined R{z_2} (zeros), or a wrong cached pre-activation z_2, must change
+    # Q_k, so a pass that silently recomputed either would fail here. The honest values match the
+    # dense oracles (test_measurement_passes_read_the_recombined_tangent_and_match_dense_oracles).
+    model, X, y = mlp_and_data()
+    H, v1 = solved(model, X, y)
+    honest = rows_to_dict(group_probes(Context(model, "mse", X, y, GROUPS, v1, operator=H)))
+    real = type(H.backend).tangents_along
+    with monkeypatch.context() as m:
+        m.setattr(type(H.backend), "tangents_along",
+                  lambda self, v: {**real(self, v), "linear1": torch.zeros(X.shape[0], 5, dtype=F64)})
+        wrong = rows_to_dict(group_probes(Context(model, "mse", X, y, GROUPS, v1, operator=H)))
+    assert wrong[("a", "sharpness_coupling")] != pytest.approx(honest[("a", "sharpness_coupling")], rel=1e-6)
+    fwd = H.backend.shared_forward()
+    fwd.pre[1] = torch.zeros_like(fwd.pre[1])
+    wrong = rows_to_dict(group_probes(Context(model, "mse", X, y, GROUPS, v1, operator=H)))
+    assert wrong[("a", "sharpness_coupling")] != pytest.approx(honest[("a", "sharpness_coupling")], rel=1e-6)
+    assert wrong[("a", "rayleigh")] != pytest.approx(honest[("a", "rayleigh")], rel=1e-6)

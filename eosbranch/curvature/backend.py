@@ -48,9 +48,9 @@ class FactoredBackend(AutogradBackend):
     flat grad S; when grad S itself is asked for, autograd gives it. A subclass defines
     ``group_curvature(batch, v1, quadratic, coupling, forward)``."""
 
-    def curvature(self, batch, v1, quadratic, coupling, gradient, forward=None, first_tangent=None) -> dict:
-        # first_tangent: v1's R{z_1} over the Hessian's points, if known (MLPBackend.tangents_along)
-        out = (self.group_curvature(batch, v1, quadratic, coupling, forward, first_tangent)
+    def curvature(self, batch, v1, quadratic, coupling, gradient, forward=None, tangents=None) -> dict:
+        # tangents: v1's tangents over the Hessian's points, if known (MLPBackend.tangents_along)
+        out = (self.group_curvature(batch, v1, quadratic, coupling, forward, tangents)
                if quadratic or coupling else {})
         if gradient:
             out.update(AutogradBackend.curvature(self, batch, v1, False, False, True))
@@ -67,7 +67,7 @@ class InputLinearBackend(FactoredBackend):
         super().__init__(obj, form, batched_vjp)
         self.split = split
 
-    def group_curvature(self, batch, v1, quadratic, coupling, forward=None, first_tangent=None) -> dict:
+    def group_curvature(self, batch, v1, quadratic, coupling, forward=None, tangents=None) -> dict:
         return input_linear.group_curvature(self.obj, self.split, batch, v1, coupling, quadratic)
 
 
@@ -112,7 +112,7 @@ class MLPBackend(FactoredBackend):
 
     def tangents_along(self, v: Tensor) -> dict[str, Tensor] | None:
         """Along the flat ``v``, over all points: {"first": R{z_1} = x V_1^T + c_1 [N, width],
-        "output": R{f} [N, C]}, recombined from this operator's products where v lies in the span
+        "linear<j>": R{z_j} of each later hidden Linear, "output": R{f} [N, C]}, recombined from this operator's products where v lies in the span
         of their vectors, as a Lanczos Ritz vector does (``eosbranch.curvature.records``); else
         None. The data are not touched: these are the products with v's first block that the
         measurement's Taylor and per-example passes would otherwise each make."""
@@ -139,13 +139,13 @@ class MLPBackend(FactoredBackend):
         return taylor.group_pass(self.obj, self.chain, batch)
 
     def group_curvature(self, batch, v1, quadratic, coupling, forward: mlp.Cache | None = None,
-                        first_tangent: Tensor | None = None) -> dict:
+                        tangents: dict[str, Tensor] | None = None) -> dict:
         """``forward``: an R-operator cache over the Hessian's points at these parameters (the
-        measurement's, ``shared_forward``), whose first-layer output it reuses; ``first_tangent``:
-        R{z_1} along v1 over those points (``tangents_along``), if known."""
+        measurement's, ``shared_forward``), whose Linear outputs it reuses; ``tangents``: v1's
+        tangents over those points (``tangents_along``), if known."""
         shared = forward is not None and self.obj.subset is None
         return taylor.group_curvature(self.obj, self.chain, batch, v1, coupling, quadratic,
-                                      forward.first_out if shared else None, first_tangent if shared else None)
+                                      forward if shared else None, tangents if shared else None)
 
 
 def select_backend(obj: Objective, method: str = "auto", *, form: str | None = None, batched_vjp: bool = True,

@@ -46,6 +46,7 @@ class Cache:
         self.loss_hess = None  # closed-form v -> (d2l/df2) v of a built-in loss (eosbranch.loss)
         self.losses: Tensor | None = None     # per-example losses l_i [n]
         self.first_out: Tensor | None = None  # the first Linear's output x W1^T + b1 [n, width]
+        self.pre: list[Tensor] = []  # per Linear: its output z (the next activation's input) [n, out]
 
 
 def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor, omega: Tensor) -> Cache:
@@ -60,6 +61,7 @@ def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor
                 _, _, w, b = step
                 c.inputs.append(x)
                 x = F.linear(x, params[w], params[b] if b else None)
+                c.pre.append(x)
                 if c.first_out is None:
                     c.first_out = x
             else:
@@ -156,8 +158,9 @@ def _wide(V: Tensor) -> Tensor:
 def hvp(c: Cache, tangents: dict[str, Tensor], record: dict | None = None) -> dict[str, Tensor]:
     """H v for a block of m tangents (name -> [m, *shape]); returns name -> [m, *shape].
     ``record``: a dict that receives the block's first-layer tangent R{z_1} = x V_1^T + c_1
-    [n, m, width] under "first" (the product's one forward contact with the data) and its output
-    tangent R{f} [n, m, C] under "output". Both are linear in v, so
+    [n, m, width] under "first" (the product's one forward contact with the data), each later
+    hidden Linear's output tangent R{z_j} under "linear<j>" (j counted from 0), and its output
+    tangent R{f} [n, m, C] under "output". All are linear in v, so
     ``eosbranch.curvature.backend.MLPBackend.tangents_along`` recombines them for a Ritz vector.
 
     Internally a block is laid out points first, [n, m, width], contiguous: every product with a
@@ -182,8 +185,8 @@ def hvp(c: Cache, tangents: dict[str, Tensor], record: dict | None = None) -> di
                     out.view(n * m, -1).addmm_(R.reshape(n * m, -1), P[w].T)
                 if b:
                     out += tangents[b]
-                if li == 0 and record is not None:
-                    record["first"] = out  # never written to below
+                if record is not None and (li == 0 or li < len(c.inputs) - 1):  # never written to below
+                    record["first" if li == 0 else f"linear{li}"] = out
                 R = out
                 li += 1
             else:

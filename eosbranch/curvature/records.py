@@ -1,8 +1,8 @@
 """What a solve's Hessian-vector products leave for the rest of a measurement.
 
 Each R-operator product (``eosbranch.curvature.mlp.hvp``) passes its vector v through the first
-layer once, R{z_1} = x V_1^T + c_1 (its one forward contact with the data), and reaches the output
-tangent R{f}. Both are linear in v. A Lanczos Ritz vector is a combination of the vectors the solve
+layer once, R{z_1} = x V_1^T + c_1 (its one forward contact with the data), through each later
+Linear (R{z_j}) and reaches the output tangent R{f}. All are linear in v. A Lanczos Ritz vector is a combination of the vectors the solve
 multiplied, so its tangents are the same combination of the recorded ones: the measurement's
 Taylor pass and per-example projections read them instead of multiplying the data by v1's block
 again (``MLPBackend.tangents_along``, ``eosbranch.context.Context.tangents_v1``).
@@ -16,9 +16,10 @@ from torch import Tensor
 __all__ = ["ProductRecords", "RECORD_BYTES", "MAX_ROWS"]
 
 # Memory the records of one operator may hold: each product keeps its input [dim] and its tangents
-# [N, width] and [N, C]. An EoS solve of 4 products on the CIFAR-shaped MLP of
-# benchmarks/measurement.py holds 46 MB at N = 2,000 and 111 MB at N = 10,000; a solve that would
-# pass the cap stops recording (the passes then multiply the data themselves).
+# ([N, width] per hidden Linear, [N, C] at the output). An EoS solve of 4 products on the
+# CIFAR-shaped MLP of benchmarks/measurement.py holds 62 MB at N = 2,000 and 194 MB at N = 10,000
+# (there the cap admits 5 products); a solve that would pass the cap stops recording (the passes
+# then multiply the data themselves).
 RECORD_BYTES = 256 * 2**20
 # At most this many recorded vectors: the least-squares test below costs about r^2 dim, which at 19
 # products (a solve after a catapult, benchmarks/measurement.py, N = 2,000) exceeded the two data

@@ -169,6 +169,36 @@ def _data_gram(obj: Objective, chain: Chain, rows: Tensor) -> Tensor:
     return gram
 
 
+# ---------------------------------------------------------------------- known values
+class _KnownAffine(torch.autograd.Function):
+    """``value`` = a0 M0^T (+ a1 M1^T) (+ bias), where the value is known already (the R-operator's
+    cached pre-activations, or v1's tangents recombined from the solve's products): the forward
+    returns it without the products, the backward is the affine map's own (one product per input
+    that needs a gradient, as autograd's linear would make)."""
+
+    @staticmethod
+    def forward(ctx, value, bias, a0, M0, a1=None, M1=None):
+        ctx.save_for_backward(a0, M0, a1, M1)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        a0, M0, a1, M1 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        out = [None] * 6
+        rows = g.reshape(-1, g.shape[-1])
+        if need[1]:
+            out[1] = rows.sum(0)
+        for k, (a, M) in enumerate(((a0, M0), (a1, M1))):
+            if a is None:
+                continue
+            if need[2 + 2 * k]:
+                out[2 + 2 * k] = g @ M
+            if need[3 + 2 * k]:
+                out[3 + 2 * k] = rows.T @ a.reshape(-1, a.shape[-1])
+        return tuple(out)
+
+
 # ---------------------------------------------------------------------- curvature
 def _loss_jet(loss_fn, f: Tensor, yc: Tensor, f1: Tensor, f2: Tensor | None, graph: bool, batched: bool) -> Tensor:
     """Per-example l'' = f'^T (d2l/df2) f' + (dl/df) . f'' ([n], or [K, n] when ``batched``).
@@ -195,15 +225,16 @@ def _loss_jet(loss_fn, f: Tensor, yc: Tensor, f1: Tensor, f2: Tensor | None, gra
 
 
 def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor | None,
-                    coupling: bool, quadratic: bool, first_out: Tensor | None = None,
-                    first_tangent: Tensor | None = None) -> dict:
+                    coupling: bool, quadratic: bool, forward: r_operator.Cache | None = None,
+                    tangents: dict[str, Tensor] | None = None) -> dict:
     """``{"quadratic": [K] g_k^T H g_k, "coupling": [K] <g_k, grad S>, "s": v1^T H v1}`` for the
     groups of ``batch`` (after :func:`group_pass`), H the Hessian of ``obj`` (the one v1 came from:
-    all points or a subset, weighted if it is). ``first_out``: the first layer's output over the
-    Hessian's points in one chunk, if a forward pass at these parameters has it already (the
-    measurement's R-operator cache): the data then meet only v1's block and the groups' rows.
-    ``first_tangent``: with ``first_out``, v1's first tangent x V_1^T + c_1 over the same points,
-    if known (recombined from the solve's products): the data then meet the groups' rows only."""
+    all points or a subset, weighted if it is). ``forward``: an R-operator cache over the Hessian's
+    points in one chunk at these parameters (the measurement's), whose Linear outputs are read,
+    not recomputed: the data then meet only v1's block and the groups' rows. ``tangents``: with
+    ``forward``, v1's tangents over the same points recombined from the solve's products
+    (``MLPBackend.tangents_along``: "first" x V_1^T + c_1, "linear<j>", "output"), read for the v1
+    stream instead of its products: the data then meet the groups' rows only."""
     K = batch.W.shape[0]
     fac = batch.factors  # from group_pass
     P = dict(zip(obj.names, obj.params))
@@ -215,8 +246,17 @@ def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor 
     s_total = torch.zeros((), dtype=obj.dtype, device=obj.device)
     # Everything the data meet in the first layer, as one matrix: its weight, v1's block and the
     # groups' points (their factors' rows), so a single product with the data gives all three.
-    shared = first_out is not None and obj.single_chunk
-    given_v = coupling and shared and first_tangent is not None  # v1's first tangent known already
+    shared = forward is not None and obj.single_chunk
+    first_out = forward.first_out if shared else None
+    given_v = coupling and shared and tangents is not None  # v1's tangents known already
+    first_tangent = tangents["first"] if given_v else None
+    # Known Linear outputs by Linear index: the main stream's (the cache's pre-activations) and the
+    # v1 stream's (the recombined tangents); the first layer's are read directly below.
+    known_z = forward.pre if shared else None
+    known_v = ({j: tangents[f"linear{j}"] for j in range(1, len(chain.linears) - 1) if f"linear{j}" in tangents}
+               if given_v else {})
+    if given_v and "output" in tangents:
+        known_v[len(chain.linears) - 1] = tangents["output"]
     first_rows = ([] if shared else [P[w1]]) + ([vparts[w1]] if coupling and not given_v else [])
     gram = None  # the data times the groups' rows, [N, rows]: the same at every measurement of a run
     if shared and fac["layers"][0] is not None:
@@ -273,8 +313,11 @@ def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor 
                     W, b = phi[wname], phi[bname] if bname else None
                     if coupling:
                         V = vparts[wname]
-                        xa, xaa = (F.linear(xa, W) + F.linear(x, V, vparts[bname] if bname else None),
-                                   _add(None if xaa is None else F.linear(xaa, W), 2 * F.linear(xa, V)))
+                        if j in known_v:  # R{z} = R{a} W^T + a V^T + c, recombined: no product forward
+                            new_a = _KnownAffine.apply(known_v[j][i:i + SUB_CHUNK], None, xa, W, x, V)
+                        else:
+                            new_a = F.linear(xa, W) + F.linear(x, V, vparts[bname] if bname else None)
+                        xa, xaa = new_a, _add(None if xaa is None else F.linear(xaa, W), 2 * F.linear(xa, V))
                     if quadratic:
                         with torch.no_grad():
                             Wd, xd = W.detach(), x.detach()
@@ -283,7 +326,10 @@ def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor 
                                 new_b += gparts[bname].unsqueeze(1)
                             xbb = _add(None if xbb is None else xbb @ Wd.T, 2 * _times_group_blocks(xb, j, fac, gparts[wname]))
                             xb = new_b
-                    x = F.linear(x, W, b)
+                    if known_z is not None:  # the cache's z = a W^T + b: no product forward
+                        x = _KnownAffine.apply(known_z[j][i:i + SUB_CHUNK], b, x, W)
+                    else:
+                        x = F.linear(x, W, b)
                 if coupling:
                     S = (omega * _loss_jet(obj.loss, x, yc, xa, xaa, graph=True, batched=False)).sum()
                     s_total += S.detach()
