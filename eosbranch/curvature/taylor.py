@@ -21,7 +21,11 @@ and u^T H u = sum_i omega_i l_i'' (omega_i the point's weight in the training lo
 - Q_k = <g_k, grad S>, S = v1^T H v1 with v1 fixed: S is the same forward along v1, recorded by
   autograd; one reverse pass gives dS/dZ_1 (the first layer's output, so dS/dW_1 is never formed)
   and dS/dphi for the later layers, and Q_k = <dS/dZ_1, Z_1,k'> + <dS/dphi, g_k,phi>. This
-  reverse-over-forward costs about half of the triple backward through an HVP.
+  reverse-over-forward costs about half of the triple backward through an HVP. Within a
+  measurement the forward values it needs are known already: the Linear outputs z from the
+  R-operator's cache, v1's tangents R{z} recombined from the solve's products; they enter through
+  ``_KnownAffine`` (value given, backward the layer's own), so only v1's second-order tangent and
+  the reverse pass multiply by the hidden weights.
 
 The factors (a_i, delta_i) come from one forward and one backward to the pre-activations over the
 union of the groups' points, which also give the group gradients, losses and accuracies

@@ -125,13 +125,16 @@ def stale_warm_start(loss: float, previous_loss: float | None) -> bool:
 # steadily (at the EoS of the benchmark setting, by sin 0.04-0.10 per 32 steps), so the vectors
 # of the last two measurements predict the next better than the last alone: u = v + s r (v - v'),
 # v' the previous measurement's vector (sign-aligned with v), r the ratio of this interval to the
-# last (in t_eff, clamped to [0, 1]) and s = PATH_STEP, a damped linear step. Measured in the EoS
-# phase of benchmarks/measurement.py's setting (N = 2,000, float32, tol 1e-3, 14 measurements 32
-# steps apart, each solve warm-started from the previous ones as the trainer does): 3 products in
-# 13 of the 14 solves, against 5 of 14 from v alone (the others 4); s = 0.5 left a smaller start
-# angle than s = 0.3, 0.7 or 1 (sin 0.033-0.054 against 0.038-0.079 from v alone, after the first).
+# last (in t_eff, clamped to [0, 1]) and s = PATH_STEP (1: the straight continuation of the chord).
+# Measured in the EoS phase of benchmarks/measurement.py (float32, tol 1e-3, measurements 32 steps
+# apart, each solve started from the ones before as the trainer does): at N = 2,000, 7 of 8 solves
+# take 3 products against 5 of 8 from v alone (the others 4); over 12 measurements s = 0.5, 0.7
+# and 1 took 3 after the first (0.3 once 4), and s = 1 left the smallest residual after those 3
+# (1.6e-4 to 7.4e-4, against up to 9.3e-4 at 0.5: the margin before a fourth product at 1e-3).
+# Right after the onset (v1 at 0 and 32 steps nearly orthogonal) nothing helps: 4 products at
+# any s up to 2.
 # A column turns by more than acos(PATH_MIN_COS) in one interval only where the path is not
-# smooth (a crossing of eigenvalues, a catapult): there the last vector is used as it is.
+# smooth (a crossing of eigenvalues, a catapult, the onset): there the last vector is used as it is.
 PATH_STEP = 1.0
 PATH_MIN_COS = 0.9
 
