@@ -18,7 +18,7 @@ The pieces:
 
 - ``oscillation_variance`` σ² (group "all") from the iterates: p_s = <θ_s, u> at the steps of
   the ``measure.oscillation_window`` before a measurement, u the previous measurement's v1 (the
-  warm-start vector, fixed over the window), and σ² = mean of ((p_{s+1} - 2 p_s + p_{s-1}) / 4)²
+  state's last vector, fixed over the window), and σ² = mean of ((p_{s+1} - 2 p_s + p_{s-1}) / 4)²
   over the window's interior steps: a pure period-two oscillation ±x about a linearly moving
   centre gives exactly x², the drift cancels. The trainer keeps the p_s (:func:`track`) in its
   state, so a resumed run gives the same σ².
@@ -141,7 +141,7 @@ def due_soon(measure_spec, step: int, window: int) -> bool:
 
 
 def record_track(st, params, window: int, measure_spec) -> None:
-    """Append <θ_t, u> (u: the state's warm-start v1) when a measurement is within ``window``."""
+    """Append <θ_t, u> (u: the previous measurement's v1) when a measurement is within ``window``."""
     if st.eig_vectors is None or not due_soon(measure_spec, st.step, window):
         return
     entries = st.measured.setdefault(TRACK_KEY, [])

@@ -40,7 +40,7 @@ class Surgery(Intervention):
         fork = st.fork_step or 0
         if "surgery_v1" not in mem or (st.step - fork) % self.p.refresh_every == 0:
             prev = mem.get("surgery_v1")
-            v0 = None if prev is None else prev[:, None]  # None: the state's v1
+            v0 = None if prev is None else prev[:, None]  # None: the state's warm start (measure.warm_vectors)
             mem["surgery_v1"] = solve_sharpness(exp, st, v0=v0, preconditioned=False)["v1"]
         return mem["surgery_v1"]
 

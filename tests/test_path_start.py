@@ -69,6 +69,9 @@ def test_columns_that_turned_too_far_or_no_ratio_stay_as_they_are():
     u = extrapolated_start(last, before, ratio=1.0)
     assert not torch.equal(u[:, 0], last[:, 0]) and torch.equal(u[:, 1], last[:, 1])
     assert torch.equal(extrapolated_start(last, before, ratio=0.0), last)
+    bad = before.clone()
+    bad[3, 0] = float("nan")  # a non-finite previous vector moves nothing
+    assert torch.equal(extrapolated_start(last, bad, ratio=1.0)[:, 0], last[:, 0])
     assert torch.equal(extrapolated_start(last, None, ratio=1.0), last)
     # Fewer columns before (top_k raised between measurements): the extra ones stay.
     assert torch.equal(extrapolated_start(last, before[:, :1], 1.0)[:, 1], last[:, 1])

@@ -1,7 +1,7 @@
-"""Data products a measurement shares instead of repeating: v1's first-layer tangent recombined from
-the solve's own products (MLPBackend.tangents_along), exact against the direct product x V1^T + c1,
-refused for a vector outside the products' span, and what the Taylor and per-example passes then
-read; and the data's Gram with the groups' rows, kept across measurements while the data are
+"""Data products a measurement shares instead of repeating: v1's tangents (first-layer, hidden,
+output) recombined from the solve's own products (MLPBackend.tangents_along), exact against the
+direct product x V1^T + c1 and torch.func.jvp, refused for a vector outside the products' span, the
+caps, and what the Taylor and per-example passes then read (with the cached Linear outputs); and the data's Gram with the groups' rows, kept across measurements while the data are
 unchanged. Every value is checked against dense oracles."""
 
 from __future__ import annotations
@@ -259,3 +259,32 @@ def test_the_taylor_pass_reads_the_hidden_tangent_and_the_cached_pre_activations
     wrong = rows_to_dict(group_probes(Context(model, "mse", X, y, GROUPS, v1, operator=H)))
     assert wrong[("a", "sharpness_coupling")] != pytest.approx(honest[("a", "sharpness_coupling")], rel=1e-6)
     assert wrong[("a", "rayleigh")] != pytest.approx(honest[("a", "rayleigh")], rel=1e-6)
+
+
+def test_past_the_byte_cap_the_hidden_tangents_go_first(monkeypatch):
+    # Room for every row without the hidden tangents, not with them: "first" and "output" are kept
+    # (they save products with the data), "linear1" is dropped, and the passes still match the oracles.
+    model, X, y = mlp_and_data()
+    n, dim = X.shape[0], sum(p.numel() for p in model.parameters())
+    without = (dim + n * 16 + n * 2) * 8  # float64 bytes of one row of inputs, "first", "output"
+    monkeypatch.setattr(records, "RECORD_BYTES", 16 * without)  # 16 rows without "linear1", 13 with it
+    H, v1 = solved(model, X, y)  # 16 products
+    rec = H.backend.records
+    assert not rec.disabled and rec.rows > 16 * without // (without + n * 5 * 8)
+    got = H.backend.tangents_along(v1)
+    assert set(got) == {"first", "output"}
+    torch.testing.assert_close(got["first"], direct_first_tangent(model, X, v1), rtol=1e-11, atol=1e-12)
+    _coupling_against_dense(model, X, y)
+
+
+@pytest.mark.parametrize("last", [nn.Sigmoid, nn.Softplus])
+def test_a_trailing_activation_is_not_taken_for_the_last_linear(last):
+    # R{f} is the tangent after the trailing activation: the Taylor pass must not read it as the
+    # last Linear's (which once applied the activation twice along v1).
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 5), nn.Tanh(), nn.Linear(5, 2), last()).to(F64)
+    X, y = torch.randn(30, 20, generator=g, dtype=F64), torch.randint(0, 2, (30,), generator=g)
+    H, v1 = solved(model, X, y)
+    assert "output" in H.backend.tangents_along(v1)
+    _coupling_against_dense(model, X, y)

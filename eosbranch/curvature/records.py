@@ -18,8 +18,10 @@ __all__ = ["ProductRecords", "RECORD_BYTES", "MAX_ROWS"]
 # Memory the records of one operator may hold: each product keeps its input [dim] and its tangents
 # ([N, width] per hidden Linear, [N, C] at the output). An EoS solve of 4 products on the
 # CIFAR-shaped MLP of benchmarks/measurement.py holds 62 MB at N = 2,000 and 194 MB at N = 10,000
-# (there the cap admits 5 products); a solve that would pass the cap stops recording (the passes
-# then multiply the data themselves).
+# (there the cap admits 5 products). A solve that would pass the cap first stops recording the
+# hidden tangents (then MAX_ROWS = 8 products fit at N = 10,000: the Taylor pass multiplies by the hidden
+# weights itself), then stops recording (the passes then multiply the data themselves). While a
+# buffer grows, old and new are both held for a moment.
 RECORD_BYTES = 256 * 2**20
 # At most this many recorded vectors: the least-squares test below costs about r^2 dim, which at 19
 # products (a solve after a catapult, benchmarks/measurement.py, N = 2,000) exceeded the two data
@@ -31,23 +33,25 @@ _COLUMNS = 2**16  # float64 column block of the least-squares problem
 class ProductRecords:
     """Row buffers of the multiplied vectors ("inputs", [rows, dim]) and of each tangent
     (key -> [rows, N * width]), filled product by product while they fit in RECORD_BYTES and
-    MAX_ROWS; once they do not, ``disabled`` and empty (a partial record cannot rebuild a vector of
-    the span)."""
+    MAX_ROWS; past that, without the hidden tangents ("linear<j>", all rows of them); once even
+    that does not fit, ``disabled`` and empty (a partial record cannot rebuild a vector of the
+    span)."""
 
     def __init__(self):
         self.rows = 0
         self.disabled = False
         self._buf: dict[str, Tensor] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dropped: set[str] = set()  # tangents no longer recorded (the cap; ``add``)
 
     def _reserve(self, need: int, widths: dict[str, int], like: Tensor) -> bool:
+        """Room for ``need`` rows of ``widths``; False (nothing changed) where they do not fit."""
         cap = 0 if not self._buf else self._buf["inputs"].shape[0]
         if need <= cap:
             return True
         row_bytes = sum(widths.values()) * like.element_size()
         most = min(RECORD_BYTES // row_bytes, MAX_ROWS)
         if need > most:
-            self.disabled, self.rows, self._buf = True, 0, {}
             return False
         cap = min(max(4, 2 * need), most)  # doubling: a long solve copies its records O(log) times
         grown = {k: torch.empty(cap, w, dtype=like.dtype, device=like.device) for k, w in widths.items()}
@@ -61,11 +65,22 @@ class ProductRecords:
         [N, m, width] (``mlp.hvp``'s record). The vectors are copied: a solver reuses its rows."""
         if self.disabled:
             return
+        seen = {k: t for k, t in seen.items() if k not in self._dropped}
         m = next(iter(tangents)).shape[0]
         widths = {"inputs": sum(t[0].numel() for t in tangents)}
         widths.update({k: t.shape[0] * t.shape[2] for k, t in seen.items()})
         if not self._reserve(self.rows + m, widths, seen["first"]):
-            return
+            # Past the cap, the hidden tangents go first: they save products with the hidden
+            # weights only, the first-layer and output ones save products with the data.
+            hidden = [k for k in seen if k.startswith("linear")]
+            for k in hidden:
+                self._dropped.add(k)
+                del seen[k], widths[k]
+                self._shapes.pop(k, None)
+                self._buf.pop(k, None)
+            if not hidden or not self._reserve(self.rows + m, widths, seen["first"]):
+                self.disabled, self.rows, self._buf, self._shapes = True, 0, {}, {}
+                return
         at, rows = 0, slice(self.rows, self.rows + m)
         for t in tangents:
             n = t[0].numel()

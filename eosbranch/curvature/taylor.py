@@ -24,8 +24,8 @@ and u^T H u = sum_i omega_i l_i'' (omega_i the point's weight in the training lo
   reverse-over-forward costs about half of the triple backward through an HVP. Within a
   measurement the forward values it needs are known already: the Linear outputs z from the
   R-operator's cache, v1's tangents R{z} recombined from the solve's products; they enter through
-  ``_KnownAffine`` (value given, backward the layer's own), so only v1's second-order tangent and
-  the reverse pass multiply by the hidden weights.
+  ``_KnownAffine`` (value given, backward the layer's own), so along v1 only its second-order
+  tangent and the reverse pass multiply by the hidden weights (the group streams still do).
 
 The factors (a_i, delta_i) come from one forward and one backward to the pre-activations over the
 union of the groups' points, which also give the group gradients, losses and accuracies
@@ -259,7 +259,8 @@ def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor 
     known_z = forward.pre if shared else None
     known_v = ({j: tangents[f"linear{j}"] for j in range(1, len(chain.linears) - 1) if f"linear{j}" in tangents}
                if given_v else {})
-    if given_v and "output" in tangents:
+    if given_v and "output" in tangents and chain.steps[-1][0] == "linear":
+        # R{f} is the last Linear's tangent only where no activation follows it.
         known_v[len(chain.linears) - 1] = tangents["output"]
     first_rows = ([] if shared else [P[w1]]) + ([vparts[w1]] if coupling and not given_v else [])
     gram = None  # the data times the groups' rows, [N, rows]: the same at every measurement of a run

@@ -161,7 +161,7 @@ def extrapolated_start(last: Tensor, before: Tensor | None, ratio: float, step: 
         if vn.item() == 0 or wn.item() == 0:
             continue
         cos = float(torch.dot(v.double(), w.double()) / (vn.double() * wn.double()))
-        if abs(cos) < PATH_MIN_COS:
+        if not abs(cos) >= PATH_MIN_COS:  # also NaN: a non-finite vector moves nothing
             continue
         w = w * (math.copysign(1.0, cos) * vn / wn)
         u = v + (step * ratio) * (v - w)
