@@ -45,11 +45,11 @@ operator serves the whole measurement (measure.measure): its R-operator cache (m
 inputs, activation derivatives, the first layer's output, outputs, per-example losses and dl_i/df;
 one forward, counted under "losses") gives (1) the loss and accuracy; (2) every Hessian-vector
 product, which multiplies the data twice (by the W1 tangent, and X^T delta), and the cold start's
-gradient hint (X^T delta once); each product also records its R{z_1} and R{f}, which are linear in
-the vector, so v1's (a combination of the multiplied vectors) are recombined, not recomputed
-(MLPBackend.tangents_along); (3) the Taylor curvature pass, which reads the cache's Linear outputs
-and v1's recombined R{z_1} and hidden R{z_j} (no forward product of its own along v1), and the data's Gram with the groups' rows, kept across a run's
-measurements (taylor._data_gram; here across repeats, as across a run's measurements): no
+gradient hint (X^T delta once); each product also records its R{z_j} per Linear and R{f}, which
+are linear in the vector, so v1's (a combination of the multiplied vectors) are recombined, not
+recomputed (MLPBackend.tangents_along); (3) the Taylor curvature pass, which reads the cache's
+Linear outputs and v1's recombined R{z_j} (no forward product of its own along v1), and the data's
+Gram with the groups' rows, kept across a run's measurements (taylor._data_gram; here across repeats, as across a run's measurements): no
 product with the data; (4) the projections <grad l_i, v1> = dl_i/df . R{f_i} from v1's
 recombined R{f}: no product at all; (5) the per-example gradient norms from the cached inputs and
 adjoints (no data product). The group pass touches the group points only. So the data are
@@ -356,6 +356,7 @@ def run(n: int, args) -> tuple[dict, str]:
             g = best["gradient_s"]
             plain = sharpness(model, X, y, v0=last).n_matvecs  # untimed: from the previous v1 alone
             rows.append({"mv": res.n_matvecs, "plain_mv": plain, "start": res.start, "gradient_s": g,
+                         "residual": res.residuals[0].item() / abs(res.values[0].item()), "converged": res.converged,
                          **{k: best[k] / g for k in ("losses", "sharpness", "probes", "alignment", "small", "total")}})
             before, last = last, res.vectors
         results["phase"] = rows
@@ -410,9 +411,10 @@ def main(argv=None):
                       f"bound {a['cos2_rel_bound']:.2%}  true {a['cos2_rel_err']:.2%}")
         rows = res.get("phase", [])
         for i, r in enumerate(rows, 1):
-            print(f"  [phase {i}] {r['mv']} mv ({r['start']}; {r['plain_mv']} from v1 alone) | losses {r['losses']:.2f}  "
-                  f"sharpness {r['sharpness']:.2f}  "
-                  f"probes {r['probes']:.2f}  alignment {r['alignment']:.2f}  small {r['small']:.2f}  total {r['total']:.2f}")
+            print(f"  [phase {i}] {r['mv']} mv ({r['start']}; {r['plain_mv']} from v1 alone; residual {r['residual']:.1e}"
+                  f"{'' if r['converged'] else ' NOT CONVERGED'}) | losses {r['losses']:.2f}  "
+                  f"sharpness {r['sharpness']:.2f}  probes {r['probes']:.2f}  alignment {r['alignment']:.2f}  "
+                  f"small {r['small']:.2f}  total {r['total']:.2f}")
         if rows:
             totals = sorted(r["total"] for r in rows)
             mvs = [r["mv"] for r in rows]

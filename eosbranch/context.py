@@ -118,9 +118,9 @@ class Context:
     @property
     def tangents_v1(self) -> dict[str, Tensor] | None:
         """Along v1, over all points: {"first": [N, width] x V1^T + c1, "linear<j>": R{z_j} of each
-        later hidden Linear, "output": [N, C] R{f}}, recombined from the products of the operator's solve (``MLPBackend.tangents_along``)
-        where v1 lies in their span, else None (the passes then multiply the data by v1's block
-        themselves)."""
+        later Linear, "output": [N, C] R{f}}, recombined from the products of the operator's solve
+        (``MLPBackend.tangents_along``) where v1 lies in their span, else None (the passes then
+        multiply the data by v1's block themselves)."""
         key = KEYS["tangents"]
         if key not in self.cache:
             self.cache[key] = None if self._operator is None or self.v1 is None else \

@@ -26,10 +26,10 @@ Whole-data quantities go in ``metrics`` with ``group = "all"``:
 Each solve is warm-started from the previous measurement's eigenvectors (kept in the training
 state and its checkpoints), moved along their path by the change since the measurement before
 (``warm_vectors``: ``eosbranch.curvature.warm_start.extrapolated_start``), so measurements are
-cheap and resume bit for bit; where the training
-loss has grown more than ``LOSS_JUMP`` (2) times since that measurement (a catapult under way, when
-those vectors are stale and a warm start can cost more than a cold one), it starts cold from the
-gradient instead and records a ``cold_start`` event (``eosbranch.curvature.warm_start``).
+cheap and resume bit for bit; where the training loss has grown more than ``LOSS_JUMP`` (2) times
+since that measurement (a catapult under way, when those vectors are stale and a warm start can
+cost more than a cold one), it starts cold from the gradient instead and records a ``cold_start``
+event (``eosbranch.curvature.warm_start``).
 """
 
 from __future__ import annotations
@@ -132,9 +132,9 @@ def warm_vectors(st, k: int):
     if st.eig_vectors is None:
         return None
     last = st.eig_vectors[:, :k]
-    times = st.measured.get(EIG_T_KEY)
-    if st.prev_eig_vectors is None or times is None or times[0] is None:
+    if st.prev_eig_vectors is None:  # kept only with both times (measure_curvature)
         return last
+    times = st.measured[EIG_T_KEY]
     return extrapolated_start(last, st.prev_eig_vectors[:, :k], path_ratio(st.t_eff, times[1], times[0]))
 
 

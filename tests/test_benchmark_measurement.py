@@ -27,6 +27,7 @@ def test_measurement_benchmark_small_prints_every_field(capsys):
         assert len(phase) == 2
         for row in phase:  # each EoS-phase measurement, warm-started from the two before it
             assert row["mv"] >= 1 and row["plain_mv"] >= 1 and row["start"] == "warm"
+            assert row["converged"] and row["residual"] <= 1e-3  # tol 1e-3: a solve that stopped short fails
             for key in ("losses", "sharpness", "probes", "alignment", "small", "total"):
                 assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
         for state, r in states.items():

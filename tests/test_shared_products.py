@@ -1,8 +1,8 @@
 """Data products a measurement shares instead of repeating: v1's tangents (first-layer, hidden,
 output) recombined from the solve's own products (MLPBackend.tangents_along), exact against the
 direct product x V1^T + c1 and torch.func.jvp, refused for a vector outside the products' span, the
-caps, and what the Taylor and per-example passes then read (with the cached Linear outputs); and the data's Gram with the groups' rows, kept across measurements while the data are
-unchanged. Every value is checked against dense oracles."""
+caps, and what the Taylor and per-example passes then read (with the cached Linear outputs); and
+the data's Gram with the groups' rows, kept across measurements while the data are unchanged. Every value is checked against dense oracles."""
 
 from __future__ import annotations
 
@@ -227,7 +227,8 @@ def test_hidden_tangents_recombine_to_the_jvp_of_the_hidden_layer():
     model, X, y = mlp_and_data()
     H, v1 = solved(model, X, y)
     got = H.backend.tangents_along(v1)
-    assert set(got) == {"first", "linear1", "output"}
+    assert set(got) == {"first", "linear1", "linear2", "output"}
+    torch.testing.assert_close(got["linear2"], got["output"], rtol=0, atol=0)  # no activation after it
     d = Dense(model, "mse", X, y)
     head = model[:3]  # Linear, Tanh, Linear
     names = [n for n, _ in head.named_parameters()]
@@ -267,10 +268,10 @@ def test_past_the_byte_cap_the_hidden_tangents_go_first(monkeypatch):
     model, X, y = mlp_and_data()
     n, dim = X.shape[0], sum(p.numel() for p in model.parameters())
     without = (dim + n * 16 + n * 2) * 8  # float64 bytes of one row of inputs, "first", "output"
-    monkeypatch.setattr(records, "RECORD_BYTES", 16 * without)  # 16 rows without "linear1", 13 with it
+    monkeypatch.setattr(records, "RECORD_BYTES", 16 * without)  # 16 rows without "linear1/2", 13 with them
     H, v1 = solved(model, X, y)  # 16 products
     rec = H.backend.records
-    assert not rec.disabled and rec.rows > 16 * without // (without + n * 5 * 8)
+    assert not rec.disabled and rec.rows > 16 * without // (without + n * (5 + 2) * 8)
     got = H.backend.tangents_along(v1)
     assert set(got) == {"first", "output"}
     torch.testing.assert_close(got["first"], direct_first_tangent(model, X, v1), rtol=1e-11, atol=1e-12)

@@ -112,10 +112,11 @@ class MLPBackend(FactoredBackend):
 
     def tangents_along(self, v: Tensor) -> dict[str, Tensor] | None:
         """Along the flat ``v``, over all points: {"first": R{z_1} = x V_1^T + c_1 [N, width],
-        "linear<j>": R{z_j} of each later hidden Linear, "output": R{f} [N, C]}, recombined from this operator's products where v lies in the span
-        of their vectors, as a Lanczos Ritz vector does (``eosbranch.curvature.records``); else
-        None. The data are not touched: these are the products with v's first block that the
-        measurement's Taylor and per-example passes would otherwise each make."""
+        "linear<j>": R{z_j} of each later Linear, "output": R{f} [N, C]}, recombined from this
+        operator's products where v lies in the span of their vectors, as a Lanczos Ritz vector
+        does (``eosbranch.curvature.records``); else None. The data are not touched: these are the
+        products with v's first block that the measurement's Taylor and per-example passes would
+        otherwise each make."""
         return None if self.records is None else self.records.along(v)
 
     def record_products(self) -> None:

@@ -45,8 +45,7 @@ class Cache:
         self.loss_grad: Tensor | None = None  # per-example dl/df (with its graph unless loss_hess is known)
         self.loss_hess = None  # closed-form v -> (d2l/df2) v of a built-in loss (eosbranch.loss)
         self.losses: Tensor | None = None     # per-example losses l_i [n]
-        self.first_out: Tensor | None = None  # the first Linear's output x W1^T + b1 [n, width]
-        self.pre: list[Tensor] = []  # per Linear: its output z (the next activation's input) [n, out]
+        self.pre: list[Tensor] = []  # per Linear: its output z [n, out] (pre[0] = x W1^T + b1)
 
 
 def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor, omega: Tensor) -> Cache:
@@ -62,8 +61,6 @@ def build(chain: Chain, params: dict[str, Tensor], loss_fn, X: Tensor, y: Tensor
                 c.inputs.append(x)
                 x = F.linear(x, params[w], params[b] if b else None)
                 c.pre.append(x)
-                if c.first_out is None:
-                    c.first_out = x
             else:
                 h, s1, s2 = activation(step[1], x, graph=False)
                 c.derivs.append((s1, s2))
@@ -159,7 +156,7 @@ def hvp(c: Cache, tangents: dict[str, Tensor], record: dict | None = None) -> di
     """H v for a block of m tangents (name -> [m, *shape]); returns name -> [m, *shape].
     ``record``: a dict that receives the block's first-layer tangent R{z_1} = x V_1^T + c_1
     [n, m, width] under "first" (the product's one forward contact with the data), each later
-    hidden Linear's output tangent R{z_j} under "linear<j>" (j counted from 0), and its output
+    Linear's output tangent R{z_j} under "linear<j>" (j counted from 0), and the model's output
     tangent R{f} [n, m, C] under "output". All are linear in v, so
     ``eosbranch.curvature.backend.MLPBackend.tangents_along`` recombines them for a Ritz vector.
 
@@ -185,7 +182,7 @@ def hvp(c: Cache, tangents: dict[str, Tensor], record: dict | None = None) -> di
                     out.view(n * m, -1).addmm_(R.reshape(n * m, -1), P[w].T)
                 if b:
                     out += tangents[b]
-                if record is not None and (li == 0 or li < len(c.inputs) - 1):  # never written to below
+                if record is not None:  # never written to below
                     record["first" if li == 0 else f"linear{li}"] = out
                 R = out
                 li += 1

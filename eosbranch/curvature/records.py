@@ -2,10 +2,10 @@
 
 Each R-operator product (``eosbranch.curvature.mlp.hvp``) passes its vector v through the first
 layer once, R{z_1} = x V_1^T + c_1 (its one forward contact with the data), through each later
-Linear (R{z_j}) and reaches the output tangent R{f}. All are linear in v. A Lanczos Ritz vector is a combination of the vectors the solve
-multiplied, so its tangents are the same combination of the recorded ones: the measurement's
-Taylor pass and per-example projections read them instead of multiplying the data by v1's block
-again (``MLPBackend.tangents_along``, ``eosbranch.context.Context.tangents_v1``).
+Linear (R{z_j}) and reaches the output tangent R{f}. All are linear in v. A Lanczos Ritz vector is
+a combination of the vectors the solve multiplied, so its tangents are the same combination of the
+recorded ones: the measurement's Taylor pass and per-example projections read them instead of
+multiplying the data by v1's block again (``MLPBackend.tangents_along``, ``eosbranch.context.Context.tangents_v1``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from torch import Tensor
 __all__ = ["ProductRecords", "RECORD_BYTES", "MAX_ROWS"]
 
 # Memory the records of one operator may hold: each product keeps its input [dim] and its tangents
-# ([N, width] per hidden Linear, [N, C] at the output). An EoS solve of 4 products on the
-# CIFAR-shaped MLP of benchmarks/measurement.py holds 62 MB at N = 2,000 and 194 MB at N = 10,000
-# (there the cap admits 5 products). A solve that would pass the cap first stops recording the
-# hidden tangents (then MAX_ROWS = 8 products fit at N = 10,000: the Taylor pass multiplies by the hidden
+# ([N, width] per Linear, [N, C] at the output). An EoS solve of 4 products on the CIFAR-shaped
+# MLP of benchmarks/measurement.py holds 62 MB at N = 2,000 and 194 MB at N = 10,000 (there the
+# cap admits 5 products). A solve that would pass the cap first stops recording the later Linears'
+# tangents (then MAX_ROWS = 8 products fit at N = 10,000: the Taylor pass multiplies by those
 # weights itself), then stops recording (the passes then multiply the data themselves). While a
 # buffer grows, old and new are both held for a moment.
 RECORD_BYTES = 256 * 2**20
@@ -33,7 +33,7 @@ _COLUMNS = 2**16  # float64 column block of the least-squares problem
 class ProductRecords:
     """Row buffers of the multiplied vectors ("inputs", [rows, dim]) and of each tangent
     (key -> [rows, N * width]), filled product by product while they fit in RECORD_BYTES and
-    MAX_ROWS; past that, without the hidden tangents ("linear<j>", all rows of them); once even
+    MAX_ROWS; past that, without the later Linears' tangents ("linear<j>", all rows of them); once even
     that does not fit, ``disabled`` and empty (a partial record cannot rebuild a vector of the
     span)."""
 
@@ -70,15 +70,15 @@ class ProductRecords:
         widths = {"inputs": sum(t[0].numel() for t in tangents)}
         widths.update({k: t.shape[0] * t.shape[2] for k, t in seen.items()})
         if not self._reserve(self.rows + m, widths, seen["first"]):
-            # Past the cap, the hidden tangents go first: they save products with the hidden
+            # Past the cap, the later Linears' tangents go first: they save products with those
             # weights only, the first-layer and output ones save products with the data.
-            hidden = [k for k in seen if k.startswith("linear")]
-            for k in hidden:
+            later = [k for k in seen if k.startswith("linear")]
+            for k in later:
                 self._dropped.add(k)
                 del seen[k], widths[k]
                 self._shapes.pop(k, None)
                 self._buf.pop(k, None)
-            if not hidden or not self._reserve(self.rows + m, widths, seen["first"]):
+            if not later or not self._reserve(self.rows + m, widths, seen["first"]):
                 self.disabled, self.rows, self._buf, self._shapes = True, 0, {}, {}
                 return
         at, rows = 0, slice(self.rows, self.rows + m)
@@ -114,12 +114,9 @@ class ProductRecords:
         coef = torch.linalg.lstsq(G.cpu(), rhs.cpu().unsqueeze(1), driver="gelsd").solution[:, 0].to(B.device)
         outside = torch.zeros((), dtype=torch.float64, device=B.device)
         for i in range(0, dim, _COLUMNS):
-            outside += (v[i:i + _COLUMNS].to(torch.float64) - coef @ B[:, i:i + _COLUMNS].to(torch.float64)).square().sum()
+            Bi = B[:, i:i + _COLUMNS].to(torch.float64)
+            outside += (v[i:i + _COLUMNS].to(torch.float64) - coef @ Bi).square().sum()
         if not bool(outside.sqrt() <= 100 * torch.finfo(B.dtype).eps * v.to(torch.float64).norm()):
             return None
         coef = coef.to(B.dtype)
         return {k: (coef @ self._buf[k][:self.rows]).reshape(shape) for k, shape in self._shapes.items()}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._buf.values())

@@ -251,17 +251,14 @@ def group_curvature(obj: Objective, chain: Chain, batch: GroupBatch, v1: Tensor 
     # Everything the data meet in the first layer, as one matrix: its weight, v1's block and the
     # groups' points (their factors' rows), so a single product with the data gives all three.
     shared = forward is not None and obj.single_chunk
-    first_out = forward.first_out if shared else None
+    first_out = forward.pre[0] if shared else None
     given_v = coupling and shared and tangents is not None  # v1's tangents known already
     first_tangent = tangents["first"] if given_v else None
     # Known Linear outputs by Linear index: the main stream's (the cache's pre-activations) and the
     # v1 stream's (the recombined tangents); the first layer's are read directly below.
     known_z = forward.pre if shared else None
-    known_v = ({j: tangents[f"linear{j}"] for j in range(1, len(chain.linears) - 1) if f"linear{j}" in tangents}
+    known_v = ({j: tangents[f"linear{j}"] for j in range(1, len(chain.linears)) if f"linear{j}" in tangents}
                if given_v else {})
-    if given_v and "output" in tangents and chain.steps[-1][0] == "linear":
-        # R{f} is the last Linear's tangent only where no activation follows it.
-        known_v[len(chain.linears) - 1] = tangents["output"]
     first_rows = ([] if shared else [P[w1]]) + ([vparts[w1]] if coupling and not given_v else [])
     gram = None  # the data times the groups' rows, [N, rows]: the same at every measurement of a run
     if shared and fac["layers"][0] is not None:
